@@ -1,0 +1,132 @@
+"""Atomic output: a killed or failed run leaves nothing half-written.
+
+Single files are written to a temporary name in the same folder and renamed into
+place. A set of outputs (the command line's output folder) is written into a staging
+folder beside the target and moved in only when every file is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import OutputError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(Path(tmp))
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write to; it is renamed to ``path`` on success.
+
+    The temporary name keeps the final suffix(es) so writers that choose a format by
+    extension (SimpleITK, for example) still work.
+    """
+    path = Path(path)
+    suffix = "".join(path.suffixes) or ".tmp"
+    stem = path.name[: len(path.name) - len(suffix)] if path.suffixes else path.name
+    tmp = path.parent / f".{stem}.{uuid.uuid4().hex[:8]}.partial{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        _remove_quietly(tmp)
+
+
+def check_writable_dir(folder: Path) -> Path:
+    """Create ``folder`` if needed and make sure we can write in it (or next to it)."""
+    folder = Path(folder).expanduser().resolve()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output path {folder} exists and is not a folder")
+    probe_dir = folder if folder.exists() else _existing_parent(folder)
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {probe_dir}: permission denied; choose another output folder")
+    return folder
+
+
+class StagedOutput:
+    """Write a group of files into a staging folder, then publish them all at once.
+
+    Usage::
+
+        with StagedOutput(outdir) as stage:
+            write(stage.path / "a.json") ...
+        # on success every file now lies in outdir; on any exception none does.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = check_writable_dir(target)
+        self.path: Path = Path()
+        self.published: list = []
+
+    def __enter__(self) -> "StagedOutput":
+        parent = self.target if self.target.exists() else self.target.parent
+        base = self.target.parent if os.access(self.target.parent, os.W_OK) else parent
+        try:
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=base))
+        except OSError as exc:
+            raise OutputError(f"cannot create a staging folder beside {self.target}: {exc}") from None
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._publish()
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def _publish(self) -> None:
+        try:
+            self.target.mkdir(parents=True, exist_ok=True)
+            for item in sorted(self.path.iterdir()):
+                destination = self.target / item.name
+                if destination.is_dir() and not destination.is_symlink():
+                    shutil.rmtree(destination)
+                os.replace(item, destination)
+                self.published.append(destination)
+        except OSError as exc:
+            raise OutputError(f"cannot move results into {self.target}: {exc}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _existing_parent(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.exists():
+            return parent
+    return Path("/")
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

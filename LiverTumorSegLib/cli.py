@@ -1,0 +1,218 @@
+"""The ``livertumorseg`` command line.
+
+Sub-commands: ``segment`` (a CT in, labels, statistics, surfaces and a preview out),
+``demo`` (segment the bundled sample CT with the bundled model), ``models`` (list
+models and the cache folder) and ``phantom`` (write a synthetic data set).
+
+Exit codes: 0 success, 2 bad input or any other error the user can fix (one line on
+stderr), 130 cancelled (Ctrl-C or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from . import __version__
+from .errors import Cancelled, LiverTumorSegError
+
+EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED = 0, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="livertumorseg", description="Liver and liver-tumor segmentation of CT volumes.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment a CT volume (NIfTI, NRRD, MHA/MHD or a DICOM folder)")
+    seg.add_argument("input", type=Path, help="CT image file or DICOM series folder")
+    seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if needed)")
+    _add_run_options(seg)
+
+    demo = sub.add_parser("demo", help="segment the bundled sample CT with the bundled model")
+    demo.add_argument("-o", "--output", type=Path, default=Path("livertumorseg-demo"), help="output folder (default: %(default)s)")
+    _add_run_options(demo)
+
+    sub.add_parser("models", help="list installed and registered models and the cache folder")
+
+    ph = sub.add_parser("phantom", help="write a synthetic abdominal CT data set in MSD Task03 layout")
+    ph.add_argument("output", type=Path, help="data set folder to create")
+    ph.add_argument("--cases", type=int, default=10, help="training cases (default: %(default)s)")
+    ph.add_argument("--test-cases", type=int, default=None, help="unlabelled test cases (default: cases // 5, at least 1)")
+    ph.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    ph.add_argument("--preset", choices=("full", "coarse"), default="full",
+                    help="full: 0.6-1 mm in-plane, 1-5 mm slices; coarse: ~3 mm, small and fast")
+    return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="bundled or registered model name, or a model folder (default: the bundled model)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--overlap", type=float, default=None, help="patch overlap fraction in [0, 1) (default: the model's)")
+    p.add_argument("--fast", action="store_true", help="no patch overlap: faster, slightly rougher")
+    p.add_argument("--no-surfaces", action="store_true", help="do not write liver.stl / tumor.stl")
+    p.add_argument("--mesh-format", choices=("stl", "obj"), default="stl")
+    p.add_argument("--no-preview", action="store_true", help="do not write preview.png")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                   help="progress as a bar on stderr, JSON lines on stdout, or nothing")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--weighting", choices=("gaussian", "constant"), default="gaussian")
+    p.add_argument("--min-lesion-ml", type=float, default=0.01, help="drop tumor components below this volume (mL)")
+    p.add_argument("--allow-non-ct", action="store_true", help="run even if the intensities do not look like CT HU")
+    p.add_argument("--memory-budget-gb", type=float, default=None, help="refuse volumes estimated to need more memory")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+
+
+class _Reporter:
+    """Progress as a tqdm bar (stderr), JSON lines (stdout) or nothing."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.bar = None
+        if mode == "bar":
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+            except ImportError:
+                self.mode = "lines"
+        self._last = -1
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.mode == "json":
+            self.event("progress", progress=round(fraction, 4), message=message)
+        elif self.bar is not None:
+            self.bar.set_description_str(message[:40])
+            self.bar.update(int(fraction * 1000) - self.bar.n)
+        elif self.mode == "lines" and int(fraction * 10) != self._last:
+            self._last = int(fraction * 10)
+            print(f"{fraction:4.0%} {message}", file=sys.stderr)
+
+    def event(self, kind: str, **fields) -> None:
+        if self.mode == "json":
+            print(json.dumps({"event": kind, **fields}), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _options(args):
+    from .pipeline import SegmentOptions
+
+    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
+        raise LiverTumorSegError(f"--overlap {args.overlap} must be in [0, 1)")
+    if args.batch_size < 1:
+        raise LiverTumorSegError("--batch-size must be at least 1")
+    return SegmentOptions(
+        device=args.device, overlap=args.overlap, fast=args.fast, batch_size=args.batch_size,
+        precision=args.precision, weighting=args.weighting, min_lesion_ml=args.min_lesion_ml,
+        allow_non_ct=args.allow_non_ct, memory_budget_gb=args.memory_budget_gb, threads=args.threads,
+    )
+
+
+def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
+    from .atomic import check_writable_dir
+    from .io import read_header, read_volume
+    from .outputs import write_outputs
+    from .pipeline import Segmenter
+
+    t0 = time.perf_counter()
+    check_writable_dir(args.output)
+    segmenter = Segmenter(args.model, _options(args))
+    reporter = _Reporter(args.progress)
+    try:
+        header = read_header(input_path)
+        if header is not None:  # refuse before reading a volume that cannot fit
+            segmenter.check_memory(*header)
+        reporter(0.0, "reading")
+        t = time.perf_counter()
+        ct = read_volume(input_path)
+        read_s = time.perf_counter() - t
+        result = segmenter.segment(ct, progress=reporter, cancel=cancel)
+        result.timings = {"read": read_s, **result.timings}
+        t = time.perf_counter()
+        written = write_outputs(result, ct, args.output, surfaces=not args.no_surfaces,
+                                mesh_format=args.mesh_format, preview=not args.no_preview,
+                                extra={"input": str(input_path)})
+        result.timings["surfaces_and_write"] = time.perf_counter() - t
+    finally:
+        reporter.close()
+    liver, tumor = result.stats["liver"], result.stats["tumor"]
+    summary = {"liver_ml": round(liver["volume_ml"], 1), "tumor_ml": round(tumor["volume_ml"], 2),
+               "lesions": tumor["count"], "burden_percent": round(tumor["burden_percent"], 2)}
+    if args.progress == "json":
+        reporter.event("done", outputs=written, summary=summary,
+                       timings_s={k: round(v, 3) for k, v in result.timings.items()},
+                       total_s=round(time.perf_counter() - t0, 3))
+    else:
+        print(f"liver {summary['liver_ml']} mL, tumor {summary['tumor_ml']} mL in {summary['lesions']} "
+              f"lesion(s), burden {summary['burden_percent']} %")
+        print(f"wrote {len(written)} files to {Path(args.output).resolve()}:")
+        for path in written.values():
+            print(f"  {path}")
+    return EXIT_OK
+
+
+def run_models() -> int:
+    from .model import cache_dir, list_models
+
+    entries = list_models()
+    print(f"cache folder: {cache_dir()} (set LIVERTUMORSEG_CACHE to change it)")
+    if not entries:
+        print("no models installed or registered")
+    for e in entries:
+        where = str(e.path) if e.path else e.url
+        print(f"{e.name:24s} {e.source:10s} {where}")
+        if e.description:
+            print(f"{'':24s} {e.description}")
+    return EXIT_OK
+
+
+def run_phantom(args) -> int:
+    from .phantom import write_dataset
+
+    if args.cases < 1:
+        raise LiverTumorSegError("--cases must be at least 1")
+    out = write_dataset(args.output, args.cases, args.seed, test_cases=args.test_cases, preset=args.preset)
+    print(f"wrote a {args.cases}-case phantom data set to {Path(out).resolve()}")
+    return EXIT_OK
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    stop = {"requested": False}
+
+    def on_signal(signum, frame):  # SIGTERM (e.g. Cancel in Slicer) ends the run cleanly
+        stop["requested"] = True
+        raise Cancelled("stopped by signal")
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if args.command == "segment":
+            return run_segment(args.input, args, lambda: stop["requested"])
+        if args.command == "demo":
+            from .samples import sample_ct_path
+
+            return run_segment(sample_ct_path(), args, lambda: stop["requested"])
+        if args.command == "models":
+            return run_models()
+        return run_phantom(args)
+    except (Cancelled, KeyboardInterrupt):
+        print("livertumorseg: cancelled; nothing was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except LiverTumorSegError as exc:
+        print(f"livertumorseg: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

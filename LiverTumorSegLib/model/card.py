@@ -1,0 +1,170 @@
+"""The model card, ``model.json``: everything the engine needs to know about a model.
+
+A model is a folder holding the weights and ``model.json``. The card names the
+architecture, the labels, the grid the model works in (spacing in mm in (x, y, z)
+order, and an orientation code such as ``"LPS"``: the anatomical direction in which
+the i, j and k array axes increase), the intensity transform, the patch size
+((z, y, x) voxels), the default overlap, provenance and the weights' SHA-256.
+Nothing about a model is hard-coded elsewhere in the engine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+
+CARD_NAME = "model.json"
+FORMAT_VERSION = 1
+ORIENTATION_LETTERS = {"L", "R", "P", "A", "S", "I"}
+
+
+@dataclass
+class IntensityTransform:
+    """How HU become network input.
+
+    ``mode="window"``: clip to ``window_hu`` then map linearly onto ``output_range``.
+    ``mode="minmax"``: map the volume's own min..max onto ``output_range`` (the seed's
+    TorchIO ``RescaleIntensity``); ``window_hu`` is then unused.
+    """
+
+    mode: str = "window"
+    window_hu: tuple = (-200.0, 250.0)
+    output_range: tuple = (-1.0, 1.0)
+
+
+@dataclass
+class ModelCard:
+    """Parsed ``model.json``. See the README's "Model folder" section for the schema."""
+
+    name: str
+    architecture: dict
+    labels: dict
+    spacing_mm: tuple
+    patch_size: tuple
+    weights_file: str
+    weights_sha256: str
+    orientation: str = "LPS"
+    intensity: IntensityTransform = field(default_factory=IntensityTransform)
+    default_overlap: float = 0.25
+    version: str = "0.0.0"
+    description: str = ""
+    intended_use: str = ""
+    weights_format: str = "torch-state-dict"
+    provenance: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.architecture.get("num_classes", len(self.labels)))
+
+    def to_dict(self) -> dict:
+        """The JSON form written to ``model.json``."""
+        d = asdict(self)
+        weights = {"file": d.pop("weights_file"), "sha256": d.pop("weights_sha256"),
+                   "format": d.pop("weights_format")}
+        d["weights"] = weights
+        d["spacing_mm"] = list(self.spacing_mm)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    def save(self, folder: Path) -> Path:
+        """Write ``model.json`` into ``folder`` atomically; returns its path."""
+        from ..atomic import atomic_write_text
+
+        path = Path(folder) / CARD_NAME
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "model.json") -> "ModelCard":
+        """Parse and validate a card; raise :class:`ModelError` naming the bad field."""
+        try:
+            return _parse(d)
+        except ModelError as exc:
+            raise ModelError(f"{source}: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{source}: invalid or missing field ({exc!r}); see the README's model card schema") from None
+
+    @classmethod
+    def load(cls, folder: Path) -> "ModelCard":
+        """Read ``folder/model.json``."""
+        path = Path(folder) / CARD_NAME
+        if not path.is_file():
+            raise ModelError(f"{folder} is not a model folder: it has no {CARD_NAME}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ModelError(f"{path} must hold a JSON object")
+        return cls.from_dict(data, str(path))
+
+
+def _parse(d: dict) -> ModelCard:
+    version = int(d.get("format_version", FORMAT_VERSION))
+    if version > FORMAT_VERSION:
+        raise ModelError(f"card format {version} is newer than this engine understands ({FORMAT_VERSION}); update LiverTumorSeg")
+    weights = d["weights"]
+    spacing = tuple(float(s) for s in d["spacing_mm"])
+    patch = tuple(int(p) for p in d["patch_size"])
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ModelError("spacing_mm must be three positive numbers (x, y, z) in mm")
+    if len(patch) != 3 or min(patch) < 1:
+        raise ModelError("patch_size must be three positive integers (z, y, x)")
+    orientation = str(d.get("orientation", "LPS")).upper()
+    axes = {c for c in orientation}
+    if len(orientation) != 3 or not axes <= ORIENTATION_LETTERS or len({_axis(c) for c in orientation}) != 3:
+        raise ModelError(f"orientation {orientation!r} is not a valid code such as 'LPS' or 'RAS'")
+    it = d.get("intensity", {})
+    intensity = IntensityTransform(
+        mode=str(it.get("mode", "window")),
+        window_hu=tuple(float(v) for v in it.get("window_hu", (-200.0, 250.0))),
+        output_range=tuple(float(v) for v in it.get("output_range", (-1.0, 1.0))),
+    )
+    if intensity.mode not in ("window", "minmax"):
+        raise ModelError(f"intensity.mode {intensity.mode!r} must be 'window' or 'minmax'")
+    if intensity.window_hu[0] >= intensity.window_hu[1]:
+        raise ModelError("intensity.window_hu must be (low, high) with low < high")
+    overlap = float(d.get("default_overlap", 0.25))
+    if not 0.0 <= overlap < 1.0:
+        raise ModelError("default_overlap must be in [0, 1)")
+    labels = {str(k): str(v) for k, v in d["labels"].items()}
+    return ModelCard(
+        name=str(d["name"]),
+        architecture=dict(d["architecture"]),
+        labels=labels,
+        spacing_mm=spacing,
+        patch_size=patch,
+        weights_file=str(weights["file"]),
+        weights_sha256=str(weights["sha256"]).lower(),
+        weights_format=str(weights.get("format", "torch-state-dict")),
+        orientation=orientation,
+        intensity=intensity,
+        default_overlap=overlap,
+        version=str(d.get("version", "0.0.0")),
+        description=str(d.get("description", "")),
+        intended_use=str(d.get("intended_use", "")),
+        provenance=dict(d.get("provenance", {})),
+        metrics=dict(d.get("metrics", {})),
+        format_version=version,
+    )
+
+
+def _axis(letter: str) -> int:
+    return {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}[letter]
+
+
+def direction_from_orientation(code: str) -> Any:
+    """3x3 LPS direction matrix (columns = i, j, k) for an orientation code like 'RAS'."""
+    import numpy as np
+
+    sign = {"L": 1.0, "P": 1.0, "S": 1.0, "R": -1.0, "A": -1.0, "I": -1.0}
+    m = np.zeros((3, 3))
+    for column, letter in enumerate(code.upper()):
+        m[_axis(letter), column] = sign[letter]
+    return m

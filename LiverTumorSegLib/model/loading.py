@@ -1,0 +1,112 @@
+"""Load a model folder safely: card, checksum, then weights without unpickling.
+
+Weights are a PyTorch ``state_dict`` saved with ``torch.save``. Before
+``torch.load(weights_only=True)`` is called (which refuses arbitrary Python objects),
+the file's SHA-256 must equal the one in ``model.json``. ``safetensors`` files are
+read too when that package is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelError
+from .card import ModelCard
+from .unet import build_network
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A network with its card and the folder it came from."""
+
+    card: ModelCard
+    network: object  # torch.nn.Module, in eval mode, on the CPU
+    folder: Path
+
+
+def load_state_dict(path: Path, expected_sha256: str, fmt: str = "torch-state-dict") -> dict:
+    """Read weights after checking their checksum; never unpickles arbitrary objects."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file {path} is missing")
+    actual = sha256_of(path)
+    if actual != expected_sha256.lower():
+        raise ModelError(
+            f"checksum mismatch for {path.name}: model.json says {expected_sha256[:16]}..., "
+            f"the file has {actual[:16]}...; the file is corrupt or was replaced — reinstall the model"
+        )
+    if fmt == "safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ModelError("this model's weights are in safetensors format; install the 'safetensors' package") from None
+        return load_file(str(path))
+    if fmt != "torch-state-dict":
+        raise ModelError(f"unknown weights format {fmt!r} in model.json")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for bad or unsafe files
+        raise ModelError(f"cannot read weights {path.name}: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path.name} does not hold a plain state_dict of tensors")
+    return state
+
+
+def load_model(folder: Path) -> LoadedModel:
+    """Load the model in ``folder``: parse the card, verify and load the weights.
+
+    Raises :class:`ModelError` when the card is invalid, the checksum differs, or the
+    weights do not fit the architecture the card describes.
+    """
+    folder = Path(folder)
+    card = ModelCard.load(folder)
+    state = load_state_dict(folder / card.weights_file, card.weights_sha256, card.weights_format)
+    try:
+        network = build_network(card.architecture)
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"{folder / 'model.json'}: bad architecture: {exc}") from None
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise ModelError(
+            f"the weights in {folder} do not match the architecture in its model.json "
+            f"({' '.join(first)[:300]})"
+        ) from None
+    network.eval()
+    return LoadedModel(card=card, network=network, folder=folder)
+
+
+def save_model(folder: Path, network, card: ModelCard, weights_name: str = "weights.pt") -> Path:
+    """Write ``network``'s weights and a card (with their SHA-256) into ``folder``.
+
+    Used by the training package's export. Files are written atomically.
+    """
+    import torch
+
+    from ..atomic import atomic_path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    target = folder / weights_name
+    with atomic_path(target) as tmp:
+        torch.save(state, tmp)
+    card.weights_file = weights_name
+    card.weights_format = "torch-state-dict"
+    card.weights_sha256 = sha256_of(target)
+    card.save(folder)
+    return folder

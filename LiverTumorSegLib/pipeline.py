@@ -1,0 +1,190 @@
+"""The engine: a CT volume in, labels in the CT's own grid and statistics out.
+
+:class:`Segmenter` is the one object the command line, the Slicer bridge and the
+training evaluation all call, so every front end gets the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+
+from .errors import InputError
+from .inference import sliding_window_inference
+from .model import LoadedModel, load_model, resolve_model
+from .postprocess import argmax_labels, clean_labels, drop_small_lesions, to_input_grid
+from .preprocess import body_bounding_box, scale_intensity, to_model_grid, validate_ct
+from .resources import check_memory, resolve_device, resolve_precision
+from .volume import Volume
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+
+# Share of the whole job each stage takes on the progress bar.
+STAGES = {"preprocess": 0.08, "inference": 0.80, "postprocess": 0.08, "statistics": 0.04}
+
+
+@dataclass
+class SegmentOptions:
+    """Knobs of one segmentation run (defaults are the sane clinical ones).
+
+    Attributes:
+        device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda`` or ``mps``.
+        overlap: patch overlap fraction in [0, 1); None takes the model card's.
+        fast: one pass with no overlap (fewer patches, slightly rougher borders).
+        batch_size: patches per forward pass.
+        precision: ``auto`` (bf16 on CPUs that have it, fp16 on CUDA), ``fp32``,
+            ``bf16`` or ``fp16``.
+        weighting: ``gaussian`` or ``constant`` patch weighting.
+        min_lesion_ml: tumor components smaller than this (mL) become liver.
+        allow_non_ct: run on images whose intensities do not look like HU.
+        crop_to_body: run the network only inside the body's bounding box.
+        memory_budget_gb: refuse jobs estimated above this; None = 85 % of free RAM.
+        threads: torch CPU threads; None leaves torch's default.
+    """
+
+    device: str = "auto"
+    overlap: Optional[float] = None
+    fast: bool = False
+    batch_size: int = 2
+    precision: str = "auto"
+    weighting: str = "gaussian"
+    min_lesion_ml: float = 0.01
+    allow_non_ct: bool = False
+    crop_to_body: bool = True
+    memory_budget_gb: Optional[float] = None
+    threads: Optional[int] = None
+
+
+@dataclass
+class SegmentationResult:
+    """Labels (uint8: 0 background, 1 liver, 2 tumor) in the input grid, with stats."""
+
+    labels: Volume
+    stats: dict
+    timings: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+class _StageProgress:
+    """Maps each stage's own 0..1 progress onto the whole job's 0..1."""
+
+    def __init__(self, callback: Optional[ProgressFn]) -> None:
+        self.callback = callback
+        self.done = 0.0
+
+    def stage(self, name: str) -> ProgressFn:
+        start, share = self.done, STAGES[name]
+        self.done += share
+
+        def report(fraction: float, message: str = "") -> None:
+            if self.callback is not None:
+                self.callback(min(start + share * fraction, 1.0), message or name)
+
+        report(0.0, name)
+        return report
+
+
+class Segmenter:
+    """Runs a model on CT volumes. Load once, segment many.
+
+    Args:
+        model: a :class:`LoadedModel`, a model folder, a model name, or None for the
+            default bundled model.
+        options: run options.
+    """
+
+    def __init__(self, model: Union[LoadedModel, str, Path, None] = None,
+                 options: Optional[SegmentOptions] = None) -> None:
+        self.options = options or SegmentOptions()
+        self.model = model if isinstance(model, LoadedModel) else load_model(resolve_model(
+            None if model is None else str(model)))
+        self.device = resolve_device(self.options.device)
+        self.autocast = resolve_precision(self.options.precision, self.device)
+        if self.options.threads:
+            import torch
+
+            torch.set_num_threads(int(self.options.threads))
+        self.network = self.model.network.to(self.device)
+
+    @property
+    def card(self):
+        return self.model.card
+
+    def check_memory(self, size_xyz, spacing) -> int:
+        """Estimate the peak memory for an input of this size; refuse if over budget."""
+        return check_memory(size_xyz, spacing, self.card.spacing_mm, self.options.memory_budget_gb,
+                            self.card.num_classes)
+
+    def overlap(self) -> float:
+        if self.options.fast:
+            return 0.0
+        overlap = self.card.default_overlap if self.options.overlap is None else self.options.overlap
+        if not 0.0 <= overlap < 1.0:
+            raise InputError(f"overlap {overlap} must be in [0, 1)")
+        return float(overlap)
+
+    def segment(self, ct: Volume, progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelFn] = None) -> SegmentationResult:
+        """Segment one CT (HU) volume; the labels come back in ``ct``'s own grid."""
+        from .stats import compute_statistics
+
+        validate_ct(ct, allow_non_ct=self.options.allow_non_ct)
+        self.check_memory(ct.shape_xyz, ct.spacing)
+        steps = _StageProgress(progress)
+        timings = {}
+
+        t = time.perf_counter()
+        report = steps.stage("preprocess")
+        hu = to_model_grid(ct, self.card)
+        box = body_bounding_box(hu.array) if self.options.crop_to_body else None
+        if box is None:
+            box = tuple(slice(0, n) for n in hu.array.shape)
+        net_input = scale_intensity(hu.array[box], self.card.intensity)
+        body = hu.array[box] > -500.0 if self.options.crop_to_body else None
+        pad_value = float(scale_intensity(np.array([-1024.0], np.float32), self.card.intensity)[0])
+        report(1.0)
+        timings["preprocess"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        logits = sliding_window_inference(
+            net_input, self.network, self.card.patch_size, num_classes=self.card.num_classes,
+            overlap=self.overlap(), batch_size=self.options.batch_size, weighting=self.options.weighting,
+            device=self.device, autocast_dtype=self.autocast, pad_value=pad_value,
+            compute_mask=body, progress=steps.stage("inference"), cancel=cancel,
+        )
+        timings["inference"] = time.perf_counter() - t
+        del net_input, body
+
+        t = time.perf_counter()
+        report = steps.stage("postprocess")
+        model_labels = np.zeros(hu.array.shape, dtype=np.uint8)
+        model_labels[box] = argmax_labels(logits)
+        del logits
+        model_labels = clean_labels(model_labels)
+        if cancel is not None and cancel():
+            from .errors import Cancelled
+
+            raise Cancelled("cancelled by the user")
+        labels = to_input_grid(hu.with_array(model_labels), ct)
+        dropped = drop_small_lesions(labels, ct.voxel_volume_ml, self.options.min_lesion_ml)
+        report(1.0)
+        timings["postprocess"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        report = steps.stage("statistics")
+        label_volume = ct.with_array(labels)
+        stats = compute_statistics(label_volume, ct)
+        report(1.0, "done")
+        timings["statistics"] = time.perf_counter() - t
+        info = {
+            "model": self.card.name, "model_version": self.card.version, "device": self.device,
+            "precision": str(self.autocast).replace("torch.", "") if self.autocast else "float32",
+            "overlap": self.overlap(), "weighting": self.options.weighting,
+            "model_grid_size_xyz": list(hu.shape_xyz), "small_lesions_dropped": dropped,
+        }
+        return SegmentationResult(labels=label_volume, stats=stats, timings=timings, info=info)

@@ -1,0 +1,125 @@
+"""Postprocessing: logits -> clean labels, then back onto the input's own grid.
+
+Steps (labels 0 background, 1 liver, 2 tumor):
+
+1. argmax of the logits;
+2. the liver region (liver plus tumor) is its largest 26-connected component, with
+   holes filled;
+3. tumor is kept only inside that region;
+4. the two masks (liver region, tumor) are resampled onto the input grid by linear
+   interpolation and thresholded at 0.5 (smoother than nearest neighbour), slab by slab
+   to bound memory;
+5. tumor components (26-connected) smaller than ``min_lesion_ml`` become liver.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .boxes import bounding_box
+from .volume import Volume
+
+LIVER, TUMOR = 1, 2
+SLAB_VOXELS = 32 * 1024 * 1024
+
+
+def argmax_labels(logits: np.ndarray) -> np.ndarray:
+    """(K, Z, Y, X) logits -> (Z, Y, X) uint8 labels."""
+    return np.argmax(logits, axis=0).astype(np.uint8)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a boolean (z, y, x) mask."""
+    import SimpleITK as sitk
+
+    if not mask.any():
+        return mask.copy()
+    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
+    relabelled = sitk.RelabelComponent(cc, sortByObjectSize=True)
+    return sitk.GetArrayFromImage(relabelled) == 1
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill cavities fully enclosed by ``mask`` in 3D."""
+    import SimpleITK as sitk
+
+    if not mask.any():
+        return mask.copy()
+    filled = sitk.BinaryFillhole(sitk.GetImageFromArray(mask.astype(np.uint8)), True, 1)
+    return sitk.GetArrayFromImage(filled).astype(bool)
+
+
+def clean_labels(labels: np.ndarray) -> np.ndarray:
+    """Steps 2-3 on the model grid: largest liver region, holes filled, tumor inside."""
+    region = fill_holes(largest_component(labels > 0))
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    out[region] = LIVER
+    out[region & (labels == TUMOR)] = TUMOR
+    return out
+
+
+def to_input_grid(labels: Volume, reference: Volume) -> np.ndarray:
+    """Map model-grid labels onto ``reference``'s grid; returns (z, y, x) uint8.
+
+    Each mask (liver region, tumor) is interpolated linearly and thresholded at 0.5,
+    one slab of the output at a time so memory stays bounded for big inputs.
+    """
+    import SimpleITK as sitk
+
+    if labels.same_grid(reference):
+        return np.asarray(labels.array, dtype=np.uint8).copy()
+    out = np.zeros(reference.array.shape[:3], dtype=np.uint8)
+    if not labels.array.any():
+        return out
+    region_img = _as_float_image(labels, labels.array > 0)
+    tumor_img = _as_float_image(labels, labels.array == TUMOR) if (labels.array == TUMOR).any() else None
+    nz, ny, nx = out.shape
+    step = max(1, SLAB_VOXELS // max(nx * ny, 1))
+    m = reference.ijk_to_lps()
+    for z0 in range(0, nz, step):
+        z1 = min(z0 + step, nz)
+        ref = sitk.Image([nx, ny, z1 - z0], sitk.sitkUInt8)
+        ref.SetSpacing(reference.spacing)
+        ref.SetOrigin(tuple(m[:3, :3] @ np.array([0.0, 0.0, z0]) + m[:3, 3]))
+        ref.SetDirection(tuple(reference.direction.flatten()))
+        region = _resample_mask(region_img, ref)
+        slab = region.astype(np.uint8)
+        if tumor_img is not None:
+            slab[region & _resample_mask(tumor_img, ref)] = TUMOR
+        out[z0:z1] = slab
+    return out
+
+
+def _as_float_image(geometry: Volume, mask: np.ndarray):
+    return geometry.with_array(mask.astype(np.float32)).to_sitk()
+
+
+def _resample_mask(image, reference) -> np.ndarray:
+    import SimpleITK as sitk
+
+    resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(resampled) >= 0.5
+
+
+def drop_small_lesions(labels: np.ndarray, voxel_volume_ml: float, min_lesion_ml: float) -> int:
+    """Turn tumor components below ``min_lesion_ml`` into liver, in place; returns how many.
+
+    Works inside the tumor's bounding box so big inputs need little extra memory.
+    """
+    import SimpleITK as sitk
+
+    if min_lesion_ml <= 0:
+        return 0
+    box = bounding_box(labels == TUMOR)
+    if box is None:
+        return 0
+    crop = labels[box]
+    cc = sitk.ConnectedComponent(sitk.GetImageFromArray((crop == TUMOR).astype(np.uint8)), True)
+    components = sitk.GetArrayFromImage(cc)
+    sizes = np.bincount(components.ravel())
+    small = np.flatnonzero(sizes * voxel_volume_ml < min_lesion_ml)
+    small = small[small > 0]
+    if small.size:
+        crop[np.isin(components, small)] = LIVER
+    return int(small.size)
+

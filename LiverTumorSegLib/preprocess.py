@@ -1,0 +1,121 @@
+"""Preprocessing: check the CT, resample it onto the model's grid, scale intensities.
+
+The model grid is axis-aligned in the card's orientation (``"LPS"``: i to patient
+left, j to posterior, k to superior) at the card's spacing, and covers the physical
+bounding box of the input, so any input direction (flipped, permuted or oblique) and
+any spacing works. Resampling is linear; outside the input is air (-1024 HU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .boxes import bounding_box
+from .errors import InputError
+from .model.card import IntensityTransform, ModelCard, direction_from_orientation
+from .volume import Volume
+
+AIR_HU = -1024.0
+BODY_THRESHOLD_HU = -500.0
+
+
+def validate_ct(volume: Volume, *, allow_non_ct: bool = False) -> None:
+    """Refuse volumes that cannot be a CT in Hounsfield units.
+
+    Checks: finite voxels, not constant, spacing in a sane range, and (unless
+    ``allow_non_ct``) intensities that look like HU: some voxels at or below -500
+    (air or lung, present in every abdominal CT field of view) and values within
+    [-3100, 32767].
+    """
+    a = volume.array
+    if a.size == 0:
+        raise InputError("the volume is empty (no voxels)")
+    if np.issubdtype(a.dtype, np.floating):
+        finite = np.isfinite(a)
+        if not finite.all():
+            bad = int(a.size - np.count_nonzero(finite))
+            raise InputError(f"the volume has {bad} NaN or Inf voxels; fix or crop the image before segmenting")
+    lo, hi = float(a.min()), float(a.max())
+    if lo == hi:
+        raise InputError(f"the volume is constant (every voxel is {lo:g}); there is nothing to segment")
+    if min(volume.spacing) < 0.05 or max(volume.spacing) > 50:
+        raise InputError(f"voxel spacing {volume.spacing} mm is implausible for a CT")
+    if not allow_non_ct:
+        if lo > BODY_THRESHOLD_HU or lo < -3100:
+            raise InputError(
+                f"intensities range {lo:g}..{hi:g}, which does not look like a CT in Hounsfield units "
+                "(no air below -500 HU). Is this an MR or a rescaled image? Use --allow-non-ct to run anyway."
+            )
+
+
+def model_grid_for(volume: Volume, card: ModelCard) -> Volume:
+    """An empty (zero-size array) geometry template for the model grid of ``volume``.
+
+    Returns a Volume whose ``array`` has the model grid's shape (uint8 zeros are not
+    allocated: a broadcast view) with the card's spacing and orientation, covering the
+    physical bounding box of ``volume``.
+    """
+    direction = direction_from_orientation(card.orientation)
+    spacing = np.asarray(card.spacing_mm, dtype=np.float64)
+    corners_ijk = np.array([[i, j, k] for i in (-0.5, volume.shape_xyz[0] - 0.5)
+                            for j in (-0.5, volume.shape_xyz[1] - 0.5)
+                            for k in (-0.5, volume.shape_xyz[2] - 0.5)])
+    m = volume.ijk_to_lps()
+    corners = corners_ijk @ m[:3, :3].T + m[:3, 3]
+    local = corners @ direction  # coordinates along the model axes (direction is orthonormal)
+    lo, hi = local.min(axis=0), local.max(axis=0)
+    size = np.maximum(np.ceil((hi - lo) / spacing - 1e-6).astype(int), 1)
+    centre = (lo + hi) / 2.0
+    first_centre_local = centre - (size - 1) * spacing / 2.0
+    origin = direction @ first_centre_local
+    shape_zyx = (int(size[2]), int(size[1]), int(size[0]))
+    template = np.broadcast_to(np.zeros((), dtype=np.uint8), shape_zyx)
+    return Volume(array=template, spacing=tuple(spacing), origin=tuple(origin), direction=direction)
+
+
+def resample_to(volume: Volume, reference: Volume, *, interpolation: str = "linear",
+                default_value: float = AIR_HU, dtype=np.float32) -> Volume:
+    """Resample ``volume`` onto ``reference``'s grid (physical alignment, LPS)."""
+    import SimpleITK as sitk
+
+    ref = sitk.Image([int(s) for s in reference.shape_xyz], sitk.sitkUInt8)
+    ref.SetSpacing(reference.spacing)
+    ref.SetOrigin(reference.origin)
+    ref.SetDirection(tuple(reference.direction.flatten()))
+    src = volume.to_sitk()
+    if src.GetPixelID() not in (sitk.sitkFloat32,) and dtype == np.float32:
+        src = sitk.Cast(src, sitk.sitkFloat32)
+    interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}[interpolation]
+    out = sitk.Resample(src, ref, sitk.Transform(), interp, float(default_value), src.GetPixelID())
+    return reference.with_array(sitk.GetArrayFromImage(out).astype(dtype, copy=False))
+
+
+def to_model_grid(volume: Volume, card: ModelCard) -> Volume:
+    """Resample a CT (HU) onto the model grid; returns float32 HU."""
+    template = model_grid_for(volume, card)
+    if template.same_grid(volume):
+        return volume.with_array(volume.array.astype(np.float32, copy=False))
+    return resample_to(volume, template)
+
+
+def scale_intensity(hu: np.ndarray, transform: IntensityTransform) -> np.ndarray:
+    """Map HU to network input as the card's intensity transform says (float32)."""
+    out_lo, out_hi = transform.output_range
+    if transform.mode == "window":
+        lo, hi = transform.window_hu
+    else:
+        lo, hi = float(hu.min()), float(hu.max())
+        if hi <= lo:
+            hi = lo + 1.0
+    scale = (out_hi - out_lo) / (hi - lo)
+    out = np.clip(hu, lo, hi).astype(np.float32, copy=True)
+    out -= lo
+    out *= scale
+    out += out_lo
+    return out
+
+
+def body_bounding_box(hu: np.ndarray, margin: int = 4, threshold: float = BODY_THRESHOLD_HU):
+    """Slices (z, y, x) of the box around voxels denser than ``threshold`` HU, grown by
+    ``margin`` voxels; None when no voxel is that dense (an empty scan)."""
+    return bounding_box(hu > threshold, margin)

@@ -1,0 +1,40 @@
+"""Shared test helpers: tiny models, paths to the shared real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data" / "real"
+
+
+def real_data(name: str) -> Path:
+    """Path of a file in ../shared/data/real, or skip the test saying why."""
+    path = REAL_DATA / name
+    if not path.is_file():
+        pytest.skip(f"shared real data not available: {path} is absent (it lives beside the checkout, never in the repo)")
+    return path
+
+
+def make_tiny_model(folder: Path, *, widths=(4, 8), patch=(32, 32, 32), spacing=(3.0, 3.0, 3.0),
+                    seed: int = 0, window=(-200.0, 250.0), overlap: float = 0.25) -> Path:
+    """A randomly initialised (untrained) small model folder for plumbing tests."""
+    import torch
+
+    from LiverTumorSegLib.model import ModelCard, save_model
+    from LiverTumorSegLib.model.card import IntensityTransform
+    from LiverTumorSegLib.model.unet import UNet3D
+
+    torch.manual_seed(seed)
+    net = UNet3D(widths=widths)
+    card = ModelCard(
+        name="tiny-test", architecture={"type": "unet3d", "in_channels": 1, "num_classes": 3,
+                                        "widths": list(widths), "norm": "none"},
+        labels={"0": "background", "1": "liver", "2": "tumor"}, spacing_mm=tuple(spacing),
+        patch_size=tuple(patch), weights_file="weights.pt", weights_sha256="",
+        intensity=IntensityTransform(window_hu=window), default_overlap=overlap,
+        description="untrained test model",
+    )
+    return save_model(folder, net, card)
