@@ -1,0 +1,370 @@
+"""Liver and tumor statistics: the one implementation every front end uses.
+
+The command line (``stats.json`` / ``stats.csv``), the Slicer table node and the
+training evaluation all call :func:`compute_statistics` and :func:`stats_to_rows`, so
+the numbers a clinician sees are the numbers a researcher measures.
+
+Label convention: 0 background, 1 liver parenchyma, 2 tumor. "Liver" means the whole
+organ (parenchyma + tumor). Volumes are in mL, lengths in mm, intensities in HU, and
+every reported position is in **RAS** mm (Slicer's convention: LPS with x and y negated).
+
+Runtime dependencies: numpy and SimpleITK only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, OutputError
+from .volume import Volume
+
+SCHEMA_VERSION = 1
+LIVER_LABEL = 1
+TUMOR_LABEL = 2
+
+ROW_COLUMNS = (
+    "name",
+    "kind",
+    "volume_ml",
+    "voxels",
+    "max_diameter_mm",
+    "centroid_r_mm",
+    "centroid_a_mm",
+    "centroid_s_mm",
+    "mean_hu",
+    "std_hu",
+    "min_hu",
+    "max_hu",
+)
+
+
+# -- public API ---------------------------------------------------------------------
+def compute_statistics(labels: Volume, ct: Volume | None = None) -> dict:
+    """Volumes, tumor burden, intensity statistics and per-lesion measurements.
+
+    Args:
+        labels: label map (0 background, 1 liver parenchyma, 2 tumor), any integer
+            dtype, array indexed (z, y, x).
+        ct: optional CT in Hounsfield units on exactly the same grid as ``labels``.
+
+    Returns:
+        A JSON-ready dict (schema version 1). Volumes in mL, lengths in mm, HU
+        statistics over the voxels of each region (std is the population standard
+        deviation), lesion centroids in RAS mm. Lesions are the 26-connected
+        components of label 2, sorted by volume (largest first) and numbered from 1
+        in that order. HU entries are ``None`` when there is no CT or no voxel.
+
+    Raises:
+        InputError: if ``ct`` is not on the label grid or ``labels`` holds values
+            other than 0, 1 and 2.
+    """
+    arr = np.asarray(labels.array)
+    if arr.ndim != 3:
+        raise InputError(f"The label map must be 3D; got an array of shape {arr.shape}.")
+    if ct is not None and not labels.same_grid(ct):
+        raise InputError(
+            "The CT and the label map are not on the same grid (size, spacing, origin or "
+            "direction differ); resample the labels to the CT before computing statistics."
+        )
+    if arr.size and (arr.min() < 0 or arr.max() > TUMOR_LABEL):
+        raise InputError("The label map must hold only 0 (background), 1 (liver) and 2 (tumor).")
+
+    voxel_ml = labels.voxel_volume_ml
+    box = _bounding_box(arr)
+    if box is None:
+        crop = np.zeros((0, 0, 0), dtype=arr.dtype)
+        ct_crop = None
+        offset = (0, 0, 0)
+    else:
+        crop = arr[box]
+        ct_crop = None if ct is None else np.asarray(ct.array)[box]
+        offset = tuple(s.start for s in box)
+
+    parenchyma = crop == LIVER_LABEL
+    tumor = crop == TUMOR_LABEL
+    n_par = int(np.count_nonzero(parenchyma))
+    n_tum = int(np.count_nonzero(tumor))
+    n_liver = n_par + n_tum
+
+    lesions = _lesions(tumor, ct_crop, labels, offset) if n_tum else []
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "coordinate_system": "RAS",
+        "units": {"volume": "mL", "length": "mm", "intensity": "HU"},
+        "voxel_volume_ml": voxel_ml,
+        "grid": {
+            "size_xyz": [int(v) for v in labels.shape_xyz],
+            "spacing_mm": [float(s) for s in labels.spacing],
+        },
+        "liver": {
+            "volume_ml": n_liver * voxel_ml,
+            "parenchyma_volume_ml": n_par * voxel_ml,
+            "voxels": n_liver,
+            "parenchyma_voxels": n_par,
+            "hu": _hu_stats(ct_crop, crop != 0),
+            "parenchyma_hu": _hu_stats(ct_crop, parenchyma),
+        },
+        "tumor": {
+            "volume_ml": n_tum * voxel_ml,
+            "voxels": n_tum,
+            "count": len(lesions),
+            "burden_percent": 100.0 * n_tum / n_liver if n_liver else 0.0,
+            "hu": _hu_stats(ct_crop, tumor),
+            "lesions": lesions,
+        },
+    }
+
+
+def stats_to_rows(stats: dict) -> list:
+    """Flatten :func:`compute_statistics` output into table rows.
+
+    One row per segment ("Liver", "Liver parenchyma", "Tumor") then one per lesion
+    ("Lesion 1", ...). Columns are :data:`ROW_COLUMNS`; volumes in mL, lengths and
+    centroids in RAS mm, intensities in HU; missing values are ``None``.
+    """
+    liver = stats["liver"]
+    tumor = stats["tumor"]
+
+    def segment(name: str, volume: float, voxels, hu: dict) -> dict:
+        row = dict.fromkeys(ROW_COLUMNS)
+        row.update(name=name, kind="segment", volume_ml=volume, voxels=voxels)
+        row.update(mean_hu=hu.get("mean"), std_hu=hu.get("std"), min_hu=hu.get("min"), max_hu=hu.get("max"))
+        return row
+
+    rows = [
+        segment("Liver", liver["volume_ml"], liver["voxels"], liver["hu"]),
+        segment("Liver parenchyma", liver["parenchyma_volume_ml"], liver.get("parenchyma_voxels"),
+                liver["parenchyma_hu"]),
+        segment("Tumor", tumor["volume_ml"], tumor["voxels"], tumor["hu"]),
+    ]
+    for lesion in tumor["lesions"]:
+        row = dict.fromkeys(ROW_COLUMNS)
+        r, a, s = lesion["centroid_mm"]
+        row.update(
+            name=f"Lesion {lesion['id']}",
+            kind="lesion",
+            volume_ml=lesion["volume_ml"],
+            voxels=lesion["voxels"],
+            max_diameter_mm=lesion["max_diameter_mm"],
+            centroid_r_mm=r,
+            centroid_a_mm=a,
+            centroid_s_mm=s,
+            mean_hu=lesion["mean_hu"],
+        )
+        rows.append(row)
+    return rows
+
+
+def write_stats_json(stats: dict, path: str | os.PathLike) -> None:
+    """Write the statistics dict as indented JSON, atomically.
+
+    Raises:
+        OutputError: if the file cannot be written.
+    """
+    _atomic_write_text(path, json.dumps(stats, indent=2) + "\n")
+
+
+def write_stats_csv(stats: dict, path: str | os.PathLike) -> None:
+    """Write :func:`stats_to_rows` as CSV (header line, empty cell for ``None``), atomically.
+
+    Raises:
+        OutputError: if the file cannot be written.
+    """
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(ROW_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in stats_to_rows(stats):
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    _atomic_write_text(path, buffer.getvalue())
+
+
+def max_diameter_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0, 0, 0)) -> float:
+    """Largest distance in mm between the centres of any two voxels of ``mask``.
+
+    Exact: the farthest pair of a point set is a pair of its convex-hull vertices, and
+    hull vertices are found exactly on the voxel lattice (row end points, then 2D hulls
+    slice by slice along each axis; an affine map keeps hull vertices), so only a few
+    hundred candidates are compared by brute force in physical space.
+
+    Args:
+        mask: boolean array indexed (z, y, x) (may be a crop of the full grid).
+        geometry: the volume whose ``ijk_to_lps`` maps indices to mm (spacing and
+            direction are honoured, so anisotropic and oblique grids are exact).
+        offset: (z, y, x) index of ``mask[0, 0, 0]`` in ``geometry``'s grid.
+
+    Returns:
+        The diameter in mm; 0.0 for a single voxel or an empty mask.
+    """
+    zyx = _hull_candidates(np.asarray(mask, dtype=bool))
+    if len(zyx) < 2:
+        return 0.0
+    ijk = zyx[:, ::-1].astype(np.float64) + np.asarray(offset[::-1], dtype=np.float64)
+    points = ijk @ (geometry.direction @ np.diag(geometry.spacing)).T
+    return _brute_force_diameter(points)
+
+
+# -- lesions ------------------------------------------------------------------------
+def _lesions(tumor: np.ndarray, ct_crop: np.ndarray | None, geometry: Volume, offset: tuple) -> list:
+    """Per-lesion measurements for the 26-connected components of a tumor crop."""
+    import SimpleITK as sitk
+
+    box = _bounding_box(tumor)
+    tumor = tumor[box]
+    ct_crop = None if ct_crop is None else ct_crop[box]
+    offset = tuple(o + s.start for o, s in zip(offset, box))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(tumor).view(np.uint8))
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(image, True), sortByObjectSize=True)
+    cc = sitk.GetArrayViewFromImage(components)
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(components)
+
+    means = None
+    if ct_crop is not None:
+        ids = cc[tumor]
+        total = np.bincount(ids, weights=ct_crop[tumor].astype(np.float64))
+        means = total / np.maximum(np.bincount(ids), 1)
+
+    ijk_to_ras = geometry.ijk_to_ras()
+    off_xyz = np.asarray(offset[::-1], dtype=np.float64)
+    lesions = []
+    for label in sorted(shape.GetLabels()):
+        x0, y0, z0, sx, sy, sz = shape.GetBoundingBox(label)
+        sub = cc[z0:z0 + sz, y0:y0 + sy, x0:x0 + sx] == label
+        centroid_ijk = np.asarray(shape.GetCentroid(label), dtype=np.float64) + off_xyz
+        centroid = ijk_to_ras @ np.append(centroid_ijk, 1.0)
+        voxels = int(shape.GetNumberOfPixels(label))
+        lesions.append({
+            "volume_ml": voxels * geometry.voxel_volume_ml,
+            "voxels": voxels,
+            "max_diameter_mm": max_diameter_mm(sub, geometry, (offset[0] + z0, offset[1] + y0, offset[2] + x0)),
+            "centroid_mm": [float(c) for c in centroid[:3]],
+            "mean_hu": None if means is None else float(means[label]),
+        })
+    lesions.sort(key=lambda item: -item["voxels"])
+    return [{"id": i + 1, **item} for i, item in enumerate(lesions)]
+
+
+def _hu_stats(ct_crop: np.ndarray | None, mask: np.ndarray) -> dict:
+    """Mean, population std, min and max HU over ``mask`` (``None`` values if empty)."""
+    if ct_crop is None or not mask.any():
+        return {"mean": None, "std": None, "min": None, "max": None}
+    values = ct_crop[mask].astype(np.float64)
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
+
+
+def _bounding_box(arr: np.ndarray) -> tuple | None:
+    """(z, y, x) slices of the smallest box holding every non-zero voxel, or None."""
+    z_any = arr.any(axis=(1, 2))
+    if not z_any.any():
+        return None
+    yx_any = arr.any(axis=0)
+    zs = np.flatnonzero(z_any)
+    ys = np.flatnonzero(yx_any.any(axis=1))
+    xs = np.flatnonzero(yx_any.any(axis=0))
+    return (slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+
+
+# -- exact diameter -----------------------------------------------------------------
+def _hull_candidates(mask: np.ndarray) -> np.ndarray:
+    """(n, 3) int (z, y, x) indices: a superset of the convex-hull vertices of ``mask``."""
+    if not mask.any():
+        return np.zeros((0, 3), dtype=np.int64)
+    nx = mask.shape[2]
+    has = mask.any(axis=2)
+    zz, yy = np.nonzero(has)
+    first = np.argmax(mask, axis=2)[has]
+    last = nx - 1 - np.argmax(mask[:, :, ::-1], axis=2)[has]
+    points = np.concatenate([
+        np.stack([zz, yy, first], axis=1),
+        np.stack([zz, yy, last], axis=1),
+    ]).astype(np.int64)
+    points = np.unique(points, axis=0)
+    for axis in (0, 1, 2):
+        points = _filter_by_slice_hulls(points, axis)
+    return points
+
+
+def _filter_by_slice_hulls(points: np.ndarray, axis: int) -> np.ndarray:
+    """Keep the points that are 2D hull vertices within their slice along ``axis``.
+
+    A 3D hull vertex is a hull vertex of every subset that contains it, in particular of
+    its own slice, so no 3D hull vertex is lost.
+    """
+    others = [a for a in (0, 1, 2) if a != axis]
+    order = np.lexsort((points[:, others[1]], points[:, others[0]], points[:, axis]))
+    points = points[order]
+    breaks = np.flatnonzero(np.diff(points[:, axis])) + 1
+    keep = np.zeros(len(points), dtype=bool)
+    u_all = points[:, others[0]].tolist()
+    v_all = points[:, others[1]].tolist()
+    for start, stop in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(points)].tolist()):
+        for index in _hull_2d(u_all[start:stop], v_all[start:stop]):
+            keep[start + index] = True
+    return points[keep]
+
+
+def _hull_2d(u: list, v: list) -> set:
+    """Indices of the strict convex-hull vertices of distinct integer points sorted by (u, v).
+
+    Andrew's monotone chain; collinear points are dropped, end points kept.
+    """
+    n = len(u)
+    if n <= 2:
+        return set(range(n))
+
+    def chain(indices) -> list:
+        hull: list = []
+        for p in indices:
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                cross = (u[b] - u[a]) * (v[p] - v[a]) - (v[b] - v[a]) * (u[p] - u[a])
+                if cross > 0:
+                    break
+                hull.pop()
+            hull.append(p)
+        return hull
+
+    return set(chain(range(n))) | set(chain(range(n - 1, -1, -1)))
+
+
+def _brute_force_diameter(points: np.ndarray, chunk: int = 2048) -> float:
+    """Largest pairwise Euclidean distance of (n, 3) points, by chunked brute force."""
+    best = 0.0
+    for start in range(0, len(points), chunk):
+        block = points[start:start + chunk]
+        rest = points[start:]
+        d2 = np.zeros((len(block), len(rest)))
+        for axis in range(3):
+            d2 += np.subtract.outer(block[:, axis], rest[:, axis]) ** 2
+        best = max(best, float(d2.max()))
+    return float(np.sqrt(best))
+
+
+# -- output -------------------------------------------------------------------------
+def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` via a temporary file in the same folder."""
+    target = Path(path)
+    tmp_name = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="", dir=target.parent,
+                                         prefix=f".{target.name}.", suffix=".tmp", delete=False) as handle:
+            tmp_name = handle.name
+            handle.write(text)
+        os.replace(tmp_name, target)
+    except OSError as exc:
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise OutputError(f"Cannot write {target}: {exc}. Choose a writable output folder.") from exc

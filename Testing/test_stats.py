@@ -1,0 +1,301 @@
+"""Tests of LiverTumorSegLib.stats against analytic phantoms and the real LiTS labels."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from LiverTumorSegLib.errors import InputError
+from LiverTumorSegLib.stats import (
+    ROW_COLUMNS,
+    compute_statistics,
+    max_diameter_mm,
+    stats_to_rows,
+    write_stats_csv,
+    write_stats_json,
+)
+from LiverTumorSegLib.volume import Volume
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+def oblique_direction() -> np.ndarray:
+    """A proper rotation (det +1) that is not axis-aligned."""
+    a, b = 0.4, 0.3
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    return rz @ rx
+
+
+def sphere(radius_mm: float) -> float:
+    """Volume in mL of a ball of radius ``radius_mm``."""
+    return 4.0 / 3.0 * np.pi * radius_mm ** 3 / 1000.0
+
+
+def physical_grid(shape_zyx: tuple, spacing: tuple) -> tuple:
+    """(x, y, z) mm coordinates of voxel centres relative to voxel (0, 0, 0)."""
+    k, j, i = np.indices(shape_zyx, dtype=np.float64)
+    return i * spacing[0], j * spacing[1], k * spacing[2]
+
+
+def brute_force_diameter(zyx: np.ndarray, geometry: Volume) -> float:
+    """Largest distance between voxel centres, all pairs, in mm."""
+    lps = zyx[:, ::-1] @ (geometry.direction @ np.diag(geometry.spacing)).T
+    best = 0.0
+    for start in range(0, len(lps), 512):
+        d = lps[start:start + 512, None, :] - lps[None, :, :]
+        best = max(best, float((d ** 2).sum(-1).max()))
+    return float(np.sqrt(best))
+
+
+@pytest.fixture(scope="module")
+def sphere_phantom():
+    """Liver sphere (r 30 mm) with tumor spheres of r 8 mm and 5 mm, 0.5x0.55x0.6 mm grid."""
+    spacing = (0.5, 0.55, 0.6)
+    shape = (112, 122, 134)
+    x, y, z = physical_grid(shape, spacing)
+    centre = np.array([33.0, 33.0, 33.0])
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[(x - 33) ** 2 + (y - 33) ** 2 + (z - 33) ** 2 <= 30.0 ** 2] = 1
+    tumors = [((43.0, 33.0, 33.0), 8.0), ((20.0, 30.0, 40.0), 5.0)]
+    for (cx, cy, cz), r in tumors:
+        labels[(x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= r ** 2] = 2
+    ct = np.where(labels == 2, 40.0, np.where(labels == 1, 110.0, -50.0))
+    ct = ct + np.random.default_rng(0).normal(0.0, 10.0, shape)
+    geometry = dict(spacing=spacing, origin=(-12.0, 7.0, 100.0))
+    return Volume(labels, **geometry), Volume(ct.astype(np.int16), **geometry), centre, tumors
+
+
+def test_sphere_volumes_and_burden(sphere_phantom):
+    labels, ct, _, tumors = sphere_phantom
+    stats = compute_statistics(labels, ct)
+    tumor_ml = sum(sphere(r) for _, r in tumors)
+    assert stats["liver"]["volume_ml"] == pytest.approx(sphere(30.0), rel=0.01)
+    assert stats["tumor"]["volume_ml"] == pytest.approx(tumor_ml, rel=0.01)
+    assert stats["liver"]["parenchyma_volume_ml"] == pytest.approx(sphere(30.0) - tumor_ml, rel=0.01)
+    assert stats["tumor"]["count"] == 2
+    lesions = stats["tumor"]["lesions"]
+    assert [lesion["id"] for lesion in lesions] == [1, 2]
+    assert lesions[0]["volume_ml"] == pytest.approx(sphere(8.0), rel=0.01)
+    assert lesions[1]["volume_ml"] == pytest.approx(sphere(5.0), rel=0.01)
+    burden = 100.0 * stats["tumor"]["voxels"] / stats["liver"]["voxels"]
+    assert stats["tumor"]["burden_percent"] == pytest.approx(burden)
+    assert stats["tumor"]["burden_percent"] == pytest.approx(100 * tumor_ml / sphere(30.0), rel=0.02)
+    for lesion, (_, r) in zip(lesions, tumors):
+        assert abs(lesion["max_diameter_mm"] - 2 * r) <= float(np.linalg.norm(labels.spacing))
+    assert stats["voxel_volume_ml"] == pytest.approx(0.5 * 0.55 * 0.6 / 1000)
+    assert stats["grid"] == {"size_xyz": [134, 122, 112], "spacing_mm": [0.5, 0.55, 0.6]}
+    assert stats["coordinate_system"] == "RAS" and stats["schema_version"] == 1
+
+
+def test_sphere_centroids_in_ras(sphere_phantom):
+    labels, _, _, tumors = sphere_phantom
+    stats = compute_statistics(labels)
+    for lesion, (centre, _) in zip(stats["tumor"]["lesions"], tumors):
+        lps = np.asarray(labels.origin) + np.asarray(centre)
+        expected = [-lps[0], -lps[1], lps[2]]
+        np.testing.assert_allclose(lesion["centroid_mm"], expected, atol=0.05)
+
+
+def test_hu_statistics_match_numpy(sphere_phantom):
+    labels, ct, _, _ = sphere_phantom
+    stats = compute_statistics(labels, ct)
+    hu = ct.array.astype(np.float64)
+    for region, mask in (
+        (stats["liver"]["hu"], labels.array > 0),
+        (stats["liver"]["parenchyma_hu"], labels.array == 1),
+        (stats["tumor"]["hu"], labels.array == 2),
+    ):
+        values = hu[mask]
+        assert region["mean"] == pytest.approx(values.mean(), rel=1e-9)
+        assert region["std"] == pytest.approx(values.std(), rel=1e-9)
+        assert region["min"] == values.min() and region["max"] == values.max()
+    for lesion in stats["tumor"]["lesions"]:
+        assert 30.0 < lesion["mean_hu"] < 50.0
+
+
+def test_no_ct_gives_null_hu(sphere_phantom):
+    labels, _, _, _ = sphere_phantom
+    stats = compute_statistics(labels)
+    assert stats["liver"]["hu"] == {"mean": None, "std": None, "min": None, "max": None}
+    assert all(lesion["mean_hu"] is None for lesion in stats["tumor"]["lesions"])
+
+
+@pytest.mark.parametrize(
+    "second, expected",
+    [
+        ((3, 3, 3), 1),  # corner-touching: one lesion with 26-connectivity
+        ((3, 3, 2), 1),  # edge-touching
+        ((4, 4, 4), 2),  # one empty voxel between: two lesions
+        ((2, 2, 4), 2),
+    ],
+)
+def test_lesion_count_26_connectivity(second, expected):
+    labels = np.ones((8, 8, 8), dtype=np.uint8)
+    labels[2, 2, 2] = 2
+    labels[second] = 2
+    stats = compute_statistics(Volume(labels))
+    assert stats["tumor"]["count"] == expected
+    assert stats["tumor"]["voxels"] == 2
+
+
+def test_lesions_sorted_by_volume():
+    labels = np.ones((10, 10, 30), dtype=np.uint8)
+    labels[1:3, 1:3, 1:3] = 2  # 8 voxels
+    labels[1:4, 1:4, 10:14] = 2  # 36 voxels
+    labels[5, 5, 25] = 2  # 1 voxel
+    lesions = compute_statistics(Volume(labels, spacing=(1.0, 2.0, 3.0)))["tumor"]["lesions"]
+    assert [lesion["voxels"] for lesion in lesions] == [36, 8, 1]
+    assert [lesion["id"] for lesion in lesions] == [1, 2, 3]
+    assert lesions[0]["volume_ml"] == pytest.approx(36 * 6.0 / 1000)
+    assert lesions[2]["max_diameter_mm"] == 0.0
+
+
+def test_centroid_oblique_direction():
+    direction = oblique_direction()
+    geometry = Volume(np.zeros((20, 20, 20), dtype=np.uint8), spacing=(0.7, 0.9, 2.0),
+                      origin=(15.0, -40.0, 220.0), direction=direction)
+    labels = np.ones((20, 20, 20), dtype=np.uint8)
+    labels[4:7, 10:12, 3:8] = 2  # centre (i, j, k) = (5, 10.5, 5)
+    stats = compute_statistics(geometry.with_array(labels))
+    lps = np.asarray(geometry.origin) + direction @ (np.asarray(geometry.spacing) * [5.0, 10.5, 5.0])
+    np.testing.assert_allclose(stats["tumor"]["lesions"][0]["centroid_mm"], [-lps[0], -lps[1], lps[2]], atol=1e-9)
+    corner = np.array([[4, 10, 3], [6, 11, 7]], dtype=float)
+    expected = brute_force_diameter(np.argwhere(labels == 2).astype(float), geometry)
+    assert stats["tumor"]["lesions"][0]["max_diameter_mm"] == pytest.approx(expected, rel=1e-9)
+    assert expected == pytest.approx(brute_force_diameter(corner, geometry), rel=1e-9)
+
+
+def test_max_diameter_matches_brute_force_on_random_blobs():
+    rng = np.random.default_rng(42)
+    for trial in range(30):
+        shape = tuple(rng.integers(3, 12, size=3))
+        mask = rng.random(shape) < rng.uniform(0.05, 0.6)
+        if not mask.any():
+            continue
+        direction = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+        geometry = Volume(np.zeros(shape), spacing=tuple(rng.uniform(0.3, 3.0, size=3)),
+                          origin=tuple(rng.uniform(-100, 100, size=3)), direction=direction)
+        expected = brute_force_diameter(np.argwhere(mask).astype(float), geometry)
+        assert max_diameter_mm(mask, geometry) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_max_diameter_of_big_sphere_is_fast_and_exact():
+    r = 36.3  # about 200k voxels
+    idx = np.indices((76, 76, 76), dtype=np.float64) - 37.5
+    mask = (idx ** 2).sum(0) <= r * r
+    geometry = Volume(np.zeros(mask.shape, dtype=np.uint8), spacing=(0.8, 0.8, 2.5))
+    start = time.perf_counter()
+    diameter = max_diameter_mm(mask, geometry)
+    elapsed = time.perf_counter() - start
+    assert mask.sum() > 190_000
+    assert elapsed < 2.0
+    # Exact answer: the farthest pair lies on the boundary; check on boundary voxels only.
+    padded = np.pad(mask, 1)
+    inner = padded[1:-1, 1:-1, 1:-1].copy()
+    for axis in range(3):
+        for shift in (-1, 1):
+            inner &= np.roll(padded, shift, axis=axis)[1:-1, 1:-1, 1:-1]
+    boundary = np.argwhere(mask & ~inner).astype(float)
+    top = boundary[np.abs(boundary[:, 0] - 37.5) > 30]  # the z extremes dominate at 2.5 mm
+    assert diameter == pytest.approx(brute_force_diameter(top, geometry), rel=1e-9)
+
+
+def test_empty_labels():
+    stats = compute_statistics(Volume(np.zeros((4, 5, 6), dtype=np.uint8)), Volume(np.zeros((4, 5, 6))))
+    assert stats["liver"]["volume_ml"] == 0.0 and stats["tumor"]["count"] == 0
+    assert stats["tumor"]["burden_percent"] == 0.0 and stats["tumor"]["lesions"] == []
+    assert stats["liver"]["hu"]["mean"] is None
+    assert len(stats_to_rows(stats)) == 3
+
+
+def test_grid_mismatch_raises():
+    labels = Volume(np.zeros((4, 5, 6), dtype=np.uint8))
+    with pytest.raises(InputError):
+        compute_statistics(labels, Volume(np.zeros((4, 5, 7))))
+    with pytest.raises(InputError):
+        compute_statistics(labels, Volume(np.zeros((4, 5, 6)), spacing=(1.0, 1.0, 2.0)))
+    with pytest.raises(InputError):
+        compute_statistics(Volume(np.full((2, 2, 2), 3, dtype=np.uint8)))
+
+
+def test_rows_csv_and_json_agree(sphere_phantom, tmp_path):
+    labels, ct, _, _ = sphere_phantom
+    stats = compute_statistics(labels, ct)
+    rows = stats_to_rows(stats)
+    assert [row["name"] for row in rows] == ["Liver", "Liver parenchyma", "Tumor", "Lesion 1", "Lesion 2"]
+    assert all(tuple(row) == ROW_COLUMNS for row in rows)
+    assert rows[0]["volume_ml"] == stats["liver"]["volume_ml"]
+    assert rows[3]["max_diameter_mm"] == stats["tumor"]["lesions"][0]["max_diameter_mm"]
+    assert rows[3]["centroid_s_mm"] == stats["tumor"]["lesions"][0]["centroid_mm"][2]
+    assert rows[3]["std_hu"] is None and rows[0]["centroid_r_mm"] is None
+
+    write_stats_json(stats, tmp_path / "stats.json")
+    write_stats_csv(stats, tmp_path / "stats.csv")
+    assert json.loads((tmp_path / "stats.json").read_text()) == stats
+    with open(tmp_path / "stats.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(rows)
+    for written, row in zip(table, rows):
+        assert list(written) == list(ROW_COLUMNS)
+        for key, value in row.items():
+            if value is None:
+                assert written[key] == ""
+            elif isinstance(value, str):
+                assert written[key] == value
+            else:
+                assert float(written[key]) == pytest.approx(value, rel=1e-12)
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_real_lits_labels_match_direct_computation():
+    label_path = REAL_DATA / "lits117_crop_label.nii.gz"
+    ct_path = REAL_DATA / "lits117_crop_ct.nii.gz"
+    if not (label_path.exists() and ct_path.exists()):
+        pytest.skip(f"real LiTS sample not found in {REAL_DATA}")
+    import SimpleITK as sitk
+
+    labels = Volume.from_sitk(sitk.ReadImage(str(label_path)))
+    ct = Volume.from_sitk(sitk.ReadImage(str(ct_path)))
+    stats = compute_statistics(labels, ct)
+
+    voxel_ml = float(np.prod(labels.spacing)) / 1000.0
+    arr, hu = labels.array, ct.array.astype(np.float64)
+    assert stats["liver"]["voxels"] == int(np.count_nonzero(arr))
+    assert stats["liver"]["volume_ml"] == pytest.approx(np.count_nonzero(arr) * voxel_ml)
+    assert stats["tumor"]["volume_ml"] == pytest.approx(np.count_nonzero(arr == 2) * voxel_ml)
+    assert stats["liver"]["hu"]["mean"] == pytest.approx(hu[arr > 0].mean())
+
+    try:
+        from scipy import ndimage
+    except ImportError:
+        ndimage = None
+    if ndimage is not None:
+        components, count = ndimage.label(arr == 2, structure=np.ones((3, 3, 3)))
+    else:
+        cc = sitk.ConnectedComponent(sitk.GetImageFromArray((arr == 2).astype(np.uint8)), True)
+        components = sitk.GetArrayFromImage(cc)
+        count = int(components.max())
+    assert stats["tumor"]["count"] == count
+    ids = components[components > 0]
+    sizes = np.bincount(ids)[1:]
+    means = np.bincount(ids, weights=hu[components > 0])[1:] / sizes
+    expected = sorted(zip((-sizes).tolist(), np.round(means, 6).tolist()))
+    got = sorted((-lesion["voxels"], round(lesion["mean_hu"], 6)) for lesion in stats["tumor"]["lesions"])
+    assert got == expected
+    assert [lesion["volume_ml"] for lesion in stats["tumor"]["lesions"]] == pytest.approx(
+        sorted((sizes * voxel_ml).tolist(), reverse=True))
+
+    small = sorted((lesion["voxels"], lesion["max_diameter_mm"]) for lesion in stats["tumor"]["lesions"]
+                   if lesion["voxels"] <= 1500)
+    direct = sorted(
+        (int(sizes[label - 1]), brute_force_diameter(np.argwhere(components == label).astype(float), labels))
+        for label in np.flatnonzero(sizes <= 1500) + 1
+    )
+    assert [v for v, _ in small] == [v for v, _ in direct]
+    np.testing.assert_allclose([d for _, d in small], [d for _, d in direct], rtol=1e-6)

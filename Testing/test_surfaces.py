@@ -1,0 +1,204 @@
+"""Tests of LiverTumorSegLib.surfaces: closed, outward meshes in LPS mm."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from LiverTumorSegLib import surfaces
+from LiverTumorSegLib.errors import InputError, LiverTumorSegError
+from LiverTumorSegLib.surfaces import (
+    Mesh,
+    face_normals,
+    label_surface,
+    mesh_volume_ml,
+    surfaces_for_labels,
+    write_obj,
+    write_stl,
+)
+from LiverTumorSegLib.volume import Volume
+
+ROTATION = np.array([
+    [np.cos(0.4), -np.sin(0.4) * np.cos(0.3), np.sin(0.4) * np.sin(0.3)],
+    [np.sin(0.4), np.cos(0.4) * np.cos(0.3), -np.cos(0.4) * np.sin(0.3)],
+    [0.0, np.sin(0.3), np.cos(0.3)],
+])
+DIRECTIONS = {
+    "identity": np.eye(3),
+    "oblique": ROTATION,
+    "flipped": np.diag([-1.0, 1.0, 1.0]),
+    "lps_flip": np.diag([-1.0, -1.0, 1.0]),
+    "oblique_flipped": ROTATION @ np.diag([1.0, 1.0, -1.0]),
+}
+
+
+def sphere(spacing: tuple, direction: np.ndarray, radius: float = 20.0) -> tuple:
+    """Sphere of ``radius`` mm on a grid; returns (mask, geometry, centre in LPS mm)."""
+    sp = np.asarray(spacing, dtype=float)
+    n_xyz = (np.ceil(2 * radius / sp) + 6).astype(int)
+    c = (n_xyz - 1) / 2.0
+    k, j, i = np.indices(tuple(n_xyz[::-1]), dtype=np.float64)
+    mask = ((i - c[0]) * sp[0]) ** 2 + ((j - c[1]) * sp[1]) ** 2 + ((k - c[2]) * sp[2]) ** 2 <= radius ** 2
+    geometry = Volume(np.zeros(mask.shape, dtype=np.uint8), spacing=spacing, origin=(10.0, -20.0, 30.0),
+                      direction=direction)
+    centre = geometry.ijk_to_lps() @ np.append(c, 1.0)
+    return mask, geometry, centre[:3]
+
+
+def hide_modules(monkeypatch, prefix: str) -> None:
+    """Make every module under ``prefix`` unimportable for the test."""
+    for name in [prefix] + [n for n in sys.modules if n.startswith(prefix + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def assert_sphere_ok(mesh: Mesh, mask: np.ndarray, geometry: Volume, centre: np.ndarray) -> None:
+    reference = mask.sum() * geometry.voxel_volume_ml
+    assert mesh_volume_ml(mesh) == pytest.approx(reference, rel=0.03)
+    faces_centre = mesh.vertices[mesh.faces].mean(axis=1)
+    outward = np.einsum("ij,ij->i", face_normals(mesh), faces_centre - centre)
+    assert np.mean(outward > 0) > 0.99
+    assert mesh.vertices.dtype == np.float64 and mesh.faces.dtype == np.int64
+    radii = np.linalg.norm(mesh.vertices - centre, axis=1)
+    assert radii.max() < 20.0 + max(geometry.spacing)
+    assert radii.min() > 20.0 - max(geometry.spacing)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.8, 0.8, 2.5)])
+@pytest.mark.parametrize("direction", sorted(DIRECTIONS))
+def test_sphere_volume_and_orientation(spacing, direction):
+    mask, geometry, centre = sphere(spacing, DIRECTIONS[direction])
+    assert_sphere_ok(label_surface(mask, geometry), mask, geometry, centre)
+
+
+@pytest.mark.parametrize("iterations", [10, 30])
+def test_smoothing_preserves_volume(iterations):
+    mask, geometry, centre = sphere((0.8, 0.8, 2.5), DIRECTIONS["oblique"])
+    raw = label_surface(mask, geometry)
+    smooth = label_surface(mask, geometry, smoothing_iterations=iterations)
+    assert_sphere_ok(smooth, mask, geometry, centre)
+    assert smooth.n_triangles == raw.n_triangles
+    def spread(mesh: Mesh) -> float:
+        return float(np.std(np.linalg.norm(mesh.vertices - centre, axis=1)))
+
+    assert spread(smooth) < spread(raw)
+
+
+def test_vtk_backend_when_skimage_missing(monkeypatch):
+    pytest.importorskip("vtkmodules")
+    calls = []
+    original = surfaces._vtk_flying_edges
+
+    def spy(padded):
+        calls.append(padded.shape)
+        return original(padded)
+
+    monkeypatch.setattr(surfaces, "_vtk_flying_edges", spy)
+    hide_modules(monkeypatch, "skimage")
+    for direction in ("oblique", "oblique_flipped"):
+        mask, geometry, centre = sphere((0.8, 0.8, 2.5), DIRECTIONS[direction])
+        assert_sphere_ok(label_surface(mask, geometry), mask, geometry, centre)
+        assert_sphere_ok(label_surface(mask, geometry, smoothing_iterations=10), mask, geometry, centre)
+    assert len(calls) == 4
+
+
+def test_no_backend_raises(monkeypatch):
+    hide_modules(monkeypatch, "skimage")
+    hide_modules(monkeypatch, "vtkmodules")
+    mask, geometry, _ = sphere((2.0, 2.0, 2.0), np.eye(3), radius=6.0)
+    with pytest.raises(LiverTumorSegError, match="scikit-image or VTK"):
+        label_surface(mask, geometry)
+
+
+def test_decimation():
+    pytest.importorskip("vtkmodules")
+    mask, geometry, centre = sphere((0.8, 0.8, 2.5), DIRECTIONS["oblique"])
+    raw = label_surface(mask, geometry)
+    mesh = label_surface(mask, geometry, smoothing_iterations=10, decimation=0.5)
+    assert mesh.n_triangles == pytest.approx(raw.n_triangles / 2, rel=0.1)
+    assert_sphere_ok(mesh, mask, geometry, centre)
+
+
+def test_decimation_without_vtk_warns(monkeypatch):
+    hide_modules(monkeypatch, "vtkmodules")
+    mask, geometry, _ = sphere((2.0, 2.0, 2.0), np.eye(3), radius=8.0)
+    raw = label_surface(mask, geometry)
+    with pytest.warns(UserWarning, match="not decimated"):
+        mesh = label_surface(mask, geometry, decimation=0.5)
+    assert mesh.n_triangles == raw.n_triangles
+
+
+def test_empty_mask_and_bad_input():
+    geometry = Volume(np.zeros((5, 6, 7), dtype=np.uint8))
+    assert label_surface(np.zeros((5, 6, 7), dtype=bool), geometry) is None
+    with pytest.raises(InputError):
+        label_surface(np.zeros((5, 6, 8), dtype=bool), geometry)
+    with pytest.raises(LiverTumorSegError):
+        label_surface(np.ones((5, 6, 7), dtype=bool), geometry, decimation=1.0)
+
+
+def test_single_voxel_and_border_voxels_are_closed():
+    mask = np.zeros((3, 4, 5), dtype=bool)
+    mask[0, 0, 0] = True  # touches the volume border: padding must close it
+    mask[2, 3, 4] = True
+    mesh = label_surface(mask, Volume(mask.astype(np.uint8), spacing=(1.0, 2.0, 3.0)))
+    assert mesh_volume_ml(mesh) > 0
+    edges = np.sort(np.concatenate([mesh.faces[:, [0, 1]], mesh.faces[:, [1, 2]], mesh.faces[:, [2, 0]]]), axis=1)
+    _, counts = np.unique(edges, axis=0, return_counts=True)
+    assert np.all(counts == 2)  # watertight: every edge shared by two triangles
+
+
+def test_surfaces_for_labels_liver_includes_tumor():
+    labels = np.zeros((30, 30, 30), dtype=np.uint8)
+    labels[5:25, 5:25, 5:25] = 1
+    labels[10:15, 10:15, 10:15] = 2
+    volume = Volume(labels, spacing=(1.5, 1.5, 2.0))
+    meshes = surfaces_for_labels(volume)
+    assert set(meshes) == {"liver", "tumor"}
+    assert mesh_volume_ml(meshes["liver"]) == pytest.approx(20 ** 3 * volume.voxel_volume_ml, rel=0.03)
+    assert mesh_volume_ml(meshes["tumor"]) == pytest.approx(5 ** 3 * volume.voxel_volume_ml, rel=0.1)
+    only_liver = surfaces_for_labels(volume.with_array(np.minimum(labels, 1)))
+    assert set(only_liver) == {"liver"}
+
+
+def read_binary_stl(path) -> tuple:
+    data = path.read_bytes()
+    count = int(np.frombuffer(data[80:84], dtype="<u4")[0])
+    records = np.frombuffer(data[84:], dtype=surfaces._STL_DTYPE, count=count)
+    return data[:80], records
+
+
+def test_stl_round_trip(tmp_path):
+    mask, geometry, _ = sphere((0.8, 0.8, 2.5), DIRECTIONS["oblique_flipped"], radius=10.0)
+    mesh = label_surface(mask, geometry)
+    path = tmp_path / "out" / "liver.stl"
+    write_stl(mesh, path)
+    header, records = read_binary_stl(path)
+    assert header.startswith(b"LiverTumorSeg SPACE=LPS") and len(header) == 80
+    assert path.stat().st_size == 84 + 50 * mesh.n_triangles
+    np.testing.assert_allclose(records["vertices"], mesh.vertices[mesh.faces], atol=1e-4)
+    np.testing.assert_allclose(records["normal"], face_normals(mesh), atol=1e-5)
+    assert not [p for p in path.parent.iterdir() if p.name != "liver.stl"]
+
+    vtk_io = pytest.importorskip("vtkmodules.vtkIOGeometry")
+    reader = vtk_io.vtkSTLReader()
+    reader.SetFileName(str(path))
+    reader.Update()
+    assert reader.GetOutput().GetNumberOfCells() == mesh.n_triangles
+    bounds = np.array(reader.GetOutput().GetBounds()).reshape(3, 2)
+    np.testing.assert_allclose(bounds[:, 0], mesh.vertices.min(axis=0), atol=1e-4)
+    np.testing.assert_allclose(bounds[:, 1], mesh.vertices.max(axis=0), atol=1e-4)
+
+
+def test_obj_output(tmp_path):
+    mask, geometry, _ = sphere((2.0, 2.0, 2.0), np.eye(3), radius=8.0)
+    mesh = label_surface(mask, geometry)
+    path = tmp_path / "tumor.obj"
+    write_obj(mesh, path)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "# SPACE=LPS"
+    vertices = np.array([[float(v) for v in line.split()[1:]] for line in lines if line.startswith("v ")])
+    faces = np.array([[int(v) for v in line.split()[1:]] for line in lines if line.startswith("f ")])
+    np.testing.assert_allclose(vertices, mesh.vertices, atol=1e-5)
+    np.testing.assert_array_equal(faces - 1, mesh.faces)
