@@ -1,0 +1,82 @@
+"""Geometry round trip: every storage form of the same anatomy gives the same physical
+segmentation, aligned with the input's own voxels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+from LiverTumorSegLib.preprocess import model_grid_for, resample_to
+from LiverTumorSegLib.volume import Volume
+
+from .oracle import analytic_ct, dice, oracle_model, rotation
+
+FLIP_RAS = np.diag([-1.0, -1.0, 1.0])
+PERMUTED = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+FORMS = {
+    "lps": ((1.5, 1.5, 1.5), np.eye(3)),
+    "ras": ((1.5, 1.5, 1.5), FLIP_RAS),
+    "oblique": ((1.5, 1.5, 1.5), rotation("z", 17.0) @ rotation("x", -9.0)),
+    "anisotropic": ((0.8, 0.8, 4.0), np.eye(3)),
+    "permuted-flipped": ((1.2, 2.5, 1.0), PERMUTED @ FLIP_RAS),
+}
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return Segmenter(oracle_model(), SegmentOptions(device="cpu", precision="fp32", min_lesion_ml=0.0))
+
+
+@pytest.fixture(scope="module")
+def results(segmenter):
+    out = {}
+    for name, (spacing, direction) in FORMS.items():
+        ct, truth = analytic_ct(spacing, direction)
+        out[name] = (ct, truth, segmenter.segment(ct))
+    return out
+
+
+@pytest.mark.parametrize("name", list(FORMS))
+def test_labels_come_back_in_the_input_grid_and_aligned(results, name):
+    ct, truth, result = results[name]
+    assert result.labels.same_grid(ct)
+    assert result.labels.array.dtype == np.uint8
+    liver_region = result.labels.array > 0
+    assert dice(liver_region, truth.array > 0) > 0.95, name
+    assert dice(result.labels.array == 2, truth.array == 2) > 0.85, name
+
+
+@pytest.mark.parametrize("name", list(FORMS))
+def test_same_physical_volumes_in_every_form(results, name):
+    reference = results["lps"][2].stats
+    ct, truth, result = results[name]
+    stats = result.stats
+    truth_liver_ml = float((truth.array > 0).sum()) * ct.voxel_volume_ml
+    assert stats["liver"]["volume_ml"] == pytest.approx(truth_liver_ml, rel=0.03)
+    assert stats["liver"]["volume_ml"] == pytest.approx(reference["liver"]["volume_ml"], rel=0.03)
+    ball_ml = 4.0 / 3.0 * np.pi * 9.0 ** 3 / 1000.0  # the analytic tumor, radius 9 mm
+    assert stats["tumor"]["volume_ml"] == pytest.approx(ball_ml, rel=0.12)
+    assert stats["tumor"]["count"] == 1
+    centroid = np.array(stats["tumor"]["lesions"][0]["centroid_mm"])
+    expected_ras = np.array([10.0, 18.0, 15.0])  # the ball's LPS centre (-10, -18, 15) in RAS
+    assert np.linalg.norm(centroid - expected_ras) < 2.0, (name, centroid)
+
+
+def test_same_physical_segmentation_on_a_common_grid(results):
+    ct0, _, r0 = results["lps"]
+    common = model_grid_for(ct0, oracle_model(spacing=(1.0, 1.0, 1.0)).card)
+    base = resample_to(r0.labels, common, interpolation="nearest", default_value=0, dtype=np.uint8).array
+    for name, (_, _, result) in results.items():
+        other = resample_to(result.labels, common, interpolation="nearest", default_value=0, dtype=np.uint8).array
+        assert dice(base > 0, other > 0) > 0.95, name
+
+
+def test_ijk_to_ras_round_trip():
+    direction = rotation("y", 23.0) @ FLIP_RAS
+    v = Volume(np.zeros((4, 5, 6)), spacing=(0.7, 0.9, 3.0), origin=(-12.0, 30.5, 7.0), direction=direction)
+    back = Volume.from_ijk_to_ras(v.array, v.ijk_to_ras())
+    assert back.same_grid(v, tol=1e-9)
+    ras = v.ijk_to_ras() @ np.array([1, 2, 3, 1.0])
+    lps = v.ijk_to_lps() @ np.array([1, 2, 3, 1.0])
+    np.testing.assert_allclose(ras[:3], lps[:3] * [-1, -1, 1])

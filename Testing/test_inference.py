@@ -1,0 +1,144 @@
+"""Sliding-window inference: agrees with a plain reference and with MONAI; weighting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from LiverTumorSegLib.inference import importance_map, patch_starts, plan_windows, sliding_window_inference
+from LiverTumorSegLib.model.unet import UNet3D
+
+
+def _net(seed: int = 0) -> UNet3D:
+    torch.manual_seed(seed)
+    return UNet3D(widths=(4, 8)).eval()
+
+
+def _reference(image: np.ndarray, net, patch, overlap) -> np.ndarray:
+    """Straightforward constant-weight average over the same patch grid."""
+    plan = plan_windows(image.shape, patch, overlap)
+    total = np.zeros((3,) + image.shape, dtype=np.float64)
+    count = np.zeros(image.shape, dtype=np.float64)
+    pz, py, px = patch
+    with torch.no_grad():
+        for z, y, x in plan.corners:
+            tile = torch.from_numpy(image[z:z + pz, y:y + py, x:x + px][None, None].copy())
+            total[:, z:z + pz, y:y + py, x:x + px] += net(tile)[0].numpy()
+            count[z:z + pz, y:y + py, x:x + px] += 1
+    return (total / count).astype(np.float32)
+
+
+def test_patch_grid_covers_the_image_and_ends_flush():
+    for size, patch, overlap in [(100, 32, 0.25), (32, 32, 0.5), (97, 16, 0.0), (200, 96, 8 / 96)]:
+        starts = patch_starts(size, patch, overlap)
+        assert starts[0] == 0 and starts[-1] == size - patch
+        assert all(b - a <= int(patch * (1 - overlap)) for a, b in zip(starts, starts[1:]))
+
+
+def test_constant_weighting_matches_plain_reference():
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(40, 50, 37)).astype(np.float32)
+    net = _net()
+    ours = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, overlap=0.4,
+                                    batch_size=3, weighting="constant")
+    np.testing.assert_allclose(ours, _reference(image, net, (16, 16, 16), 0.4), atol=1e-5)
+
+
+def test_constant_weighting_matches_monai():
+    monai_inferers = pytest.importorskip("monai.inferers", reason="MONAI (test extra) is not installed")
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(40, 45, 52)).astype(np.float32)
+    net = _net(3)
+    ours = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, overlap=0.25,
+                                    batch_size=2, weighting="constant")
+    with torch.no_grad():
+        theirs = monai_inferers.sliding_window_inference(
+            torch.from_numpy(image)[None, None], (16, 16, 16), 2, net, overlap=0.25, mode="constant")
+    np.testing.assert_allclose(ours, theirs[0].numpy(), atol=1e-5)
+
+
+def test_gaussian_importance_map_is_as_documented():
+    w = importance_map((16, 20, 12), "gaussian", sigma_scale=0.125)
+    assert w.shape == (16, 20, 12) and w.dtype == np.float32
+    assert w.max() == pytest.approx(1.0)
+    assert w.min() > 0  # every voxel keeps some weight
+    centre = w[7:9, 9:11, 5:7]
+    assert centre.min() > 0.9 and w[0, 0, 0] < 0.01  # peaked in the middle
+    np.testing.assert_allclose(w, w[::-1, ::-1, ::-1], rtol=1e-6)  # symmetric
+    assert np.all(importance_map((8, 8, 8), "constant") == 1)
+    with pytest.raises(ValueError):
+        importance_map((8, 8, 8), "triangle")
+
+
+def test_gaussian_weighting_is_a_normalised_average():
+    """A network that outputs a constant must give that constant back exactly."""
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            out = torch.empty((x.shape[0], 3) + x.shape[2:])
+            out[:, 0], out[:, 1], out[:, 2] = 0.5, -2.0, 3.0
+            return out
+
+    image = np.zeros((30, 41, 29), dtype=np.float32)
+    out = sliding_window_inference(image, Constant(), (16, 16, 16), num_classes=3, overlap=0.5)
+    np.testing.assert_allclose(out[:, 10, 20, 15], [0.5, -2.0, 3.0], rtol=1e-5)
+    np.testing.assert_allclose(out[2], 3.0, rtol=1e-5)
+
+
+def test_gaussian_differs_from_constant_where_patches_overlap():
+    rng = np.random.default_rng(4)
+    image = rng.normal(size=(24, 24, 40)).astype(np.float32)
+    net = _net(5)
+    g = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, overlap=0.5, weighting="gaussian")
+    c = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, overlap=0.5, weighting="constant")
+    assert np.abs(g - c).max() > 1e-4
+
+
+def test_small_image_is_padded_and_cropped_back():
+    image = np.random.default_rng(0).normal(size=(10, 20, 7)).astype(np.float32)
+    out = sliding_window_inference(image, _net(), (16, 16, 16), num_classes=3)
+    assert out.shape == (3, 10, 20, 7)
+    assert np.isfinite(out).all()
+
+
+def test_skipped_patches_become_background_and_are_not_computed():
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            out = torch.zeros((x.shape[0], 3) + x.shape[2:])
+            out[:, 2] = 5.0  # everything computed would be tumor
+            return out
+
+    image = np.zeros((16, 16, 64), dtype=np.float32)
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[:, :, :10] = True  # only the first patch along x touches the body
+    out = sliding_window_inference(image, Counting(), (16, 16, 16), num_classes=3, overlap=0.0,
+                                   batch_size=1, compute_mask=mask)
+    assert sum(calls) == 1
+    labels = out.argmax(0)
+    assert (labels[:, :, :16] == 2).all() and (labels[:, :, 16:] == 0).all()
+
+
+def test_progress_and_cancel():
+    from LiverTumorSegLib.errors import Cancelled
+
+    image = np.zeros((32, 32, 64), dtype=np.float32)
+    seen = []
+    sliding_window_inference(image, _net(), (16, 16, 16), num_classes=3, overlap=0.0, batch_size=4,
+                             progress=lambda f, m: seen.append(f))
+    assert seen[-1] == pytest.approx(1.0) and seen == sorted(seen) and len(seen) == 4
+    with pytest.raises(Cancelled):
+        sliding_window_inference(image, _net(), (16, 16, 16), num_classes=3, cancel=lambda: True)
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    rng = np.random.default_rng(6)
+    image = rng.normal(size=(32, 32, 32)).astype(np.float32)
+    net = _net(7)
+    full = sliding_window_inference(image, net, (16, 16, 16), num_classes=3)
+    half = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, autocast_dtype=torch.bfloat16)
+    agreement = (full.argmax(0) == half.argmax(0)).mean()
+    assert agreement > 0.97
