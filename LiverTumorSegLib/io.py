@@ -34,6 +34,8 @@ def read_volume(path: Path) -> Volume:
     if path.is_dir():
         image = _read_dicom_folder(path)
     else:
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_complete(path)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
@@ -43,6 +45,64 @@ def read_volume(path: Path) -> Volume:
                 f"(NIfTI, NRRD, MHA/MHD, or a DICOM folder). Reader said: {reason[:200]}"
             ) from None
     return _to_volume(image, path)
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a truncated NIfTI file (SimpleITK would silently zero-fill it).
+
+    Reads the header for the expected data size, then counts the bytes actually
+    present (streaming through the gzip data for ``.nii.gz``).
+    """
+    import gzip
+    import struct
+    import zlib
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    truncated = InputError(f"cannot read {path.name}: the file is truncated or corrupt (its data ends early)")
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(540)
+            expected = _nifti_expected_bytes(header, struct)
+            if expected is None:
+                return  # not a NIfTI header we understand: the reader will judge it
+            total = len(header)
+            while True:
+                block = f.read(1 << 22)
+                if not block:
+                    break
+                total += len(block)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputError(f"cannot read {path.name}: the compressed data is truncated or corrupt ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path.name}: {exc}") from None
+    if total < expected:
+        raise truncated
+
+
+def _nifti_expected_bytes(header: bytes, struct) -> "int | None":
+    if len(header) < 348:
+        return None
+    for order in ("<", ">"):
+        size = struct.unpack(order + "i", header[:4])[0]
+        if size == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if size == 540 and len(header) >= 540:
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    ndim = int(dims[0])
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    voxels = 1
+    for d in dims[1:ndim + 1]:
+        voxels *= max(int(d), 1)
+    return max(offset, 348) + voxels * bitpix // 8
 
 
 def _read_dicom_folder(folder: Path):
@@ -96,10 +156,32 @@ def write_volume(volume: Volume, path: Path) -> None:
 
     path = Path(path)
     try:
-        with atomic_path(path) as tmp:
-            sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=True)
+        if path.suffix.lower() in (".mhd", ".nhdr"):
+            _write_header_and_data(volume, path)
+        else:
+            with atomic_path(path) as tmp:
+                sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=True)
     except (RuntimeError, OSError) as exc:
         raise OutputError(f"cannot write {path}: {exc}") from None
+
+
+def _write_header_and_data(volume: Volume, path: Path) -> None:
+    """Two-file formats name their data file inside the header, so write both under
+    their final names in a private folder, then move the data file and lastly the
+    header into place."""
+    import shutil
+    import tempfile
+
+    import SimpleITK as sitk
+
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        sitk.WriteImage(volume.to_sitk(), str(work / path.name), useCompression=True)
+        files = sorted(work.iterdir(), key=lambda f: f.name == path.name)  # header last
+        for item in files:
+            item.replace(path.parent / item.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def input_name(path: Path) -> str:

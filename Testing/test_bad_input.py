@@ -1,0 +1,174 @@
+"""Every kind of bad input gets a clear one-line error, exit code 2, and nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from LiverTumorSegLib.cli import main
+from LiverTumorSegLib.io import write_volume
+from LiverTumorSegLib.volume import Volume
+
+from .oracle import analytic_ct
+
+
+@pytest.fixture()
+def good_ct(tmp_path):
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    path = tmp_path / "ct.nii.gz"
+    write_volume(ct, path)
+    return path
+
+
+def _run(capsys, tmp_path, input_path, *extra):
+    out = tmp_path / "out"
+    code = main(["segment", str(input_path), "-o", str(out), "--progress", "none", *extra])
+    err = capsys.readouterr().err.strip()
+    leftovers = [p.name for p in tmp_path.iterdir() if ".partial" in p.name]
+    written = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    return code, err, written, leftovers
+
+
+def _assert_refused(result, *words):
+    code, err, written, leftovers = result
+    assert code == 2, err
+    assert err.startswith("livertumorseg: error:") and len(err.splitlines()) == 1, err
+    for word in words:
+        assert word.lower() in err.lower(), err
+    assert written == [] and leftovers == []
+
+
+def _write_array(path, array, spacing=(1.0, 1.0, 1.0), is_vector=False):
+    image = sitk.GetImageFromArray(array, isVector=is_vector)
+    image.SetSpacing((tuple(spacing) + (1.0,))[: image.GetDimension()])
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_missing_file(capsys, tmp_path, tiny_model):
+    _assert_refused(_run(capsys, tmp_path, tmp_path / "nope.nii.gz", "--model", str(tiny_model)), "not found")
+
+
+def test_corrupt_and_truncated_files(capsys, tmp_path, tiny_model, good_ct):
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good_ct.read_bytes()[:300])
+    _assert_refused(_run(capsys, tmp_path, truncated, "--model", str(tiny_model)), "truncated")
+    raw = tmp_path / "raw.nii"
+    sitk.WriteImage(sitk.ReadImage(str(good_ct)), str(raw))
+    half = tmp_path / "half.nii"
+    half.write_bytes(raw.read_bytes()[: raw.stat().st_size // 2])
+    _assert_refused(_run(capsys, tmp_path, half, "--model", str(tiny_model)), "truncated")
+    mha = tmp_path / "ct.mha"
+    sitk.WriteImage(sitk.ReadImage(str(good_ct)), str(mha))
+    cut = tmp_path / "cut.mha"
+    cut.write_bytes(mha.read_bytes()[: mha.stat().st_size // 2])
+    _assert_refused(_run(capsys, tmp_path, cut, "--model", str(tiny_model)), "cannot read")
+    garbage = tmp_path / "garbage.nrrd"
+    garbage.write_bytes(os.urandom(4000))
+    _assert_refused(_run(capsys, tmp_path, garbage, "--model", str(tiny_model)), "cannot read")
+
+
+def test_2d_image(capsys, tmp_path, tiny_model):
+    path = _write_array(tmp_path / "slice.nii.gz", np.full((64, 64), -1000, np.int16))
+    _assert_refused(_run(capsys, tmp_path, path, "--model", str(tiny_model)), "2D")
+
+
+def test_4d_and_rgb_images(capsys, tmp_path, tiny_model):
+    four = _write_array(tmp_path / "4d.nii.gz", np.zeros((3, 8, 8, 8), np.int16))
+    _assert_refused(_run(capsys, tmp_path, four, "--model", str(tiny_model)), "4D")
+    rgb = _write_array(tmp_path / "rgb.mha", np.zeros((8, 8, 8, 3), np.uint8), is_vector=True)
+    _assert_refused(_run(capsys, tmp_path, rgb, "--model", str(tiny_model)), "components")
+
+
+def test_constant_volume(capsys, tmp_path, tiny_model):
+    path = _write_array(tmp_path / "flat.nii.gz", np.full((10, 12, 14), -1000, np.int16))
+    _assert_refused(_run(capsys, tmp_path, path, "--model", str(tiny_model)), "constant")
+
+
+def test_nan_and_inf_voxels(capsys, tmp_path, tiny_model):
+    array = np.full((10, 12, 14), -1000.0, np.float32)
+    array[5, 5, 5] = np.nan
+    array[2, 3, 4] = np.inf
+    path = _write_array(tmp_path / "nan.mha", array)
+    _assert_refused(_run(capsys, tmp_path, path, "--model", str(tiny_model)), "NaN")
+
+
+def test_mr_like_intensities_refused_unless_overridden(capsys, tmp_path, tiny_model):
+    rng = np.random.default_rng(0)
+    mr = rng.integers(0, 1200, size=(20, 24, 24)).astype(np.int16)
+    path = _write_array(tmp_path / "t1.nii.gz", mr, spacing=(3.0, 3.0, 3.0))
+    _assert_refused(_run(capsys, tmp_path, path, "--model", str(tiny_model)), "--allow-non-ct")
+    code, err, written, _ = _run(capsys, tmp_path, path, "--model", str(tiny_model), "--allow-non-ct")
+    assert code == 0, err
+    assert "segmentation.nii.gz" in written
+
+
+def test_volume_over_the_memory_budget(capsys, tmp_path, tiny_model, good_ct):
+    _assert_refused(_run(capsys, tmp_path, good_ct, "--model", str(tiny_model), "--memory-budget-gb", "0.5"),
+                    "memory")
+
+
+def test_budget_check_reads_only_the_header(tmp_path, monkeypatch, tiny_model):
+    """A huge volume is refused from its header, before any voxel is read."""
+    import LiverTumorSegLib.io as io
+
+    huge = tmp_path / "huge.mha"
+    huge.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4000 4000 3000\nElementType = MET_SHORT\n"
+                    "ElementSpacing = 0.5 0.5 0.5\nElementDataFile = huge.raw\n")
+    monkeypatch.setattr(io, "read_volume", lambda p: pytest.fail("the voxels must not be read"))
+    code = main(["segment", str(huge), "-o", str(tmp_path / "out"), "--model", str(tiny_model), "--progress", "none"])
+    assert code == 2 and not (tmp_path / "out").exists()
+
+
+def test_card_that_does_not_match_its_weights(capsys, tmp_path, tiny_model, good_ct):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    card = json.loads((model / "model.json").read_text())
+    card["architecture"]["widths"] = [8, 16]
+    (model / "model.json").write_text(json.dumps(card))
+    _assert_refused(_run(capsys, tmp_path, good_ct, "--model", str(model)), "do not match")
+
+
+def test_checksum_mismatch(capsys, tmp_path, tiny_model, good_ct):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    state = torch.load(model / "weights.pt", weights_only=True)
+    next(iter(state.values())).add_(1.0)
+    torch.save(state, model / "weights.pt")
+    _assert_refused(_run(capsys, tmp_path, good_ct, "--model", str(model)), "checksum")
+
+
+def test_output_folder_not_writable(capsys, tmp_path, tiny_model, good_ct, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code = main(["segment", str(good_ct), "-o", str(blocker), "--model", str(tiny_model), "--progress", "none"])
+    assert code == 2 and "not a folder" in capsys.readouterr().err
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if "locked" in str(p) else real_access(p, mode))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    code = main(["segment", str(good_ct), "-o", str(locked), "--model", str(tiny_model), "--progress", "none"])
+    assert code == 2 and "permission denied" in capsys.readouterr().err
+    assert list(locked.iterdir()) == []
+
+
+def test_failure_while_writing_leaves_nothing(capsys, tmp_path, tiny_model, good_ct, monkeypatch):
+    import LiverTumorSegLib.preview as preview
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(preview, "write_preview_png", explode)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's own file")
+    with pytest.raises(OSError):
+        main(["segment", str(good_ct), "-o", str(out), "--model", str(tiny_model), "--progress", "none"])
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
