@@ -121,7 +121,7 @@ def resolve_model(name_or_path: Optional[str] = None, *, download: bool = True,
     entries = {e.name: e for e in list_models()}
     entry = entries.get(spec)
     if entry is None:
-        if spec == DEFAULT_MODEL or not entries:
+        if spec == DEFAULT_MODEL:
             raise ModelError(
                 "no model installed: the default model was not found in "
                 f"{BUNDLED_DIR}. Train and export one (see the README, 'Models'), or pass "
