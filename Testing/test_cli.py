@@ -1,0 +1,105 @@
+"""The command line end to end: files, geometry, schema, progress, cancel."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LiverTumorSegLib.cli import main
+from LiverTumorSegLib.io import read_volume, write_volume
+from LiverTumorSegLib.model.registry import BUNDLED_DIR, DEFAULT_MODEL
+
+from .helpers import REPO, real_data
+from .oracle import analytic_ct
+
+
+def _model_for_real_data(tiny_model):
+    bundled = BUNDLED_DIR / DEFAULT_MODEL
+    return bundled if (bundled / "model.json").is_file() else tiny_model
+
+
+def test_segment_real_3mm_abdomen_end_to_end(tmp_path, tiny_model, capsys):
+    ct_path = real_data("abdomen_3mm_ct.nii.gz")
+    out = tmp_path / "out"
+    code = main(["segment", str(ct_path), "-o", str(out), "--model", str(_model_for_real_data(tiny_model)),
+                 "--progress", "none"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    names = sorted(p.name for p in out.iterdir())
+    assert {"segmentation.nii.gz", "stats.json", "stats.csv", "preview.png", "liver.stl"} <= set(names)
+    assert ("tumor.stl" in names) == (json.loads((out / "stats.json").read_text())["tumor"]["count"] > 0)
+    assert str(out) in printed.out
+
+    ct, seg = read_volume(ct_path), read_volume(out / "segmentation.nii.gz")
+    assert seg.same_grid(ct) and seg.array.dtype == np.uint8
+    assert set(np.unique(seg.array)) <= {0, 1, 2}
+
+    stats = json.loads((out / "stats.json").read_text())
+    liver_voxels = int((seg.array > 0).sum())
+    assert stats["liver"]["volume_ml"] == pytest.approx(liver_voxels * ct.voxel_volume_ml, rel=1e-6)
+    for key in ("volume_ml", "count", "burden_percent", "lesions"):
+        assert key in stats["tumor"]
+    for lesion in stats["tumor"]["lesions"]:
+        assert {"volume_ml", "max_diameter_mm", "centroid_mm"} <= set(lesion)
+    rows = list(csv.DictReader((out / "stats.csv").open()))
+    assert float(rows[0]["volume_ml"]) == pytest.approx(stats["liver"]["volume_ml"], rel=1e-6)
+    assert stats["run"]["input"] == str(ct_path)
+    preview = sitk.ReadImage(str(out / "preview.png"))
+    assert preview.GetNumberOfComponentsPerPixel() == 3
+
+
+def test_json_progress_lines(tmp_path, tiny_model, capsys):
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    write_volume(ct, tmp_path / "ct.nrrd")
+    code = main(["segment", str(tmp_path / "ct.nrrd"), "-o", str(tmp_path / "o"), "--model", str(tiny_model),
+                 "--progress", "json", "--no-surfaces", "--fast"])
+    assert code == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    progress = [e["progress"] for e in events if e["event"] == "progress"]
+    assert progress == sorted(progress) and progress[-1] == pytest.approx(1.0)
+    done = events[-1]
+    assert done["event"] == "done" and set(done["outputs"]) >= {"segmentation", "stats_json", "preview"}
+    assert not any(name.endswith(".stl") for name in os.listdir(tmp_path / "o"))
+
+
+def test_sigterm_cancels_and_leaves_nothing(tmp_path):
+    """A run stopped with SIGTERM (Cancel in Slicer) exits 130 and writes nothing."""
+    from .helpers import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", widths=(8, 16), patch=(16, 16, 16), spacing=(1.0, 1.0, 1.0))
+    ct, _ = analytic_ct((1.0, 1.0, 1.0), np.eye(3))
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "LiverTumorSegLib", "segment", str(tmp_path / "ct.nii.gz"), "-o", str(out),
+         "--model", str(model), "--progress", "json", "--batch-size", "1", "--overlap", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and "inference" in event["message"]:
+            break
+        assert time.time() < deadline
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    assert code == 130, proc.stderr.read()
+    assert not out.exists() or list(out.iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_bad_option_values(tmp_path, tiny_model, capsys):
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    code = main(["segment", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "o"), "--model", str(tiny_model),
+                 "--overlap", "1.2"])
+    assert code == 2 and "--overlap" in capsys.readouterr().err
