@@ -80,3 +80,14 @@ def test_ijk_to_ras_round_trip():
     ras = v.ijk_to_ras() @ np.array([1, 2, 3, 1.0])
     lps = v.ijk_to_lps() @ np.array([1, 2, 3, 1.0])
     np.testing.assert_allclose(ras[:3], lps[:3] * [-1, -1, 1])
+
+
+@pytest.mark.parametrize("spacing,extent", [((0.5, 0.5, 0.5), (130.0, 110.0, 104.0)), ((6.0, 6.0, 6.0), (150.0, 130.0, 120.0)),
+                                            ((0.6, 0.6, 6.0), (150.0, 130.0, 120.0))])
+def test_spacing_extremes(segmenter, spacing, extent):
+    ct, truth = analytic_ct(spacing, np.eye(3), extent_mm=extent)
+    result = segmenter.segment(ct)
+    assert result.labels.same_grid(ct)
+    truth_ml = float((truth.array > 0).sum()) * ct.voxel_volume_ml
+    assert result.stats["liver"]["volume_ml"] == pytest.approx(truth_ml, rel=0.12)
+    assert dice(result.labels.array > 0, truth.array > 0) > 0.85

@@ -142,3 +142,34 @@ def test_bf16_autocast_stays_close_to_fp32():
     half = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, autocast_dtype=torch.bfloat16)
     agreement = (full.argmax(0) == half.argmax(0)).mean()
     assert agreement > 0.97
+
+
+def test_gpu_out_of_memory_falls_back_to_cpu_accumulators(monkeypatch):
+    """Simulated: the first accumulation on the 'GPU' raises OutOfMemoryError; the run
+    moves its accumulators to the CPU, warns, and gives the same result."""
+    import LiverTumorSegLib.inference as inference
+
+    rng = np.random.default_rng(8)
+    image = rng.normal(size=(20, 20, 40)).astype(np.float32)
+    net = _net(9)
+    expected = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, overlap=0.25)
+
+    original_init, original_add = inference._Accumulators.__init__, inference._Accumulators._add
+    state = {"raised": 0}
+
+    def init_as_if_on_gpu(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.device = torch.device("cuda")  # tensors stay on the CPU; only the label is faked
+
+    def add_that_runs_out_once(self, *args, **kwargs):
+        if self.device.type == "cuda":
+            state["raised"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(inference._Accumulators, "__init__", init_as_if_on_gpu)
+    monkeypatch.setattr(inference._Accumulators, "_add", add_that_runs_out_once)
+    with pytest.warns(UserWarning, match="GPU memory ran out"):
+        out = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, overlap=0.25)
+    assert state["raised"] == 1
+    np.testing.assert_allclose(out, expected, atol=1e-6)
