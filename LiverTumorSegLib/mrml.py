@@ -1,0 +1,218 @@
+"""The MRML bridge: segment a Slicer volume node, get the results as nodes in its scene.
+
+Everything the Slicer module does to a scene lives here (and in :mod:`.mrml_nodes`,
+:mod:`.mrml_check`, :mod:`.mrml_job`). It imports only MRML classes, so the same code
+runs inside 3D Slicer and under the ``slicer-core`` wheel in pytest.
+
+Entry points:
+
+* :func:`segment_volume_node`: run the engine in this process (scripts, tests).
+* :class:`~.mrml_job.SegmentationJob`: run it in a child process (the Slicer GUI).
+* :func:`import_results`: nodes from the command line's output folder.
+* :func:`results_to_nodes`: nodes from labels and statistics already in memory.
+
+Results: a ``vtkMRMLSegmentationNode`` named after the volume, holding the ``Liver`` and
+``Tumor`` segments with standard colors and SNOMED CT terminology and their closed
+surfaces, and a ``vtkMRMLTableNode`` with the engine's statistics (a row per segment and
+per lesion; RAS mm, mL, HU), both in the volume's subject-hierarchy study.
+
+Geometry: the engine gets the volume's exact IJK-to-RAS (oblique directions included)
+with any *linear* parent transform applied, so the model sees the patient as the viewer
+shows it. Labels come back on the volume's own voxel grid and the segmentation follows
+the same parent transform, so they overlay exactly. Non-linear parent transforms are
+refused: harden them first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+from .errors import Cancelled, InputError, LiverTumorSegError
+from .mrml_check import assert_results, check_results, segment_array  # noqa: F401  (public API)
+from .mrml_nodes import fill_segmentation, fill_table, local_ijk_to_ras, place_beside, table_statistics, \
+    unique_name, world_matrix
+from .volume import Volume
+
+TABLE_REFERENCE_ROLE = "liverTumorSegStatistics"
+GEOMETRY_TOLERANCE_MM = 1e-3
+
+
+def volume_from_node(volume_node) -> Volume:
+    """The engine's :class:`Volume` for a scalar volume node (world geometry).
+
+    The array is a view of the node's voxels (no copy), indexed (z, y, x); spacing,
+    origin and direction are LPS, derived from the node's IJK-to-RAS matrix after any
+    linear parent transform.
+
+    Raises:
+        InputError: no node, a label map, no voxels, several components per voxel, a
+            non-linear parent transform, or a sheared geometry.
+    """
+    from vtk.util import numpy_support
+
+    if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
+        raise InputError("Select a CT volume to segment.")
+    name = volume_node.GetName()
+    if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise InputError(f"'{name}' is a label map, not a CT volume. Select the CT image.")
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None or 0 in image.GetDimensions():
+        raise InputError(f"'{name}' has no voxels. Load the CT image again.")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(f"'{name}' has {image.GetNumberOfScalarComponents()} components per voxel (a color or "
+                         "vector image); a CT is a single-component greyscale volume.")
+    dims = image.GetDimensions()
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
+    ijk_to_ras = world_matrix(volume_node) @ local_ijk_to_ras(volume_node)
+    volume = Volume.from_ijk_to_ras(array, ijk_to_ras)
+    if not np.allclose(volume.direction.T @ volume.direction, np.eye(3), atol=1e-4):
+        raise InputError(f"'{name}' (with its transform) is sheared; harden and resample it before segmenting.")
+    return volume
+
+
+def segment_volume_node(volume_node, *, model=None, segmentation_node=None, show_3d: bool = True,
+                        progress: Optional[Callable[[float, str], None]] = None,
+                        cancel: Optional[Callable[[], bool]] = None, **options) -> Tuple[object, object]:
+    """Segment a volume node in this process; returns (segmentation node, table node).
+
+    Args:
+        volume_node: the CT (``vtkMRMLScalarVolumeNode``, HU), in any scene.
+        model: model name, folder or :class:`~LiverTumorSegLib.model.LoadedModel`;
+            None is the bundled default.
+        segmentation_node: write into this node (its Liver and Tumor segments are
+            replaced, others kept); None creates one named after the volume.
+        show_3d: show the closed surfaces in 3D views.
+        progress: called with (fraction done, message).
+        cancel: returning True stops the run; the scene is then left unchanged.
+        **options: fields of :class:`~LiverTumorSegLib.pipeline.SegmentOptions`
+            (``device``, ``fast``, ``overlap``, ...).
+
+    Raises:
+        LiverTumorSegError: the engine's clear errors (bad input, model, resources);
+            :class:`Cancelled` when cancelled. The scene is unchanged in both cases.
+    """
+    from .pipeline import Segmenter, SegmentOptions
+
+    ct = volume_from_node(volume_node)
+    segmenter = Segmenter(model, SegmentOptions(**options))
+    result = segmenter.segment(ct, progress=progress, cancel=cancel)
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled by the user")
+    stats = dict(result.stats)
+    stats["run"] = dict(result.info, timings_s={k: round(v, 3) for k, v in result.timings.items()},
+                        input=volume_node.GetName())
+    return results_to_nodes(volume_node, result.labels.array, stats, segmentation_node=segmentation_node,
+                            show_3d=show_3d)
+
+
+def import_results(volume_node, outdir, *, segmentation_node=None, show_3d: bool = True) -> Tuple[object, object]:
+    """Nodes from a command-line output folder (``segmentation.nii.gz`` and
+    ``stats.json``) made from this volume node; returns (segmentation, table).
+
+    Raises:
+        InputError: the folder lacks the files, or the labels are not on the volume's grid.
+    """
+    from .io import read_volume
+
+    outdir = Path(outdir)
+    seg_path, stats_path = outdir / "segmentation.nii.gz", outdir / "stats.json"
+    if not seg_path.is_file() or not stats_path.is_file():
+        raise InputError(f"{outdir} holds no segmentation results (segmentation.nii.gz and stats.json).")
+    try:
+        stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{stats_path} is not valid JSON: {exc}") from None
+    labels = read_volume(seg_path)
+    ct = volume_from_node(volume_node)
+    if not labels.same_grid(ct, tol=GEOMETRY_TOLERANCE_MM):
+        raise InputError(f"The results in {outdir} are not on the voxel grid of '{volume_node.GetName()}' "
+                         "(size, spacing, origin or direction differ); were they made from another volume?")
+    return results_to_nodes(volume_node, np.asarray(labels.array, dtype=np.uint8), stats,
+                            segmentation_node=segmentation_node, show_3d=show_3d)
+
+
+def results_to_nodes(volume_node, labels: np.ndarray, stats: dict, *, segmentation_node=None,
+                     show_3d: bool = True) -> Tuple[object, object]:
+    """Build (or update) the segmentation and table nodes from labels and statistics.
+
+    Args:
+        volume_node: the CT the labels belong to; the nodes go into its scene and study.
+        labels: (z, y, x) uint8 array on the volume's voxel grid (0, 1 liver, 2 tumor).
+        stats: :func:`~LiverTumorSegLib.stats.compute_statistics` output (``stats.json``).
+        segmentation_node: existing node to update (its previous statistics table is
+            reused), or None for new nodes named after the volume.
+
+    Nodes created here are removed again if anything fails, so the scene is unchanged.
+    """
+    scene = volume_node.GetScene()
+    if scene is None:
+        raise InputError(f"'{volume_node.GetName()}' is not in a scene.")
+    dims = volume_node.GetImageData().GetDimensions()
+    if tuple(labels.shape) != tuple(dims[::-1]):
+        raise InputError(f"labels of shape {labels.shape} (z, y, x) do not fit the volume's {dims[::-1]}")
+    base = volume_node.GetName() or "Volume"
+    created = []
+    scene.StartState(scene.BatchProcessState)
+    try:
+        if segmentation_node is None:
+            segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                        unique_name(scene, f"{base} segmentation"))
+            created.append(segmentation_node)
+        table_node = segmentation_node.GetNodeReference(TABLE_REFERENCE_ROLE)
+        if table_node is None:
+            table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", unique_name(scene, f"{base} statistics"))
+            created.append(table_node)
+        fill_segmentation(segmentation_node, volume_node, labels, show_3d=show_3d)
+        fill_table(table_node, stats)
+        segmentation_node.SetNodeReferenceID(TABLE_REFERENCE_ROLE, table_node.GetID())
+        place_beside(volume_node, [segmentation_node, table_node])
+    except Exception:
+        for node in created:
+            scene.RemoveNode(node)
+        raise
+    finally:
+        scene.EndState(scene.BatchProcessState)
+    return segmentation_node, table_node
+
+
+def statistics_table(segmentation_node):
+    """The statistics table node made with this segmentation node, or None."""
+    return None if segmentation_node is None else segmentation_node.GetNodeReference(TABLE_REFERENCE_ROLE)
+
+
+def export_statistics_csv(table_node, path) -> Path:
+    """Write the table's statistics as CSV, exactly as the command line's ``stats.csv``."""
+    from .stats import write_stats_csv
+
+    stats = table_statistics(table_node)
+    if stats is None:
+        raise InputError("This table holds no LiverTumorSeg statistics; segment a volume first.")
+    write_stats_csv(stats, path)
+    return Path(path)
+
+
+def export_surfaces(segmentation_node, folder, file_format: str = "STL") -> list:
+    """Write the Liver and Tumor closed surfaces as STL or OBJ files (LPS mm, as the
+    command line writes them) into ``folder``; returns the paths written."""
+    import slicer
+    import vtk
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    segmentation = segmentation_node.GetSegmentation() if segmentation_node is not None else None
+    ids = vtk.vtkStringArray()
+    for segment_id in ("Liver", "Tumor"):
+        if segmentation is not None and segmentation.GetSegment(segment_id) is not None:
+            ids.InsertNextValue(segment_id)
+    if ids.GetNumberOfValues() == 0:
+        raise InputError("This segmentation has no Liver or Tumor segment to export; segment a volume first.")
+    before = set(folder.iterdir())
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsClosedSurfaceRepresentationToFiles(
+        str(folder), segmentation_node, ids, file_format.upper(), True, 1.0, False)
+    if not ok:
+        raise LiverTumorSegError(f"Could not write the surfaces into {folder}; is it writable?")
+    return sorted(set(folder.iterdir()) - before) or sorted(folder.iterdir())
