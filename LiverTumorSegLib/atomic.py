@@ -19,9 +19,16 @@ from .errors import OutputError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder.
+
+    Raises :class:`OutputError` (naming the file) when it cannot be written.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}; choose a writable output folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -29,6 +36,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(Path(tmp))
+        raise OutputError(f"cannot write {path}: {exc}; choose a writable output folder") from None
     except BaseException:
         _remove_quietly(Path(tmp))
         raise
@@ -50,6 +60,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     suffix = "".join(path.suffixes) or ".tmp"
     stem = path.name[: len(path.name) - len(suffix)] if path.suffixes else path.name
     tmp = path.parent / f".{stem}.{uuid.uuid4().hex[:8]}.partial{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
         os.replace(tmp, path)

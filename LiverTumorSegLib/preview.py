@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import InputError, OutputError
 from .volume import Volume
 
@@ -159,14 +159,8 @@ def _write_png(rgb: np.ndarray, path: str | os.PathLike) -> None:
     import SimpleITK as sitk
 
     target = Path(path)
-    tmp_name = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".png")
-        os.close(handle)
-        sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), tmp_name)
-        os.replace(tmp_name, target)
+        with atomic_path(target) as tmp:
+            sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp))
     except (OSError, RuntimeError) as exc:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
         raise OutputError(f"Cannot write {target}: {exc}. Choose a writable output folder.") from exc

@@ -17,12 +17,12 @@ import csv
 import io
 import json
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, OutputError
+from .atomic import atomic_write_text
+from .boxes import bounding_box
+from .errors import InputError
 from .volume import Volume
 
 SCHEMA_VERSION = 1
@@ -77,7 +77,7 @@ def compute_statistics(labels: Volume, ct: Volume | None = None) -> dict:
         raise InputError("The label map must hold only 0 (background), 1 (liver) and 2 (tumor).")
 
     voxel_ml = labels.voxel_volume_ml
-    box = _bounding_box(arr)
+    box = bounding_box(arr)
     if box is None:
         crop = np.zeros((0, 0, 0), dtype=arr.dtype)
         ct_crop = None
@@ -168,7 +168,7 @@ def write_stats_json(stats: dict, path: str | os.PathLike) -> None:
     Raises:
         OutputError: if the file cannot be written.
     """
-    _atomic_write_text(path, json.dumps(stats, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(stats, indent=2) + "\n")
 
 
 def write_stats_csv(stats: dict, path: str | os.PathLike) -> None:
@@ -182,7 +182,7 @@ def write_stats_csv(stats: dict, path: str | os.PathLike) -> None:
     writer.writeheader()
     for row in stats_to_rows(stats):
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    _atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
 
 
 def max_diameter_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0, 0, 0)) -> float:
@@ -215,7 +215,7 @@ def _lesions(tumor: np.ndarray, ct_crop: np.ndarray | None, geometry: Volume, of
     """Per-lesion measurements for the 26-connected components of a tumor crop."""
     import SimpleITK as sitk
 
-    box = _bounding_box(tumor)
+    box = bounding_box(tumor)
     tumor = tumor[box]
     ct_crop = None if ct_crop is None else ct_crop[box]
     offset = tuple(o + s.start for o, s in zip(offset, box))
@@ -262,18 +262,6 @@ def _hu_stats(ct_crop: np.ndarray | None, mask: np.ndarray) -> dict:
         "min": float(values.min()),
         "max": float(values.max()),
     }
-
-
-def _bounding_box(arr: np.ndarray) -> tuple | None:
-    """(z, y, x) slices of the smallest box holding every non-zero voxel, or None."""
-    z_any = arr.any(axis=(1, 2))
-    if not z_any.any():
-        return None
-    yx_any = arr.any(axis=0)
-    zs = np.flatnonzero(z_any)
-    ys = np.flatnonzero(yx_any.any(axis=1))
-    xs = np.flatnonzero(yx_any.any(axis=0))
-    return (slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
 
 
 # -- exact diameter -----------------------------------------------------------------
@@ -350,21 +338,3 @@ def _brute_force_diameter(points: np.ndarray, chunk: int = 2048) -> float:
             d2 += np.subtract.outer(block[:, axis], rest[:, axis]) ** 2
         best = max(best, float(d2.max()))
     return float(np.sqrt(best))
-
-
-# -- output -------------------------------------------------------------------------
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` via a temporary file in the same folder."""
-    target = Path(path)
-    tmp_name = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="", dir=target.parent,
-                                         prefix=f".{target.name}.", suffix=".tmp", delete=False) as handle:
-            tmp_name = handle.name
-            handle.write(text)
-        os.replace(tmp_name, target)
-    except OSError as exc:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise OutputError(f"Cannot write {target}: {exc}. Choose a writable output folder.") from exc

@@ -13,8 +13,8 @@ without it.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,9 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import InputError, LiverTumorSegError, OutputError
+from .atomic import atomic_write_bytes, atomic_write_text
+from .boxes import bounding_box
+from .errors import InputError, LiverTumorSegError
 from .volume import Volume
 
 DEFAULT_SURFACE_CLASSES = {"liver": (1, 2), "tumor": (2,)}
@@ -85,7 +87,7 @@ def label_surface(
         raise LiverTumorSegError(f"decimation must be a fraction in [0, 1); got {decimation}.")
     if smoothing_iterations < 0:
         raise LiverTumorSegError(f"smoothing_iterations must be >= 0; got {smoothing_iterations}.")
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     if box is None:
         return None
     padded = np.pad(mask[box].astype(np.uint8, copy=False), 1)
@@ -183,18 +185,6 @@ def _vtk_flying_edges(padded: np.ndarray) -> tuple:
     vertices = vtk_to_numpy(poly.GetPoints().GetData()).astype(np.float64)
     faces = vtk_to_numpy(poly.GetPolys().GetConnectivityArray()).astype(np.int64).reshape(-1, 3)
     return vertices, faces
-
-
-def _bounding_box(mask: np.ndarray) -> tuple | None:
-    """(z, y, x) slices of the smallest box holding every true voxel, or None."""
-    z_any = mask.any(axis=(1, 2))
-    if not z_any.any():
-        return None
-    yx_any = mask.any(axis=0)
-    zs = np.flatnonzero(z_any)
-    ys = np.flatnonzero(yx_any.any(axis=1))
-    xs = np.flatnonzero(yx_any.any(axis=0))
-    return (slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
 
 
 # -- processing ---------------------------------------------------------------------
@@ -298,12 +288,7 @@ def write_stl(mesh: Mesh, path: str | os.PathLike) -> None:
     header = STL_HEADER.ljust(80, b" ")
     count = np.array([len(records)], dtype="<u4").tobytes()
 
-    def write(handle) -> None:
-        handle.write(header)
-        handle.write(count)
-        handle.write(records.tobytes())
-
-    _atomic_write(path, write, binary=True)
+    atomic_write_bytes(Path(path), header + count + records.tobytes())
 
 
 def write_obj(mesh: Mesh, path: str | os.PathLike) -> None:
@@ -312,28 +297,8 @@ def write_obj(mesh: Mesh, path: str | os.PathLike) -> None:
     Raises:
         OutputError: if the file cannot be written.
     """
-    def write(handle) -> None:
-        handle.write("# SPACE=LPS\n# LiverTumorSeg surface, coordinates in mm\n")
-        np.savetxt(handle, mesh.vertices, fmt="v %.6f %.6f %.6f")
-        np.savetxt(handle, mesh.faces + 1, fmt="f %d %d %d")
-
-    _atomic_write(path, write, binary=False)
-
-
-def _atomic_write(path: str | os.PathLike, write, binary: bool) -> None:
-    """Call ``write(handle)`` on a temporary file in the target folder, then rename it."""
-    target = Path(path)
-    tmp_name = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        mode = "wb" if binary else "w"
-        encoding = None if binary else "utf-8"
-        with tempfile.NamedTemporaryFile(mode, encoding=encoding, dir=target.parent, prefix=f".{target.name}.",
-                                         suffix=".tmp", delete=False) as handle:
-            tmp_name = handle.name
-            write(handle)
-        os.replace(tmp_name, target)
-    except OSError as exc:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise OutputError(f"Cannot write {target}: {exc}. Choose a writable output folder.") from exc
+    buffer = io.StringIO()
+    buffer.write("# SPACE=LPS\n# LiverTumorSeg surface, coordinates in mm\n")
+    np.savetxt(buffer, mesh.vertices, fmt="v %.6f %.6f %.6f")
+    np.savetxt(buffer, mesh.faces + 1, fmt="f %d %d %d")
+    atomic_write_text(Path(path), buffer.getvalue())
