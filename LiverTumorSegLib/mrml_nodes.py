@@ -42,19 +42,19 @@ SEGMENTS = {
 #: their volume in 3D (at 3 mm voxels, 0.5 shrinks a 12 mm lesion to ~16 %).
 SURFACE_SMOOTHING = "0.2"
 STATS_ATTRIBUTE = "LiverTumorSeg.Statistics"
-COLUMN_INFO = {
-    "name": ("", "Segment or lesion name"),
-    "kind": ("", "segment or lesion"),
-    "volume_ml": ("mL", "Volume"),
-    "voxels": ("", "Number of voxels"),
-    "max_diameter_mm": ("mm", "Largest distance between two voxel centres of the lesion"),
-    "centroid_r_mm": ("mm", "Centroid, R coordinate (RAS)"),
-    "centroid_a_mm": ("mm", "Centroid, A coordinate (RAS)"),
-    "centroid_s_mm": ("mm", "Centroid, S coordinate (RAS)"),
-    "mean_hu": ("HU", "Mean intensity"),
-    "std_hu": ("HU", "Standard deviation of the intensity"),
-    "min_hu": ("HU", "Minimum intensity"),
-    "max_hu": ("HU", "Maximum intensity"),
+COLUMN_INFO = {  # column -> (title shown in Slicer, unit, description)
+    "name": ("Name", "", "Segment or lesion name"),
+    "kind": ("Kind", "", "segment or lesion"),
+    "volume_ml": ("Volume (mL)", "mL", "Volume"),
+    "voxels": ("Voxels", "", "Number of voxels"),
+    "max_diameter_mm": ("Max diameter (mm)", "mm", "Largest distance between two voxel centres of the lesion"),
+    "centroid_r_mm": ("Centroid R (mm)", "mm", "Centroid, R coordinate (RAS)"),
+    "centroid_a_mm": ("Centroid A (mm)", "mm", "Centroid, A coordinate (RAS)"),
+    "centroid_s_mm": ("Centroid S (mm)", "mm", "Centroid, S coordinate (RAS)"),
+    "mean_hu": ("Mean (HU)", "HU", "Mean intensity"),
+    "std_hu": ("Std (HU)", "HU", "Standard deviation of the intensity"),
+    "min_hu": ("Min (HU)", "HU", "Minimum intensity"),
+    "max_hu": ("Max (HU)", "HU", "Maximum intensity"),
 }
 TEXT_COLUMNS = ("name", "kind")
 
@@ -215,11 +215,16 @@ def fill_table(table_node, stats: dict) -> None:
             else:
                 array.InsertNextValue(math.nan if value is None else float(value))
         table.AddColumn(array)
-    for column, (unit, description) in COLUMN_INFO.items():
+    for column, (title, unit, description) in COLUMN_INFO.items():
+        table_node.SetColumnTitle(column, title)
         if unit:
             table_node.SetColumnUnitLabel(column, unit)
         table_node.SetColumnDescription(column, description)
-    table_node.SetUseColumnNameAsColumnHeader(True)
+    use_titles = getattr(table_node, "SetUseColumnTitleAsColumnHeader", None)
+    if use_titles is not None:
+        use_titles(True)
+    else:
+        table_node.SetUseColumnNameAsColumnHeader(True)
     table_node.SetAttribute(STATS_ATTRIBUTE, json.dumps(stats))
     table_node.SetLocked(True)
     table_node.Modified()

@@ -1,0 +1,385 @@
+"""The MRML bridge with Slicer's real MRML classes (the ``slicer-core`` wheel), on the CPU.
+
+Volumes are loaded through Slicer's own storage node, go through the engine (in this
+process and as a child process, the way the Slicer module runs it) and come back as a
+segmentation node and a table node, which :func:`LiverTumorSegLib.mrml.check_results`
+(the routine the in-Slicer self-test calls too) checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (Slicer's MRML classes)")
+
+from LiverTumorSegLib import mrml  # noqa: E402
+from LiverTumorSegLib.cli import main  # noqa: E402
+from LiverTumorSegLib.errors import Cancelled, InputError  # noqa: E402
+from LiverTumorSegLib.io import read_volume, write_volume  # noqa: E402
+from LiverTumorSegLib.mrml_check import segment_array  # noqa: E402
+from LiverTumorSegLib.mrml_job import SegmentationJob  # noqa: E402
+from LiverTumorSegLib.mrml_nodes import SEGMENTS, get_terminology, table_rows, vtk_matrix  # noqa: E402
+from LiverTumorSegLib.runner import EngineRun, build_command, missing_dependencies, parse_stderr_line, \
+    parse_stdout_line  # noqa: E402
+from LiverTumorSegLib.stats import compute_statistics, stats_to_rows, write_stats_csv  # noqa: E402
+from LiverTumorSegLib.volume import Volume  # noqa: E402
+
+from .oracle import analytic_ct, oracle_model, rotation  # noqa: E402
+
+OBLIQUE = rotation("z", 25.0) @ rotation("x", -12.0)
+
+
+# -- fixtures -------------------------------------------------------------------------
+def load_volume(scene, path, name="CT", study=True):
+    """A scalar volume node read by Slicer's vtkMRMLVolumeArchetypeStorageNode, placed in
+    a patient/study of the subject hierarchy as Slicer's DICOM import would."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), f"Slicer could not read {path}"
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    sh = scene.GetSubjectHierarchyNode()
+    parent = sh.GetSceneItemID()
+    if study:
+        parent = sh.CreateStudyItem(sh.CreateSubjectItem(parent, "Patient"), "Study")
+    sh.CreateItem(parent, node)
+    return node
+
+
+def scene_snapshot(scene):
+    """Counts of nodes and subject-hierarchy items (what a cancelled run must not change)."""
+    import vtk
+
+    sh = scene.GetSubjectHierarchyNode()
+    items = vtk.vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), items, True)
+    return scene.GetNumberOfNodes(), items.GetNumberOfIds()
+
+
+@pytest.fixture()
+def oblique_ct(tmp_path):
+    ct, truth = analytic_ct((2.6, 2.9, 3.2), OBLIQUE)
+    path = tmp_path / "oblique_ct.nrrd"
+    write_volume(ct, path)
+    return path, ct, truth
+
+
+def big_phantom_labels(spacing=(3.0, 3.0, 3.0)):
+    """A CT and labels with a ~1.4 L liver and a ~65 mL tumor, so the closed-surface
+    volumes are compared at the 3 % tolerance for both segments."""
+    shape = (60, 70, 80)  # z, y, x
+    k, j, i = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    x, y, z = (i - 40) * spacing[0], (j - 35) * spacing[1], (k - 30) * spacing[2]
+    liver = (x / 80) ** 2 + (y / 60) ** 2 + (z / 70) ** 2 < 1
+    tumor = (x - 25) ** 2 + (y + 10) ** 2 + (z - 5) ** 2 < 25.0 ** 2
+    labels = np.zeros(shape, np.uint8)
+    labels[liver] = 1
+    labels[liver & tumor] = 2
+    ct = np.full(shape, -1000, np.int16)
+    ct[5:-5, 5:-5, 5:-5] = 0
+    ct[labels == 1] = 60
+    ct[labels == 2] = 200
+    geometry = dict(spacing=spacing, origin=(-40.0, 30.0, -90.0), direction=rotation("y", 15.0))
+    return Volume(ct, **geometry), Volume(labels, **geometry)
+
+
+# -- volume node -> engine ----------------------------------------------------------------
+def test_volume_node_from_storage_node_keeps_geometry(oblique_ct):
+    path, ct, _ = oblique_ct
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, path)
+    volume = mrml.volume_from_node(node)
+    assert volume.same_grid(read_volume(path), tol=1e-5)
+    assert np.array_equal(volume.array, ct.array)
+    assert np.allclose(volume.ijk_to_ras(), mrml.local_ijk_to_ras(node), atol=1e-5)
+
+
+def test_linear_parent_transform_is_applied_and_nonlinear_refused(oblique_ct):
+    path, ct, _ = oblique_ct
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, path)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = np.eye(4)
+    matrix[:3, :3], matrix[:3, 3] = rotation("z", 30.0), (5.0, -7.0, 11.0)
+    transform.SetMatrixTransformToParent(vtk_matrix(matrix))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    assert np.allclose(mrml.volume_from_node(node).ijk_to_ras(), matrix @ mrml.local_ijk_to_ras(node), atol=1e-6)
+
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    node.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(InputError, match="non-linear transform"):
+        mrml.volume_from_node(node)
+
+
+# -- result -> nodes (no model) ---------------------------------------------------------
+def test_results_to_nodes_segments_terminology_surfaces_table(tmp_path):
+    ct, labels = big_phantom_labels()
+    write_volume(ct, tmp_path / "ct.nrrd")
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, tmp_path / "ct.nrrd", name="Abdomen CT")
+    stats = compute_statistics(labels, ct)
+    assert stats["tumor"]["volume_ml"] > 40 and stats["liver"]["volume_ml"] > 1000
+
+    seg, table = mrml.results_to_nodes(node, labels.array, stats)
+
+    assert seg.GetName() == "Abdomen CT segmentation" and table.GetName() == "Abdomen CT statistics"
+    mrml.assert_results(seg, table, volume_node=node, stats=stats, labels=labels.array)  # surfaces within 3 %
+    segmentation = seg.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == \
+        ["Liver", "Tumor"]
+    assert np.allclose(segmentation.GetSegment("Liver").GetColor(), (221 / 255, 130 / 255, 101 / 255))
+    entry = slicer.vtkSlicerTerminologyEntry()
+    for segment_id, (type_code, region_code) in {"Liver": ("10200004", ""), "Tumor": ("108369006", "10200004")}.items():
+        terminology = get_terminology(segmentation.GetSegment(segment_id))
+        assert terminology == SEGMENTS[segment_id][3]
+        assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(terminology, entry)
+        assert entry.GetTypeObject().GetCodingSchemeDesignator() == "SCT"
+        assert entry.GetTypeObject().GetCodeValue() == type_code
+        assert (entry.GetRegionObject().GetCodeValue() or "") == region_code
+    assert seg.GetDisplayNode().GetVisibility3D()
+    assert seg.GetSegmentation().ContainsRepresentation("Closed surface")
+    assert table_rows(table)[0]["name"] == "Liver" and table.GetNumberOfRows() == 3 + stats["tumor"]["count"]
+
+
+def test_check_catches_flipped_labels_and_wrong_table(tmp_path):
+    ct, labels = big_phantom_labels()
+    write_volume(ct, tmp_path / "ct.nrrd")
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, tmp_path / "ct.nrrd")
+    seg, table = mrml.results_to_nodes(node, np.ascontiguousarray(labels.array[:, :, ::-1]),
+                                       compute_statistics(labels, ct))
+    problems = mrml.check_results(seg, table, volume_node=node, labels=labels.array)
+    assert any("Tumor overlaps" in p for p in problems)
+    other = compute_statistics(Volume(np.zeros_like(labels.array), ct.spacing, ct.origin, ct.direction), ct)
+    assert any("table" in p for p in mrml.check_results(seg, table, stats=other))
+
+
+def test_healthy_liver_gives_an_empty_tumor_segment(tmp_path):
+    ct, labels = big_phantom_labels()
+    healthy = np.where(labels.array == 2, 1, labels.array).astype(np.uint8)
+    write_volume(ct, tmp_path / "ct.nrrd")
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, tmp_path / "ct.nrrd", study=False)
+    stats = compute_statistics(labels.with_array(healthy), ct)
+    seg, table = mrml.results_to_nodes(node, healthy, stats, show_3d=False)
+    mrml.assert_results(seg, table, volume_node=node, labels=healthy)
+    assert not segment_array(seg, "Tumor", node).any()
+    assert not seg.GetDisplayNode().GetVisibility3D()
+
+
+def test_existing_segmentation_is_updated_and_user_segments_kept(tmp_path):
+    ct, labels = big_phantom_labels()
+    write_volume(ct, tmp_path / "ct.nrrd")
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, tmp_path / "ct.nrrd")
+    stats = compute_statistics(labels, ct)
+    seg, table = mrml.results_to_nodes(node, labels.array, stats)
+    seg.GetSegmentation().AddEmptySegment("Note", "Note")
+    again, table_again = mrml.results_to_nodes(node, labels.array, stats, segmentation_node=seg)
+    assert again is seg and table_again is table and mrml.statistics_table(seg) is table
+    assert seg.GetSegmentation().GetSegment("Note") is not None
+    assert seg.GetSegmentation().GetNumberOfSegments() == 3
+    mrml.assert_results(seg, table, volume_node=node, labels=labels.array)
+
+
+def test_exports_match_the_command_line_files(tmp_path):
+    ct, labels = big_phantom_labels()
+    write_volume(ct, tmp_path / "ct.nrrd")
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, tmp_path / "ct.nrrd")
+    stats = compute_statistics(labels, ct)
+    seg, table = mrml.results_to_nodes(node, labels.array, stats)
+    write_stats_csv(stats, tmp_path / "cli.csv")
+    mrml.export_statistics_csv(table, tmp_path / "slicer.csv")
+    assert (tmp_path / "slicer.csv").read_text() == (tmp_path / "cli.csv").read_text()
+    written = mrml.export_surfaces(seg, tmp_path / "surfaces")
+    names = sorted(p.name for p in written)
+    assert len(names) == 2 and all(n.endswith(".stl") for n in names)
+    assert any("Liver" in n for n in names) and any("Tumor" in n for n in names)
+
+
+# -- through the engine ----------------------------------------------------------------
+def test_oblique_volume_comes_back_aligned(oblique_ct):
+    path, _, truth = oblique_ct
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, path)
+    seg, table = mrml.segment_volume_node(node, model=oracle_model(spacing=(2.0, 2.0, 2.0)))
+    mrml.assert_results(seg, table, volume_node=node, labels=truth.array, min_dice=0.97)
+
+
+def test_aligned_under_a_parent_transform(oblique_ct):
+    path, _, truth = oblique_ct
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, path)
+    matrix = np.eye(4)
+    matrix[:3, :3], matrix[:3, 3] = rotation("y", -20.0), (12.0, 3.0, -8.0)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(vtk_matrix(matrix))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    seg, table = mrml.segment_volume_node(node, model=oracle_model(spacing=(2.0, 2.0, 2.0)))
+    assert seg.GetTransformNodeID() == transform.GetID()
+    mrml.assert_results(seg, table, volume_node=node, labels=truth.array, min_dice=0.97)
+    centroid = np.array([table_rows(table)[3][f"centroid_{a}_mm"] for a in "ras"])
+    lesion = np.argwhere(truth.array == 2).mean(axis=0)[::-1]
+    expected = (matrix @ mrml.local_ijk_to_ras(node) @ np.append(lesion, 1.0))[:3]
+    assert np.linalg.norm(centroid - expected) < 2.0  # mm, in world RAS
+
+
+def test_table_equals_cli_stats_json_and_both_paths_agree(oblique_ct, tmp_path, tiny_model):
+    path, _, _ = oblique_ct
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, path)
+    out = tmp_path / "cli"
+    assert main(["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--progress", "none",
+                 "--fast", "--no-preview", "--no-surfaces"]) == 0
+    cli_stats = json.loads((out / "stats.json").read_text())
+
+    imported, imported_table = mrml.import_results(node, out)
+    mrml.assert_results(imported, imported_table, volume_node=node, stats=cli_stats,
+                        labels=read_volume(out / "segmentation.nii.gz").array)
+    assert table_rows(imported_table) == stats_to_rows(cli_stats)
+
+    direct, direct_table = mrml.segment_volume_node(node, model=str(tiny_model), fast=True)
+    mrml.assert_results(direct, direct_table, volume_node=node, stats=cli_stats)
+    assert np.array_equal(segment_array(direct, "Liver", node), segment_array(imported, "Liver", node))
+
+    job = SegmentationJob(node, model=str(tiny_model), fast=True, workdir=str(tmp_path)).start()
+    assert job.wait(timeout=120) == "succeeded", job.error
+    mrml.assert_results(job.segmentation_node, job.table_node, volume_node=node, stats=cli_stats)
+    assert job.progress == 1.0 and not list(tmp_path.glob("LiverTumorSeg-*"))
+
+
+def test_cancel_leaves_the_scene_unchanged(oblique_ct, tmp_path, tiny_model):
+    path, _, _ = oblique_ct
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, path)
+    before = scene_snapshot(scene)
+    seen = []
+
+    def cancel():
+        return any("inference" in m for m in seen)
+
+    with pytest.raises(Cancelled):
+        mrml.segment_volume_node(node, model=str(tiny_model), progress=lambda f, m: seen.append(m), cancel=cancel)
+    assert scene_snapshot(scene) == before
+
+    job = SegmentationJob(node, model=str(tiny_model), workdir=str(tmp_path),
+                          extra_args=["--batch-size", "1", "--overlap", "0.9"]).start()
+    deadline = time.monotonic() + 60
+    while not any(e.kind == "progress" and "inference" in e.message for e in job.poll()):
+        assert time.monotonic() < deadline and job.state == "running", job.error
+        time.sleep(0.02)
+    job.cancel()
+    assert job.wait(timeout=30) == "cancelled"
+    assert scene_snapshot(scene) == before and job.segmentation_node is None
+    assert not list(tmp_path.glob("LiverTumorSeg-*"))
+
+
+# -- errors ---------------------------------------------------------------------------
+def test_bad_input_gives_the_engines_clear_error(tmp_path, tiny_model):
+    scene = slicer.vtkMRMLScene()
+    with pytest.raises(InputError, match="Select a CT volume"):
+        mrml.volume_from_node(None)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Empty")
+    with pytest.raises(InputError, match="no voxels"):
+        mrml.segment_volume_node(empty, model=str(tiny_model))
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "Labels")
+    with pytest.raises(InputError, match="label map"):
+        SegmentationJob(labelmap, model=str(tiny_model)).start()
+
+    mr = Volume(np.random.default_rng(0).uniform(0, 800, (20, 24, 28)).astype(np.float32), (3.0, 3.0, 3.0))
+    write_volume(mr, tmp_path / "mr.nrrd")
+    node = load_volume(scene, tmp_path / "mr.nrrd", name="MR")
+    before = scene_snapshot(scene)
+    with pytest.raises(InputError, match="does not look like a CT"):
+        mrml.segment_volume_node(node, model=str(tiny_model))
+    job = SegmentationJob(node, model=str(tiny_model), workdir=str(tmp_path)).start()
+    assert job.wait(timeout=120) == "failed"
+    assert "does not look like a CT" in job.error and job.run.returncode == 2
+    assert scene_snapshot(scene) == before
+
+
+# -- the runner -----------------------------------------------------------------------
+def test_progress_and_error_lines_are_parsed():
+    event = parse_stdout_line('{"event": "progress", "progress": 0.25, "message": "inference: 2/8 patches"}\n')
+    assert (event.kind, event.progress, event.message) == ("progress", 0.25, "inference: 2/8 patches")
+    done = parse_stdout_line(json.dumps({"event": "done", "outputs": {"segmentation": "/x/segmentation.nii.gz"}}))
+    assert done.kind == "done" and done.data["outputs"]["segmentation"].endswith(".nii.gz")
+    assert parse_stdout_line("not json").kind == "log"
+    error = parse_stderr_line("livertumorseg: error: input not found: /nope.nii.gz\n")
+    assert (error.kind, error.message) == ("error", "input not found: /nope.nii.gz")
+    warning = parse_stderr_line("/x/inference.py:207: UserWarning: GPU memory ran out: accumulating on the CPU")
+    assert warning.kind == "warning" and warning.message.startswith("GPU memory ran out")
+
+
+class FakeProcess:
+    """Stands in for subprocess.Popen: fixed output lines and an exit code."""
+
+    def __init__(self, command, stdout_lines, stderr_lines, code):
+        import io
+
+        self.args, self.pid, self.returncode = command, 0, None
+        self.stdout, self.stderr = io.StringIO("".join(stdout_lines)), io.StringIO("".join(stderr_lines))
+        self._code = code
+
+    def poll(self):
+        self.returncode = self._code
+        return self._code
+
+    def wait(self, timeout=None):
+        return self.poll()
+
+
+def test_cuda_out_of_memory_runs_again_on_the_cpu(tmp_path):
+    calls = []
+
+    def popen(command, **kwargs):
+        calls.append(list(command))
+        if command[command.index("--device") + 1] != "cpu":
+            return FakeProcess(command, ['{"event": "progress", "progress": 0.3, "message": "inference"}\n'],
+                               ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"], 1)
+        done = {"event": "done", "outputs": {"segmentation": "s.nii.gz", "stats_json": "stats.json"}}
+        return FakeProcess(command, [json.dumps(done) + "\n"], [], 0)
+
+    run = EngineRun(build_command(tmp_path / "ct.nrrd", tmp_path / "out", device="cuda"), popen=popen).start()
+    events = []
+    assert run.wait(timeout=10, on_event=events.append) == "succeeded"
+    assert [c[c.index("--device") + 1] for c in calls] == ["cuda", "cpu"]
+    assert any(e.kind == "warning" and "GPU ran out of memory" in e.message for e in events)
+    assert run.outputs["segmentation"] == "s.nii.gz"
+
+    calls.clear()
+    cpu = EngineRun(build_command(tmp_path / "ct.nrrd", tmp_path / "out", device="cpu"),
+                    popen=lambda c, **k: FakeProcess(c, [], ["RuntimeError: CUDA out of memory\n"], 1)).start()
+    assert cpu.wait(timeout=10) == "failed" and "out of memory" in cpu.error
+
+
+def test_a_missing_interpreter_fails_clearly(tmp_path):
+    run = EngineRun(build_command(tmp_path / "ct.nrrd", tmp_path / "o", python=[str(tmp_path / "no-python")])).start()
+    assert run.state == "failed" and "cannot start the segmentation process" in run.error
+
+
+def test_missing_dependencies(monkeypatch):
+    import importlib.util
+
+    assert missing_dependencies() == []
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert missing_dependencies() == [{"module": "torch", "pip": "torch>=2.1", "bundled": False}]
+
+
+def test_engine_runs_as_a_child_process_with_progress(oblique_ct, tmp_path, tiny_model):
+    path, _, _ = oblique_ct
+    command = build_command(path, tmp_path / "out", python=[sys.executable], model=str(tiny_model), fast=True)
+    run = EngineRun(command, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}).start()
+    events = []
+    assert run.wait(timeout=120, on_event=events.append) == "succeeded", run.error
+    progress = [e.progress for e in events if e.kind == "progress"]
+    assert progress == sorted(progress) and progress[-1] == pytest.approx(1.0)
+    assert (tmp_path / "out" / "segmentation.nii.gz").is_file() and run.returncode == 0
