@@ -8,7 +8,7 @@ self-test (``LiverTumorSegTest``) both call, so both check the same things.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Mapping, Optional, Union
 
 import numpy as np
 
@@ -71,7 +71,7 @@ def _surface_ml(segmentation_node, segment_id: str) -> Optional[float]:
 
 
 def check_results(segmentation_node, table_node, *, volume_node=None, stats: Optional[dict] = None,
-                  labels: Optional[np.ndarray] = None, min_dice: float = 1.0,
+                  labels: Optional[np.ndarray] = None, min_dice: Union[float, Mapping[str, float]] = 1.0,
                   surface_tolerance: float = SURFACE_TOLERANCE,
                   min_surface_check_ml: float = MIN_SURFACE_CHECK_ML) -> List[str]:
     """Everything a result must satisfy; returns the problems found.
@@ -84,8 +84,8 @@ def check_results(segmentation_node, table_node, *, volume_node=None, stats: Opt
     on the table) and its Liver and Tumor volumes equal the segments'. With
     ``volume_node``: the segmentation uses the volume's geometry, parent transform and
     study. With ``labels`` ((z, y, x) array on the volume grid): each segment overlaps the
-    expected voxels with a Dice of at least ``min_dice`` (1.0: exactly; this is what
-    catches flipped, shifted or misaligned results).
+    expected voxels with a Dice of at least ``min_dice`` (1.0: exactly; a mapping gives one
+    per segment ID; this is what catches flipped, shifted or misaligned results).
     """
     problems: List[str] = []
     if segmentation_node is None or table_node is None:
@@ -146,8 +146,9 @@ def _check_geometry(segmentation_node, table_node, volume_node, labels, min_dice
             expected = np.isin(np.asarray(labels), values)
             total = int(expected.sum() + mask.sum())
             dice = 1.0 if total == 0 else 2.0 * np.count_nonzero(expected & mask) / total
-            if dice < min_dice:
-                problems.append(f"segment {name} overlaps the expected labels with Dice {dice:.4f} < {min_dice} "
+            wanted = min_dice.get(segment_id, 1.0) if isinstance(min_dice, Mapping) else min_dice
+            if dice < wanted:
+                problems.append(f"segment {name} overlaps the expected labels with Dice {dice:.4f} < {wanted} "
                                 f"({int(np.count_nonzero(expected != mask))} voxels differ: misaligned, flipped "
                                 "or shifted?)")
         if name in rows and not math.isclose(rows[name]["volume_ml"], labelmap_ml, rel_tol=1e-6, abs_tol=1e-9):

@@ -95,6 +95,10 @@ class SegmentationJob:
     def _import(self) -> RunEvent:
         from .mrml import import_results
 
+        if self.volume_node.GetScene() is None:
+            self.state, self.error = FAILED, "The input volume was removed from the scene during the segmentation."
+            self._cleanup()
+            return RunEvent(FAILED, progress=1.0, message=self.error)
         try:
             self.segmentation_node, self.table_node = import_results(
                 self.volume_node, self._folder / "output", segmentation_node=self.segmentation_node,

@@ -89,9 +89,11 @@ def default_python() -> List[str]:
     """The interpreter that runs the engine: ``PythonSlicer`` inside Slicer, else this one."""
     import shutil
 
-    slicer_python = shutil.which("PythonSlicer")
-    if slicer_python and "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
-        return [slicer_python]
+    if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
+        beside = [Path(sys.executable).parent / name for name in ("PythonSlicer", "PythonSlicer.exe")]
+        found = shutil.which("PythonSlicer") or next((str(p) for p in beside if p.is_file()), None)
+        if found:
+            return [found]
     return [sys.executable]
 
 
@@ -187,8 +189,9 @@ class EngineRun:
         events: List[RunEvent] = []
         if self.finished or self._proc is None:
             return events
-        if self._kill_at is not None and time.monotonic() > self._kill_at and self._proc.poll() is None:
-            _kill_tree(self._proc)
+        if self._kill_at is not None and time.monotonic() > self._kill_at:
+            if self._proc.poll() is None or any(t.is_alive() for t in self._readers):
+                _kill_tree(self._proc)  # the launcher may be gone while the Python it started lives on
             self._kill_at = None
         while True:
             try:
@@ -258,9 +261,8 @@ class EngineRun:
         if self.finished or self._proc is None or self._cancel_requested:
             return
         self._cancel_requested = True
-        if self._proc.poll() is None:
-            _terminate_tree(self._proc)
-            self._kill_at = time.monotonic() + self.grace_s
+        _terminate_tree(self._proc)
+        self._kill_at = time.monotonic() + self.grace_s
 
     def wait(self, timeout: Optional[float] = None, on_event: Optional[Callable[[RunEvent], None]] = None,
              interval_s: float = 0.05) -> str:

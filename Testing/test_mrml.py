@@ -147,6 +147,19 @@ def test_results_to_nodes_segments_terminology_surfaces_table(tmp_path):
     assert table_rows(table)[0]["name"] == "Liver" and table.GetNumberOfRows() == 3 + stats["tumor"]["count"]
 
 
+def test_phantoms_pass_the_check_the_slicer_self_test_uses(tmp_path):
+    """Generated phantoms (permuted axes, several lesions) through the model-free path."""
+    phantom = pytest.importorskip("LiverTumorSegLib.phantom")
+    for seed in (4, 5):
+        case = phantom.make_phantom(seed, preset="coarse")
+        write_volume(case.image, tmp_path / f"phantom{seed}.nrrd")
+        scene = slicer.vtkMRMLScene()
+        node = load_volume(scene, tmp_path / f"phantom{seed}.nrrd")
+        stats = compute_statistics(case.labels, case.image)
+        seg, table = mrml.results_to_nodes(node, case.labels.array, stats)
+        mrml.assert_results(seg, table, volume_node=node, stats=stats, labels=case.labels.array)
+
+
 def test_check_catches_flipped_labels_and_wrong_table(tmp_path):
     ct, labels = big_phantom_labels()
     write_volume(ct, tmp_path / "ct.nrrd")
@@ -383,3 +396,37 @@ def test_engine_runs_as_a_child_process_with_progress(oblique_ct, tmp_path, tiny
     progress = [e.progress for e in events if e.kind == "progress"]
     assert progress == sorted(progress) and progress[-1] == pytest.approx(1.0)
     assert (tmp_path / "out" / "segmentation.nii.gz").is_file() and run.returncode == 0
+
+
+def _processes_mentioning(text: str) -> list:
+    """PIDs whose command line contains ``text`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if text.encode() in handle.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc") or not os.path.exists("/bin/bash"), reason="needs Linux /proc and bash")
+def test_cancel_through_a_launcher_stops_the_whole_process_tree(oblique_ct, tmp_path, tiny_model):
+    """PythonSlicer is a launcher that starts the real Python as its child: Cancel must stop both."""
+    path, _, _ = oblique_ct
+    launcher = ["/bin/bash", "-c", '"$0" "$@"; exit $?', sys.executable]
+    out = tmp_path / "launched-output"
+    command = build_command(path, out, python=launcher, model=str(tiny_model),
+                            extra=["--batch-size", "1", "--overlap", "0.9"])
+    run = EngineRun(command, grace_s=3.0).start()
+    deadline = time.monotonic() + 60
+    while not any(e.kind == "progress" and "inference" in e.message for e in run.poll()):
+        assert time.monotonic() < deadline and not run.finished, run.error
+        time.sleep(0.02)
+    assert len(_processes_mentioning(str(out))) >= 2  # the launcher and the Python it started
+    run.cancel()
+    assert run.wait(timeout=30) == "cancelled"
+    assert _processes_mentioning(str(out)) == []
+    assert not out.exists() or list(out.iterdir()) == []

@@ -1,0 +1,6 @@
+"""GUI helpers of the LiverTumorSeg Slicer module (Qt and the Slicer application).
+
+Kept out of the module file so that stays thin, and out of LiverTumorSegLib, which
+never imports a front end: ``parameters`` (the parameter node), ``panel`` (the module
+panel's behaviour) and ``dependencies`` (finding models, installing PyTorch).
+"""
