@@ -129,7 +129,7 @@ def test_budget_check_reads_only_the_header(tmp_path, monkeypatch, tiny_model):
 def test_card_that_does_not_match_its_weights(capsys, tmp_path, tiny_model, good_ct):
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
-    card = json.loads((model / "model.json").read_text())
+    card = json.loads((model / "model.json").read_text(encoding="utf-8"))
     card["architecture"]["widths"] = [8, 16]
     (model / "model.json").write_text(json.dumps(card))
     _assert_refused(_run(capsys, tmp_path, good_ct, "--model", str(model)), "do not match")

@@ -36,14 +36,14 @@ def test_segment_real_3mm_abdomen_end_to_end(tmp_path, tiny_model, capsys):
     assert code == 0, printed.err
     names = sorted(p.name for p in out.iterdir())
     assert {"segmentation.nii.gz", "stats.json", "stats.csv", "preview.png", "liver.stl"} <= set(names)
-    assert ("tumor.stl" in names) == (json.loads((out / "stats.json").read_text())["tumor"]["count"] > 0)
+    assert ("tumor.stl" in names) == (json.loads((out / "stats.json").read_text(encoding="utf-8"))["tumor"]["count"] > 0)
     assert str(out) in printed.out
 
     ct, seg = read_volume(ct_path), read_volume(out / "segmentation.nii.gz")
     assert seg.same_grid(ct) and seg.array.dtype == np.uint8
     assert set(np.unique(seg.array)) <= {0, 1, 2}
 
-    stats = json.loads((out / "stats.json").read_text())
+    stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
     liver_voxels = int((seg.array > 0).sum())
     assert stats["liver"]["volume_ml"] == pytest.approx(liver_voxels * ct.voxel_volume_ml, rel=1e-6)
     for key in ("volume_ml", "count", "burden_percent", "lesions"):

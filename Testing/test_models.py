@@ -35,7 +35,7 @@ def test_loaded_model_round_trip(tiny_model):
     loaded = load_model(tiny_model)
     assert loaded.card.name == "tiny-test" and loaded.card.num_classes == 3
     assert loaded.card.weights_sha256 == sha256_of(tiny_model / "weights.pt")
-    card = json.loads((tiny_model / "model.json").read_text())
+    card = json.loads((tiny_model / "model.json").read_text(encoding="utf-8"))
     for key in ("architecture", "labels", "spacing_mm", "orientation", "intensity", "patch_size",
                 "default_overlap", "version", "provenance", "weights"):
         assert key in card
@@ -46,7 +46,7 @@ def test_pickled_objects_are_never_loaded(tmp_path, tiny_model):
     model = tmp_path / "evil"
     shutil.copytree(tiny_model, model)
     torch.save({"payload": object.__new__(Exploit)}, model / "weights.pt")
-    card = json.loads((model / "model.json").read_text())
+    card = json.loads((model / "model.json").read_text(encoding="utf-8"))
     card["weights"]["sha256"] = sha256_of(model / "weights.pt")
     (model / "model.json").write_text(json.dumps(card))
     Exploit.ran = False
@@ -74,7 +74,7 @@ class Exploit:
     ("patch_size", [96, 96], "patch_size"),
 ])
 def test_invalid_cards_name_the_field(tiny_model, field, value, message):
-    card = json.loads((tiny_model / "model.json").read_text())
+    card = json.loads((tiny_model / "model.json").read_text(encoding="utf-8"))
     card[field] = value
     with pytest.raises(ModelError, match=message):
         ModelCard.from_dict(card)

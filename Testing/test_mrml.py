@@ -24,7 +24,7 @@ from LiverTumorSegLib.errors import Cancelled, InputError  # noqa: E402
 from LiverTumorSegLib.io import read_volume, write_volume  # noqa: E402
 from LiverTumorSegLib.mrml_check import segment_array  # noqa: E402
 from LiverTumorSegLib.mrml_job import SegmentationJob  # noqa: E402
-from LiverTumorSegLib.mrml_nodes import SEGMENTS, get_terminology, table_rows, vtk_matrix  # noqa: E402
+from LiverTumorSegLib.mrml_nodes import SEGMENTS, get_terminology, local_ijk_to_ras, table_rows, vtk_matrix  # noqa: E402
 from LiverTumorSegLib.runner import EngineRun, build_command, missing_dependencies, parse_stderr_line, \
     parse_stdout_line  # noqa: E402
 from LiverTumorSegLib.stats import compute_statistics, stats_to_rows, write_stats_csv  # noqa: E402
@@ -97,7 +97,7 @@ def test_volume_node_from_storage_node_keeps_geometry(oblique_ct):
     volume = mrml.volume_from_node(node)
     assert volume.same_grid(read_volume(path), tol=1e-5)
     assert np.array_equal(volume.array, ct.array)
-    assert np.allclose(volume.ijk_to_ras(), mrml.local_ijk_to_ras(node), atol=1e-5)
+    assert np.allclose(volume.ijk_to_ras(), local_ijk_to_ras(node), atol=1e-5)
 
 
 def test_linear_parent_transform_is_applied_and_nonlinear_refused(oblique_ct):
@@ -109,7 +109,7 @@ def test_linear_parent_transform_is_applied_and_nonlinear_refused(oblique_ct):
     matrix[:3, :3], matrix[:3, 3] = rotation("z", 30.0), (5.0, -7.0, 11.0)
     transform.SetMatrixTransformToParent(vtk_matrix(matrix))
     node.SetAndObserveTransformNodeID(transform.GetID())
-    assert np.allclose(mrml.volume_from_node(node).ijk_to_ras(), matrix @ mrml.local_ijk_to_ras(node), atol=1e-6)
+    assert np.allclose(mrml.volume_from_node(node).ijk_to_ras(), matrix @ local_ijk_to_ras(node), atol=1e-6)
 
     grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
     node.SetAndObserveTransformNodeID(grid.GetID())
@@ -210,7 +210,7 @@ def test_exports_match_the_command_line_files(tmp_path):
     seg, table = mrml.results_to_nodes(node, labels.array, stats)
     write_stats_csv(stats, tmp_path / "cli.csv")
     mrml.export_statistics_csv(table, tmp_path / "slicer.csv")
-    assert (tmp_path / "slicer.csv").read_text() == (tmp_path / "cli.csv").read_text()
+    assert (tmp_path / "slicer.csv").read_text(encoding="utf-8") == (tmp_path / "cli.csv").read_text(encoding="utf-8")
     written = mrml.export_surfaces(seg, tmp_path / "surfaces")
     names = sorted(p.name for p in written)
     assert len(names) == 2 and all(n.endswith(".stl") for n in names)
@@ -240,7 +240,7 @@ def test_aligned_under_a_parent_transform(oblique_ct):
     mrml.assert_results(seg, table, volume_node=node, labels=truth.array, min_dice=0.97)
     centroid = np.array([table_rows(table)[3][f"centroid_{a}_mm"] for a in "ras"])
     lesion = np.argwhere(truth.array == 2).mean(axis=0)[::-1]
-    expected = (matrix @ mrml.local_ijk_to_ras(node) @ np.append(lesion, 1.0))[:3]
+    expected = (matrix @ local_ijk_to_ras(node) @ np.append(lesion, 1.0))[:3]
     assert np.linalg.norm(centroid - expected) < 2.0  # mm, in world RAS
 
 
@@ -251,7 +251,7 @@ def test_table_equals_cli_stats_json_and_both_paths_agree(oblique_ct, tmp_path, 
     out = tmp_path / "cli"
     assert main(["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--progress", "none",
                  "--fast", "--no-preview", "--no-surfaces"]) == 0
-    cli_stats = json.loads((out / "stats.json").read_text())
+    cli_stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
 
     imported, imported_table = mrml.import_results(node, out)
     mrml.assert_results(imported, imported_table, volume_node=node, stats=cli_stats,

@@ -170,7 +170,7 @@ def test_bad_arguments_raise_a_lib_error(kwargs):
 def test_write_dataset_msd_layout(tmp_path):
     seen = []
     root = write_dataset(tmp_path / "ds", 2, seed=9, preset="coarse", progress=lambda d, t: seen.append((d, t)))
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     assert meta["modality"] == {"0": "CT"}
     assert meta["labels"] == {"0": "background", "1": "liver", "2": "cancer"}
     assert "synthetic" in meta["description"].lower()

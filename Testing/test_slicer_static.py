@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import re
 import xml.etree.ElementTree as ElementTree
-from pathlib import Path
 
 import pytest
 
@@ -44,7 +43,7 @@ def test_every_widget_the_module_code_uses_is_in_the_ui_file():
     widgets = ui_widgets()
     used = set()
     for path in GUI_FILES:
-        used |= {(name, path.name) for name in re.findall(r"\bui\.(\w+)", path.read_text())}
+        used |= {(name, path.name) for name in re.findall(r"\bui\.(\w+)", path.read_text(encoding="utf-8"))}
     missing = sorted(f"{name} (used in {where})" for name, where in used if name not in widgets)
     assert not missing, f"widgets used in code but absent from {UI_FILE.name}: {missing}"
     assert len({name for name, _ in used}) >= 10
@@ -57,7 +56,7 @@ def test_ui_parameter_names_are_parameter_node_fields():
         for prop in widget.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.find("string").text] = widget.get("class")
-    source = (MODULE_DIR / "LiverTumorSegWidgetHelpers" / "parameters.py").read_text()
+    source = (MODULE_DIR / "LiverTumorSegWidgetHelpers" / "parameters.py").read_text(encoding="utf-8")
     node = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "LiverTumorSegParameterNode")
     fields = {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
     assert set(bound) <= fields, f"SlicerParameterName without a parameter: {sorted(set(bound) - fields)}"
@@ -81,7 +80,7 @@ def test_ui_declares_its_custom_widgets_and_scene_connections():
 
 
 def test_cmake_lists_every_engine_python_file():
-    text = MODULE_CMAKE.read_text()
+    text = MODULE_CMAKE.read_text(encoding="utf-8")
     listed = cmake_list(text, "LIB_PYTHON_SCRIPTS")
     on_disk = sorted(p.relative_to(LIB_DIR).as_posix() for p in LIB_DIR.rglob("*.py") if "__pycache__" not in p.parts)
     assert sorted(set(on_disk) - set(listed)) == [], "add these LiverTumorSegLib files to LiverTumorSeg/CMakeLists.txt"
@@ -90,7 +89,7 @@ def test_cmake_lists_every_engine_python_file():
 
 
 def test_cmake_lists_the_module_files_and_resources():
-    text = MODULE_CMAKE.read_text()
+    text = MODULE_CMAKE.read_text(encoding="utf-8")
     scripts = [s.replace("${MODULE_NAME}", "LiverTumorSeg") for s in cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
     helpers = sorted(p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "LiverTumorSegWidgetHelpers").glob("*.py"))
     assert "LiverTumorSeg.py" in scripts and set(helpers) <= set(scripts), "list every GUI helper file"
@@ -111,7 +110,7 @@ def test_bundled_resources_exist_once_delivered():
 
 
 def test_top_level_cmake_follows_the_extension_template():
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
                      "EXTENSION_SCREENSHOTURLS"):
         assert re.search(rf"set\({variable}\s+\S", text), variable
@@ -124,14 +123,14 @@ def test_top_level_cmake_follows_the_extension_template():
 
 def test_gui_code_is_python_39_and_small():
     for path in GUI_FILES:
-        source = path.read_text()
+        source = path.read_text(encoding="utf-8")
         ast.parse(source, filename=str(path), feature_version=(3, 9))
         assert len(source.splitlines()) <= 400, f"{path.name} is past 400 lines"
-    assert len((MODULE_DIR / "LiverTumorSeg.py").read_text().splitlines()) <= 200, "keep the module file thin"
+    assert len((MODULE_DIR / "LiverTumorSeg.py").read_text(encoding="utf-8").splitlines()) <= 200, "keep the module file thin"
 
 
 def test_docs_say_what_only_slicer_can_check_and_how_to_run_the_self_test():
-    text = "\n".join(p.read_text() for p in (REPO / "README.md", REPO / "docs" / "SLICER.md") if p.is_file())
+    text = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "README.md", REPO / "docs" / "SLICER.md") if p.is_file())
     lowered = text.lower()
     assert "qt panel" in lowered and "only inside slicer" in lowered
     assert "LiverTumorSegTest" in text and "reload and test" in lowered

@@ -237,7 +237,7 @@ def test_rows_csv_and_json_agree(sphere_phantom, tmp_path):
 
     write_stats_json(stats, tmp_path / "stats.json")
     write_stats_csv(stats, tmp_path / "stats.csv")
-    assert json.loads((tmp_path / "stats.json").read_text()) == stats
+    assert json.loads((tmp_path / "stats.json").read_text(encoding="utf-8")) == stats
     with open(tmp_path / "stats.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == len(rows)

@@ -196,7 +196,7 @@ def test_obj_output(tmp_path):
     mesh = label_surface(mask, geometry)
     path = tmp_path / "tumor.obj"
     write_obj(mesh, path)
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     assert lines[0] == "# SPACE=LPS"
     vertices = np.array([[float(v) for v in line.split()[1:]] for line in lines if line.startswith("v ")])
     faces = np.array([[int(v) for v in line.split()[1:]] for line in lines if line.startswith("f ")])
