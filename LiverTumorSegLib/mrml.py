@@ -32,10 +32,15 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 
 from .errors import Cancelled, InputError, LiverTumorSegError
-from .mrml_check import assert_results, check_results, segment_array  # noqa: F401  (public API)
+from .mrml_check import assert_results, check_results, segment_array
 from .mrml_nodes import fill_segmentation, fill_table, local_ijk_to_ras, place_beside, table_statistics, \
     unique_name, world_matrix
 from .volume import Volume
+
+__all__ = [
+    "segment_volume_node", "import_results", "results_to_nodes", "volume_from_node", "statistics_table",
+    "export_statistics_csv", "export_surfaces", "check_results", "assert_results", "segment_array",
+]
 
 TABLE_REFERENCE_ROLE = "liverTumorSegStatistics"
 GEOMETRY_TOLERANCE_MM = 1e-3
