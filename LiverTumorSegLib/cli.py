@@ -70,26 +70,33 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 class _Reporter:
-    """Progress as a tqdm bar (stderr), JSON lines (stdout) or nothing."""
+    """Progress as a tqdm bar (stderr), JSON lines (stdout) or nothing.
+
+    The bar is created on the first report, so an early error prints no empty bar.
+    """
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.bar = None
-        if mode == "bar":
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
-            except ImportError:
-                self.mode = "lines"
         self._last = -1
+
+    def _make_bar(self) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.mode = "lines"
+            return
+        self.bar = tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
 
     def __call__(self, fraction: float, message: str) -> None:
         if self.mode == "json":
             self.event("progress", progress=round(fraction, 4), message=message)
-        elif self.bar is not None:
+            return
+        if self.mode == "bar" and self.bar is None:
+            self._make_bar()
+        if self.bar is not None:
             self.bar.set_description_str(message[:40])
-            self.bar.update(int(fraction * 1000) - self.bar.n)
+            self.bar.update(max(int(fraction * 1000) - self.bar.n, 0))
         elif self.mode == "lines" and int(fraction * 10) != self._last:
             self._last = int(fraction * 10)
             print(f"{fraction:4.0%} {message}", file=sys.stderr)
@@ -101,6 +108,7 @@ class _Reporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _options(args):
@@ -120,14 +128,18 @@ def _options(args):
 def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
     from .atomic import check_writable_dir
     from .io import read_header, read_volume
+    from .model import resolve_model
     from .outputs import write_outputs
     from .pipeline import Segmenter
 
     t0 = time.perf_counter()
     check_writable_dir(args.output)
-    segmenter = Segmenter(args.model, _options(args))
+    options = _options(args)
     reporter = _Reporter(args.progress)
     try:
+        model_folder = resolve_model(args.model, progress=reporter)  # downloads report progress
+        reporter.close()
+        segmenter = Segmenter(model_folder, options)
         header = read_header(input_path)
         if header is not None:  # refuse before reading a volume that cannot fit
             segmenter.check_memory(*header)

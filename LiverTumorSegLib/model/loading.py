@@ -14,7 +14,6 @@ from pathlib import Path
 
 from ..errors import ModelError
 from .card import ModelCard
-from .unet import build_network
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -71,6 +70,8 @@ def load_model(folder: Path) -> LoadedModel:
     Raises :class:`ModelError` when the card is invalid, the checksum differs, or the
     weights do not fit the architecture the card describes.
     """
+    from .unet import build_network
+
     folder = Path(folder)
     card = ModelCard.load(folder)
     state = load_state_dict(folder / card.weights_file, card.weights_sha256, card.weights_format)
