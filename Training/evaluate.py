@@ -1,0 +1,32 @@
+"""Evaluate a model through the engine (the code path of ``livertumorseg segment``).
+
+    python Training/evaluate.py --model MODEL --data-dir D [--split val|test|all] --out OUT
+    python Training/evaluate.py --model MODEL --image CT --label LABELS [--liver-only] --out OUT
+
+Writes OUT/metrics.json (per case; means such as mean.liver.dice, mean.tumor.dice;
+lesion detection overall and by diameter), OUT/metrics.csv, plots, and overlays
+(PNG + GIF) of the best and worst cases. See docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from _bootstrap import add_repo_to_path
+
+add_repo_to_path()
+
+
+def main() -> int:
+    from LiverTumorSegLib.errors import LiverTumorSegError
+    from livertumorseg_training.evaluate_cli import run
+
+    try:
+        return run()
+    except LiverTumorSegError as exc:
+        print(f"evaluate.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

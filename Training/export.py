@@ -1,0 +1,42 @@
+"""Export a training checkpoint as a model folder the engine and the Slicer module load.
+
+    python Training/export.py CHECKPOINT OUT_DIR
+
+OUT_DIR receives weights.pt and model.json (recipe, data, git commit, validation
+metrics, SHA-256 of the weights). Then: livertumorseg segment CT -o OUT --model OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from _bootstrap import add_repo_to_path
+
+add_repo_to_path()
+
+
+def main() -> int:
+    from LiverTumorSegLib.errors import LiverTumorSegError
+    from LiverTumorSegLib.model import load_model
+    from livertumorseg_training.exporting import export_checkpoint
+
+    parser = argparse.ArgumentParser(prog="export.py", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="a .ckpt written by train.py (e.g. RUN_DIR/checkpoints/last.ckpt)")
+    parser.add_argument("out_dir", type=Path, help="model folder to write")
+    args = parser.parse_args()
+    try:
+        folder = export_checkpoint(args.checkpoint, args.out_dir)
+        loaded = load_model(folder)
+    except LiverTumorSegError as exc:
+        print(f"export.py: error: {exc}", file=sys.stderr)
+        return 2
+    card = loaded.card
+    print(f"exported {card.name} ({card.architecture['widths']}, {card.spacing_mm} mm, patch {card.patch_size}) "
+          f"to {Path(folder).resolve()}; weights sha256 {card.weights_sha256[:16]}...")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

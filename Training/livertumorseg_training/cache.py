@@ -1,0 +1,235 @@
+"""The preprocessing cache: every case once on the model grid, as memory-mappable ``.npy``.
+
+One pass (in parallel, with a progress bar) reads each image and label, checks them,
+reorients and resamples them with the engine's own code
+(:func:`LiverTumorSegLib.preprocess.to_model_grid` for the CT, nearest neighbour for
+the labels) and stores ``<case>_ct.npy`` (int16 HU) and ``<case>_label.npy`` (uint8).
+Arrays are (z, y, x) in the model orientation, exactly what the engine feeds the
+network before intensity scaling.
+
+``manifest.json`` holds the preprocessing parameters and, per case, the model-grid
+geometry and the source files' size and modification time. Changing a parameter
+rebuilds the whole cache; a changed source file rebuilds that case.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .dataset import Case
+from .errors import DatasetError
+
+MANIFEST = "manifest.json"
+CACHE_FORMAT = 1
+ALLOWED_LABELS = (0, 1, 2)
+
+
+def cache_params(config: dict) -> dict:
+    """The preprocessing parameters a cache depends on (its identity)."""
+    from LiverTumorSegLib import __version__
+
+    return {
+        "format": CACHE_FORMAT,
+        "spacing_mm": [float(s) for s in config["data"]["spacing_mm"]],
+        "orientation": str(config["data"]["orientation"]).upper(),
+        "image_resampling": "linear, outside = -1024 HU (LiverTumorSegLib.preprocess.to_model_grid)",
+        "label_resampling": "nearest, outside = 0",
+        "image_dtype": "int16",
+        "engine_version": __version__,
+    }
+
+
+def default_cache_dir(data_dir: Path, config: dict) -> Path:
+    """``<data-dir>/.livertumorseg-cache/<spacing>-<orientation>``."""
+    sx, sy, sz = (float(s) for s in config["data"]["spacing_mm"])
+    tag = f"{sx:g}x{sy:g}x{sz:g}mm-{str(config['data']['orientation']).upper()}"
+    return Path(data_dir).expanduser().resolve() / ".livertumorseg-cache" / tag
+
+
+def _source_stamp(path: Path) -> list:
+    st = Path(path).stat()
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _grid_card(params: dict):
+    from LiverTumorSegLib.model.card import ModelCard
+
+    return ModelCard(name="cache", architecture={}, labels={}, spacing_mm=tuple(params["spacing_mm"]),
+                     patch_size=(1, 1, 1), weights_file="", weights_sha256="", orientation=params["orientation"])
+
+
+def check_pair(case_id: str, image, label) -> np.ndarray:
+    """Check an image/label pair; returns the label array as uint8.
+
+    Raises :class:`DatasetError` naming the case when shape or geometry differ or the
+    label holds values outside {0, 1, 2}.
+    """
+    if image.array.shape != label.array.shape:
+        raise DatasetError(f"case {case_id}: image and label shapes differ (z, y, x): image "
+                           f"{image.array.shape}, label {label.array.shape}")
+    tol = 1e-3 * max(max(image.spacing), 1.0)
+    if not image.same_grid(label, tol=tol):
+        raise DatasetError(
+            f"case {case_id}: image and label geometry differ: spacing {image.spacing} vs {label.spacing}, "
+            f"origin {image.origin} vs {label.origin}, direction {image.direction.round(4).tolist()} vs "
+            f"{label.direction.round(4).tolist()}; re-export the label on the image's grid"
+        )
+    values = np.unique(label.array)
+    bad = [v for v in values.tolist() if v not in ALLOWED_LABELS]
+    if bad:
+        shown = ", ".join(f"{v:g}" for v in bad[:8])
+        raise DatasetError(f"case {case_id}: label values {shown} are outside {{0, 1, 2}} "
+                           "(0 background, 1 liver, 2 tumor)")
+    return label.array.astype(np.uint8)
+
+
+def preprocess_case(case: Case, params: dict, out_dir: Path) -> dict:
+    """Read, check, resample and store one case; returns its manifest entry."""
+    from LiverTumorSegLib.errors import InputError
+    from LiverTumorSegLib.io import read_volume
+    from LiverTumorSegLib.preprocess import resample_to, to_model_grid
+    from LiverTumorSegLib.volume import Volume
+
+    try:
+        image = read_volume(case.image)
+        label = read_volume(case.label)
+    except InputError as exc:
+        raise DatasetError(f"case {case.case_id}: {exc}") from None
+    label_array = check_pair(case.case_id, image, label)
+    hu = to_model_grid(image, _grid_card(params))
+    label_grid = resample_to(Volume(label_array, image.spacing, image.origin, image.direction), hu,
+                             interpolation="nearest", default_value=0, dtype=np.uint8)
+    ct16 = np.clip(np.rint(hu.array), -32768, 32767).astype(np.int16)
+    files = {"ct": f"{case.case_id}_ct.npy", "label": f"{case.case_id}_label.npy"}
+    _save_npy(out_dir / files["ct"], ct16)
+    _save_npy(out_dir / files["label"], label_grid.array)
+    counts = np.bincount(label_grid.array.ravel(), minlength=3)
+    return {
+        "case_id": case.case_id, "files": files,
+        "image": str(case.image), "label": str(case.label),
+        "source_stamp": {"image": _source_stamp(case.image), "label": _source_stamp(case.label)},
+        "shape_zyx": list(ct16.shape), "spacing_mm": list(hu.spacing), "origin_lps": list(hu.origin),
+        "direction_lps": hu.direction.tolist(), "source_spacing_mm": list(image.spacing),
+        "source_shape_zyx": list(image.array.shape), "label_voxels": [int(c) for c in counts[:3]],
+    }
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.partial.npy")
+    np.save(tmp, np.ascontiguousarray(array))
+    os.replace(tmp, path)
+
+
+def _run_case(args) -> dict:
+    case, params, out_dir = args
+    try:
+        return {"ok": preprocess_case(case, params, out_dir)}
+    except DatasetError as exc:
+        return {"error": str(exc)}
+
+
+def read_manifest(cache_dir: Path) -> Optional[dict]:
+    """The manifest of ``cache_dir``, or None when there is none (or it is unreadable)."""
+    path = Path(cache_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _entry_is_fresh(entry: dict, case: Case, cache_dir: Path) -> bool:
+    try:
+        return (entry["image"] == str(case.image) and entry["label"] == str(case.label)
+                and entry["source_stamp"] == {"image": _source_stamp(case.image), "label": _source_stamp(case.label)}
+                and all((cache_dir / f).is_file() for f in entry["files"].values()))
+    except (OSError, KeyError):
+        return False
+
+
+def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optional[int] = None,
+                progress: bool = True) -> Dict[str, dict]:
+    """Make sure every case is in the cache; returns ``{case_id: manifest entry}``.
+
+    Rebuilds everything when the preprocessing parameters differ from the manifest's,
+    and single cases whose source files changed. Raises :class:`DatasetError` listing
+    every bad case (after processing the good ones, so a fixed data set resumes).
+    """
+    from LiverTumorSegLib.atomic import atomic_write_text
+
+    cache_dir = Path(cache_dir)
+    params = cache_params(config)
+    manifest = read_manifest(cache_dir)
+    if manifest is not None and manifest.get("params") != params:
+        shutil.rmtree(cache_dir)
+        manifest = None
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    entries = dict((manifest or {}).get("cases", {}))
+    todo = [c for c in cases if not (c.case_id in entries and _entry_is_fresh(entries[c.case_id], c, cache_dir))]
+    errors = []
+    if todo:
+        workers = max(1, min(int(workers or os.cpu_count() or 1), len(todo)))
+        jobs = [(case, params, cache_dir) for case in todo]
+        bar = _progress_bar(len(todo), f"caching {len(todo)} case(s) at {params['spacing_mm']} mm", progress)
+        try:
+            if workers == 1:
+                results = map(_run_case, jobs)
+                for result in results:
+                    _collect(result, entries, errors, bar)
+            else:
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_limit_threads,
+                                         initargs=(max(1, (os.cpu_count() or 1) // workers),)) as pool:
+                    for result in pool.map(_run_case, jobs):
+                        _collect(result, entries, errors, bar)
+        finally:
+            bar.close()
+        atomic_write_text(cache_dir / MANIFEST, json.dumps({"params": params, "cases": entries}, indent=1))
+    if errors:
+        listed = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise DatasetError(f"{len(errors)} case(s) cannot be used:\n  {listed}{more}")
+    return {c.case_id: entries[c.case_id] for c in cases}
+
+
+def _limit_threads(threads: int) -> None:
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _collect(result: dict, entries: dict, errors: list, bar) -> None:
+    if "ok" in result:
+        entries[result["ok"]["case_id"]] = result["ok"]
+    else:
+        errors.append(result["error"])
+    bar.update(1)
+
+
+def _progress_bar(total: int, description: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, disable=not enabled, unit="case")
+
+
+def load_arrays(entry: dict, cache_dir: Path, mmap: bool = True):
+    """(ct int16, label uint8) arrays of a cached case, memory-mapped by default."""
+    mode = "r" if mmap else None
+    ct = np.load(Path(cache_dir) / entry["files"]["ct"], mmap_mode=mode)
+    label = np.load(Path(cache_dir) / entry["files"]["label"], mmap_mode=mode)
+    return ct, label
+
+
+def entry_volume(entry: dict, array: np.ndarray):
+    """A :class:`~LiverTumorSegLib.volume.Volume` with a cached case's model-grid geometry."""
+    from LiverTumorSegLib.volume import Volume
+
+    return Volume(array=array, spacing=tuple(entry["spacing_mm"]), origin=tuple(entry["origin_lps"]),
+                  direction=np.asarray(entry["direction_lps"]))

@@ -1,0 +1,179 @@
+"""The Lightning DataModule: cache once, then TorchIO patch queues read the cache.
+
+Training: a ``tio.Queue`` (``max_length`` 40, 5 samples per volume in the seed) fed by
+a ``LabelSampler`` (background 0.2, liver 0.3, tumor 0.5) over subjects read from the
+memory-mapped cache and augmented by ``RandomAffine``. Validation either samples
+patches the same way without augmentation (the seed) or yields whole cached volumes
+for the engine's sliding window (``validation.mode: sliding_window``).
+
+Under DDP each process gets its own share of the subjects (a ``DistributedSampler``
+drives the queue), so ranks never train on the same patches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import lightning as L
+import numpy as np
+import torch
+import torchio as tio
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from .cache import build_cache, default_cache_dir, entry_volume, load_arrays
+from .dataset import Case, split_cases, training_cases
+from .transforms import AIR_HU, CachedArrayReader, EngineIntensity, build_transforms, patch_to_zyx
+
+
+def collate_patches(batch: List[tio.Subject]) -> dict:
+    """Stack TorchIO patches into engine-ordered tensors: image (N, 1, Z, Y, X) float32,
+    label (N, Z, Y, X) int64."""
+    image = torch.stack([patch_to_zyx(s["ct"].data.float()) for s in batch])
+    label = torch.stack([patch_to_zyx(s["label"].data[0].long()) for s in batch])
+    return {"image": image, "label": label, "case_id": [s["case_id"] for s in batch]}
+
+
+class WholeVolumes(Dataset):
+    """Cached cases as whole, intensity-scaled volumes cropped to the body (like the engine)."""
+
+    def __init__(self, entries: List[dict], cache_dir: Path, config: dict) -> None:
+        self.entries = entries
+        self.cache_dir = Path(cache_dir)
+        it = config["intensity"]
+        self.scale = EngineIntensity(it["mode"], it["window_hu"], it["output_range"])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        from LiverTumorSegLib.preprocess import body_bounding_box
+
+        entry = self.entries[index]
+        ct, label = load_arrays(entry, self.cache_dir)
+        hu = np.asarray(ct, dtype=np.float32)
+        box = body_bounding_box(hu) or tuple(slice(0, n) for n in hu.shape)
+        image = self.scale(torch.from_numpy(np.ascontiguousarray(hu[box])))
+        return {"image": image[None], "label": torch.from_numpy(np.asarray(label[box], dtype=np.int64)),
+                "case_id": entry["case_id"], "spacing_mm": list(entry["spacing_mm"])}
+
+
+def _first(batch: list) -> dict:
+    return batch[0]
+
+
+class LiverDataModule(L.LightningDataModule):
+    """Data set, split, cache and loaders for one recipe.
+
+    Args:
+        data_dir: the MSD Task03-layout folder holding ``dataset.json``.
+        config: the resolved recipe.
+        cache_dir: cache folder; default ``<data_dir>/.livertumorseg-cache/<spacing>``.
+    """
+
+    def __init__(self, data_dir: Path, config: dict, cache_dir: Optional[Path] = None) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.config = config
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(self.data_dir, config)
+        self.train_cases: List[Case] = []
+        self.val_cases: List[Case] = []
+        self.entries: dict = {}
+        self._train_sampler = None
+        self._val_sampler = None
+
+    # -- preparation ---------------------------------------------------------------
+    def split(self) -> None:
+        """Read ``dataset.json`` and split it (cheap; every process does it)."""
+        data = self.config["data"]
+        cases = training_cases(self.data_dir)
+        self.train_cases, self.val_cases = split_cases(cases, float(data["validation_fraction"]),
+                                                       data["folds"], int(data["fold"]))
+
+    def prepare_data(self) -> None:
+        """Build the cache (one process per node under DDP)."""
+        self.split()
+        build_cache(self.train_cases + self.val_cases, self.config, self.cache_dir,
+                    workers=self.config["data"]["cache_workers"])
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.split()
+        self.entries = build_cache(self.train_cases + self.val_cases, self.config, self.cache_dir,
+                                   workers=self.config["data"]["cache_workers"], progress=False)
+
+    def data_summary(self) -> dict:
+        """What the model saw: the data set, the split and the cache parameters."""
+        from .dataset import read_dataset_json
+
+        info = read_dataset_json(self.data_dir)
+        return {
+            "data_dir": str(self.data_dir),
+            "dataset_name": str(info.get("name", "")),
+            "dataset_description": str(info.get("description", "")),
+            "dataset_reference": str(info.get("reference", "")),
+            "dataset_licence": str(info.get("licence", info.get("license", ""))),
+            "split": {"validation_fraction": self.config["data"]["validation_fraction"],
+                      "folds": self.config["data"]["folds"], "fold": self.config["data"]["fold"],
+                      "order": "sequential, as listed in dataset.json"},
+            "training_cases": [c.case_id for c in self.train_cases],
+            "validation_cases": [c.case_id for c in self.val_cases],
+        }
+
+    # -- subjects and loaders ------------------------------------------------------
+    def _subject(self, case: Case) -> tio.Subject:
+        entry = self.entries[case.case_id]
+        ijk_to_ras = entry_volume(entry, np.empty((1, 1, 1))).ijk_to_ras()
+        min_xyz = tuple(reversed([int(p) for p in self.config["sampling"]["patch_size"]]))
+        ct_reader = CachedArrayReader(ijk_to_ras, min_xyz, AIR_HU, "float32")
+        label_reader = CachedArrayReader(ijk_to_ras, min_xyz, 0, "uint8")
+        return tio.Subject(
+            ct=tio.ScalarImage(self.cache_dir / entry["files"]["ct"], reader=ct_reader),
+            label=tio.LabelMap(self.cache_dir / entry["files"]["label"], reader=label_reader),
+            case_id=case.case_id,
+        )
+
+    def _distributed(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.world_size > 1
+
+    def _sampler(self, dataset: Dataset, shuffle: bool):
+        if not self._distributed():
+            return None
+        return DistributedSampler(dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
+                                  shuffle=shuffle, seed=int(self.config["seed"]), drop_last=False)
+
+    def _queue(self, cases: List[Case], train: bool) -> tuple:
+        sampling = self.config["sampling"]
+        subjects = tio.SubjectsDataset([self._subject(c) for c in cases], transform=build_transforms(self.config, train))
+        sampler = self._sampler(subjects, shuffle=train)
+        patch_xyz = tuple(reversed([int(p) for p in sampling["patch_size"]]))
+        probabilities = {int(k): float(v) for k, v in sampling["label_probabilities"].items()}
+        queue = tio.Queue(
+            subjects, max_length=int(sampling["queue_length"]), samples_per_volume=int(sampling["samples_per_volume"]),
+            sampler=tio.LabelSampler(patch_xyz, label_name="label", label_probabilities=probabilities),
+            subject_sampler=sampler, num_workers=int(sampling["num_workers"]),
+            shuffle_subjects=train and sampler is None, shuffle_patches=train, start_background=False,
+        )
+        return queue, sampler
+
+    def train_dataloader(self) -> DataLoader:
+        queue, self._train_sampler = self._queue(self.train_cases, train=True)
+        return DataLoader(queue, batch_size=int(self.config["trainer"]["batch_size"]), num_workers=0,
+                          collate_fn=collate_patches)
+
+    def val_dataloader(self) -> DataLoader:
+        validation = self.config["validation"]
+        cases = self.val_cases[: validation["max_cases"]] if validation["max_cases"] else self.val_cases
+        if validation["mode"] == "sliding_window":
+            dataset = WholeVolumes([self.entries[c.case_id] for c in cases], self.cache_dir, self.config)
+            self._val_sampler = self._sampler(dataset, shuffle=False)
+            return DataLoader(dataset, batch_size=1, sampler=self._val_sampler, num_workers=0, collate_fn=_first)
+        queue, self._val_sampler = self._queue(cases, train=False)
+        return DataLoader(queue, batch_size=int(self.config["trainer"]["batch_size"]), num_workers=0,
+                          collate_fn=collate_patches)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle the distributed subject order for a new epoch."""
+        if self._train_sampler is not None:
+            self._train_sampler.set_epoch(epoch)

@@ -1,0 +1,104 @@
+"""Checkpoint -> model folder (``weights.pt`` + ``model.json``) that the engine loads.
+
+The card's grid (spacing, orientation), intensity transform and patch size are the
+recipe's, i.e. exactly what training used. Provenance holds the whole recipe, the data
+the model saw (data set, split, case ids), the git commit, the commands and library
+versions; ``metrics`` holds the validation metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from LiverTumorSegLib.model import ModelCard, save_model
+from LiverTumorSegLib.model.card import IntensityTransform
+from LiverTumorSegLib.model.unet import build_network
+
+from .errors import ConfigError
+from .module import CHECKPOINT_KEY, architecture_of
+from .provenance import command_line, git_state, now_utc
+
+LABELS = {"0": "background", "1": "liver", "2": "tumor"}
+DEFAULT_INTENDED_USE = ("Research use only. Not a medical device; not for diagnosis, treatment planning "
+                        "or any clinical decision.")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load a Lightning checkpoint written by ``train.py`` (tensors and plain data only)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for unreadable or unsafe files
+        raise ConfigError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:300]}") from None
+    if CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise ConfigError(f"{path} is not a LiverTumorSeg training checkpoint (no '{CHECKPOINT_KEY}' section)")
+    return checkpoint
+
+
+def network_from_checkpoint(checkpoint: dict) -> torch.nn.Module:
+    """The U-Net of a checkpoint, weights loaded, in eval mode."""
+    config = checkpoint[CHECKPOINT_KEY]["config"]
+    network = build_network(architecture_of(config))
+    prefix = "network."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    network.load_state_dict(state, strict=True)
+    return network.eval()
+
+
+def card_from_config(config: dict, provenance: dict, metrics: dict) -> ModelCard:
+    """The model card for a recipe (weights fields are filled in by ``save_model``)."""
+    export, it = config["export"], config["intensity"]
+    return ModelCard(
+        name=str(export["name"] or config["name"]),
+        architecture=architecture_of(config),
+        labels=dict(LABELS),
+        spacing_mm=tuple(float(s) for s in config["data"]["spacing_mm"]),
+        patch_size=tuple(int(p) for p in config["sampling"]["patch_size"]),
+        weights_file="weights.pt",
+        weights_sha256="",
+        orientation=str(config["data"]["orientation"]).upper(),
+        intensity=IntensityTransform(mode=str(it["mode"]), window_hu=tuple(float(v) for v in it["window_hu"]),
+                                     output_range=tuple(float(v) for v in it["output_range"])),
+        default_overlap=float(export["default_overlap"]),
+        version=str(export["version"]),
+        description=str(config.get("description") or ""),
+        intended_use=str(export["intended_use"] or DEFAULT_INTENDED_USE),
+        provenance=provenance,
+        metrics=metrics,
+    )
+
+
+def export_checkpoint(checkpoint_path: Path, out_dir: Path, *, extra_provenance: Optional[dict] = None,
+                      extra_metrics: Optional[dict] = None) -> Path:
+    """Write the model folder for a checkpoint into ``out_dir``; returns ``out_dir``."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    saved = checkpoint[CHECKPOINT_KEY]
+    config = saved["config"]
+    network = network_from_checkpoint(checkpoint)
+    provenance = {
+        "recipe_file": config.get("recipe_file", ""),
+        "recipe": config,
+        "data": saved.get("data", {}),
+        "training": {**saved.get("provenance", {}), "epoch": int(checkpoint.get("epoch", -1)),
+                     "global_step": int(checkpoint.get("global_step", -1))},
+        "checkpoint": Path(checkpoint_path).name,
+        "export": {"command": command_line(), "git": git_state(), "time_utc": now_utc()},
+    }
+    provenance["git_commit"] = provenance["training"].get("git", {}).get("commit", provenance["export"]["git"]["commit"])
+    provenance.update(extra_provenance or {})
+    metrics = {"validation": dict(saved.get("val_metrics", {}))}
+    metrics.update(extra_metrics or {})
+    card = card_from_config(config, provenance, metrics)
+    return save_model(Path(out_dir), network, card)
+
+
+def update_card_metrics(model_dir: Path, metrics: dict) -> None:
+    """Merge ``metrics`` into an exported model's ``model.json`` (weights unchanged)."""
+    card = ModelCard.load(Path(model_dir))
+    card.metrics.update(metrics)
+    card.save(Path(model_dir))

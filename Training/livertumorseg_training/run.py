@@ -1,0 +1,192 @@
+"""``train.py``: recipe + data -> checkpoints, TensorBoard logs and an exported model.
+
+Run folder layout::
+
+    RUN_DIR/config.yaml        the resolved recipe
+    RUN_DIR/checkpoints/       top-k by the recipe's monitor, plus last.ckpt
+    RUN_DIR/logs/              TensorBoard events
+    RUN_DIR/model/             the exported best checkpoint (engine model folder)
+    RUN_DIR/summary.json       best checkpoint, validation metrics, timings
+
+Multi-GPU and multi-node training is Lightning's DDP (``--devices``, ``--num-nodes``,
+``--strategy ddp``); Lightning's launcher, torchrun and SLURM all work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import ConfigError
+
+RUN_DIR_ENV = "LIVERTUMORSEG_RUN_DIR"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description="Train the LiverTumorSeg 3D U-Net (MSD Task03 layout).")
+    p.add_argument("--data-dir", type=Path, required=True, help="folder with dataset.json, imagesTr/, labelsTr/")
+    p.add_argument("--config", default=None, help="recipe YAML, or a name in Training/configs (seed, default, smoke, demo)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<recipe name>-<time>)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="preprocessing cache (default: <data-dir>/.livertumorseg-cache/<spacing>)")
+    p.add_argument("--folds", type=int, default=None, help="k-fold cross-validation: number of folds")
+    p.add_argument("--fold", type=int, default=None, help="which fold validates (0-based)")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoints/last.ckpt")
+    p.add_argument("--devices", default=None, help="Lightning devices: a count, a list like 0,1, or auto")
+    p.add_argument("--num-nodes", type=int, default=None, help="nodes for multi-node DDP")
+    p.add_argument("--strategy", default=None, help="Lightning strategy, e.g. ddp")
+    p.add_argument("--accelerator", default=None, help="cpu, gpu, cuda, mps or auto")
+    p.add_argument("--no-export", action="store_true", help="do not export RUN_DIR/model at the end")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. trainer.max_epochs=3 optimizer.lr=3e-4")
+    return p
+
+
+def _devices(value: Optional[str]):
+    if value is None or value == "auto":
+        return value
+    if "," in value:
+        return [int(v) for v in value.split(",") if v.strip()]
+    return int(value)
+
+
+def resolve_config(args) -> dict:
+    """The recipe with command-line flags folded in (a resumed run defaults to its own)."""
+    from .config import load_config
+
+    spec = args.config
+    if spec is None and args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
+        spec = str(Path(args.out) / "config.yaml")
+    config = load_config(spec, args.overrides)
+    if args.folds is not None:
+        config["data"]["folds"] = args.folds
+    if args.fold is not None:
+        config["data"]["fold"] = args.fold
+    trainer = config["trainer"]
+    for key, value in (("devices", _devices(args.devices)), ("num_nodes", args.num_nodes),
+                       ("strategy", args.strategy), ("accelerator", args.accelerator)):
+        if value is not None:
+            trainer[key] = value
+    from .config import validate
+
+    validate(config)
+    return config
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto``: fp16 mixed on CUDA (bf16 where supported), bf16 mixed on CPUs with native
+    bf16, else full fp32. Anything else is passed to Lightning as is."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    from LiverTumorSegLib.resources import cpu_supports_bf16
+
+    return "bf16-mixed" if accelerator in ("auto", "cpu") and cpu_supports_bf16() else "32-true"
+
+
+def run_dir_for(args, config: dict) -> Path:
+    """The run folder; fixed once per launch so DDP children (re-run by Lightning) agree."""
+    if args.out is not None:
+        run_dir = Path(args.out)
+    elif os.environ.get(RUN_DIR_ENV):
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+    else:
+        if args.resume:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        run_dir = Path("runs") / f"{config['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+    return run_dir.resolve()
+
+
+def build_trainer(config: dict, run_dir: Path):
+    """A Lightning Trainer for the recipe: checkpoints, TensorBoard, LR monitor, progress bar."""
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    t, ckpt = config["trainer"], config["checkpoint"]
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}-step{step:07d}", auto_insert_metric_name=False,
+        monitor=ckpt["monitor"], mode=ckpt["mode"], save_top_k=int(ckpt["save_top_k"]), save_last=True,
+    )
+    return L.Trainer(
+        default_root_dir=run_dir,
+        max_epochs=int(t["max_epochs"]), max_steps=int(t["max_steps"]),
+        accelerator=t["accelerator"], devices=t["devices"], num_nodes=int(t["num_nodes"]), strategy=t["strategy"],
+        precision=resolve_precision(str(t["precision"]), str(t["accelerator"])),
+        logger=TensorBoardLogger(str(run_dir), name="logs", version="", default_hp_metric=False),
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), TQDMProgressBar(refresh_rate=1)],
+        check_val_every_n_epoch=int(t["check_val_every_n_epoch"]), log_every_n_steps=int(t["log_every_n_steps"]),
+        gradient_clip_val=t["gradient_clip_val"], deterministic=t["deterministic"],
+        use_distributed_sampler=False, num_sanity_val_steps=0,
+    )
+
+
+def train(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``Training/train.py``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    config = resolve_config(args)
+    run_dir = run_dir_for(args, config)
+    if args.resume and not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        raise ConfigError(f"--resume: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist")
+
+    import lightning as L
+
+    from .config import dump_config
+    from .data import LiverDataModule
+    from .module import LiverSegModule
+    from .provenance import command_line, environment, git_state, now_utc
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    L.seed_everything(int(config["seed"]), workers=True)
+    datamodule = LiverDataModule(args.data_dir, config, args.cache_dir)
+    datamodule.split()
+    provenance = {"command": command_line(), "git": git_state(), "environment": environment(),
+                  "started_utc": now_utc(), "run_dir": str(run_dir)}
+    module = LiverSegModule(config, datamodule.data_summary(), provenance)
+    trainer = build_trainer(config, run_dir)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.yaml")
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path="last" if args.resume else None)
+    if not trainer.is_global_zero:
+        return 0
+    summary = finish(trainer, datamodule, run_dir, export=not args.no_export, train_seconds=time.perf_counter() - started)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def finish(trainer, datamodule, run_dir: Path, export: bool, train_seconds: float) -> dict:
+    """Export the best checkpoint to RUN_DIR/model (and score it on the validation cases
+    with the engine when the recipe asks), then write RUN_DIR/summary.json."""
+    from LiverTumorSegLib.atomic import atomic_write_text
+
+    callback = trainer.checkpoint_callback
+    best = callback.best_model_path or callback.last_model_path
+    summary = {"run_dir": str(run_dir), "best_checkpoint": best, "global_step": int(trainer.global_step),
+               "epochs": int(trainer.current_epoch), "train_seconds": round(train_seconds, 1),
+               "best_score": None if callback.best_model_score is None else float(callback.best_model_score),
+               "monitor": callback.monitor}
+    if export and best:
+        from .exporting import export_checkpoint, update_card_metrics
+
+        model_dir = export_checkpoint(Path(best), run_dir / "model")
+        summary["model_dir"] = str(model_dir)
+        config = datamodule.config
+        if config["export"]["evaluate_validation"]:
+            from .evaluation import evaluate_cases
+
+            report = evaluate_cases(model_dir, datamodule.val_cases, run_dir / "validation", progress=True)
+            engine = {"split": "validation", "cases": len(datamodule.val_cases), "mean": report["mean"],
+                      "detection": report["detection"]["overall"], "path": "LiverTumorSegLib.pipeline.Segmenter"}
+            update_card_metrics(model_dir, {"validation_engine": engine})
+            summary["validation_engine_mean"] = report["mean"]
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,119 @@
+"""TorchIO pieces: reading cached arrays, the engine's intensity scaling, HU augmentation.
+
+TorchIO images are (C, W, H, D) = (C, x, y, z) with a RAS affine; the cache and the
+engine use (z, y, x) arrays in LPS. :class:`CachedArrayReader` makes the bridge and
+:func:`patch_to_zyx` goes back, so the network sees patches in exactly the axis order
+the engine's sliding window gives it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torchio as tio
+
+AIR_HU = -1024.0
+
+
+class CachedArrayReader:
+    """TorchIO ``reader``: a cached (z, y, x) ``.npy`` as a (1, x, y, z) tensor + RAS affine.
+
+    Pads (symmetrically, with ``pad_value``) any axis smaller than ``min_shape_xyz`` so
+    that a patch always fits; the affine is shifted accordingly. Picklable, so TorchIO's
+    loader workers can use it.
+    """
+
+    def __init__(self, ijk_to_ras: np.ndarray, min_shape_xyz: Sequence[int], pad_value: float, dtype: str) -> None:
+        self.ijk_to_ras = np.asarray(ijk_to_ras, dtype=np.float64)
+        self.min_shape_xyz = tuple(int(s) for s in min_shape_xyz)
+        self.pad_value = float(pad_value)
+        self.dtype = dtype
+
+    def __call__(self, path) -> tuple:
+        zyx = np.load(str(path), mmap_mode="r")
+        xyz = np.asarray(zyx.transpose(2, 1, 0), dtype=self.dtype)
+        before = [max(m - n, 0) // 2 for n, m in zip(xyz.shape, self.min_shape_xyz)]
+        after = [max(m - n, 0) - b for n, m, b in zip(xyz.shape, self.min_shape_xyz, before)]
+        affine = self.ijk_to_ras.copy()
+        if any(before) or any(after):
+            xyz = np.pad(xyz, list(zip(before, after)), mode="constant", constant_values=self.pad_value)
+            affine[:3, 3] = affine[:3, :3] @ -np.asarray(before, dtype=np.float64) + affine[:3, 3]
+        return torch.from_numpy(np.ascontiguousarray(xyz)[None]), affine
+
+
+class EngineIntensity:
+    """HU -> network input with the engine's :func:`~LiverTumorSegLib.preprocess.scale_intensity`.
+
+    Used through ``tio.Lambda`` on intensity images only, so training scales exactly as
+    inference does (window or per-volume min-max, from the recipe's model card values).
+    """
+
+    def __init__(self, mode: str, window_hu: Sequence[float], output_range: Sequence[float]) -> None:
+        self.mode = mode
+        self.window_hu = tuple(float(v) for v in window_hu)
+        self.output_range = tuple(float(v) for v in output_range)
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        from LiverTumorSegLib.model.card import IntensityTransform
+        from LiverTumorSegLib.preprocess import scale_intensity
+
+        transform = IntensityTransform(self.mode, self.window_hu, self.output_range)
+        return torch.from_numpy(scale_intensity(tensor.numpy().astype(np.float32, copy=False), transform))
+
+
+class RandomHULinear(tio.IntensityTransform):
+    """Random scanner and contrast-phase variation: ``hu * a + b`` with ``a ~ U(*scale)``
+    and ``b ~ U(-shift_hu, shift_hu)``, applied to intensity images before windowing.
+
+    Scaling about 0 HU brightens soft tissue (liver, tumor) while fat stays darker than
+    water, roughly as contrast enhancement does.
+    """
+
+    def __init__(self, shift_hu: float = 0.0, scale: Sequence[float] = (1.0, 1.0), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.shift_hu = float(shift_hu)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.args_names = ["shift_hu", "scale"]
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        a = float(torch.empty(1).uniform_(*self.scale))
+        b = float(torch.empty(1).uniform_(-self.shift_hu, self.shift_hu)) if self.shift_hu else 0.0
+        for image in self.get_images(subject):
+            image.set_data(image.data.float() * a + b)
+        return subject
+
+
+def build_transforms(config: dict, train: bool) -> tio.Transform:
+    """The recipe's TorchIO pipeline: [CropOrPad], [augmentation], engine intensity.
+
+    Spatial augmentation (RandomAffine) and HU augmentation act on training data only.
+    Padding fills intensity images with their minimum (air) and labels with 0.
+    """
+    steps = []
+    crop = config["data"]["crop_or_pad"]
+    if crop:
+        steps.append(tio.CropOrPad(tuple(int(v) for v in crop), padding_mode="minimum"))
+    aug = config["augmentation"]
+    if train:
+        scales = aug["affine_scales"]
+        degrees = float(aug["affine_degrees"])
+        if scales or degrees:
+            steps.append(tio.RandomAffine(scales=tuple(scales) if scales else 0, degrees=degrees,
+                                          default_pad_value="minimum"))
+        if aug["hu_shift"] or tuple(aug["hu_scale"]) != (1.0, 1.0):
+            steps.append(RandomHULinear(aug["hu_shift"], aug["hu_scale"]))
+        if aug["noise_std_hu"]:
+            steps.append(tio.RandomNoise(std=(0.0, float(aug["noise_std_hu"]))))
+        if aug["flip"]:
+            steps.append(tio.RandomFlip(axes=(0, 1, 2)))
+    it = config["intensity"]
+    steps.append(tio.Lambda(EngineIntensity(it["mode"], it["window_hu"], it["output_range"]),
+                            types_to_apply=[tio.INTENSITY]))
+    return tio.Compose(steps)
+
+
+def patch_to_zyx(tensor: torch.Tensor) -> torch.Tensor:
+    """(..., x, y, z) TorchIO spatial axes -> (..., z, y, x), the engine's order."""
+    return tensor.permute(*range(tensor.ndim - 3), tensor.ndim - 1, tensor.ndim - 2, tensor.ndim - 3)

@@ -1,0 +1,31 @@
+"""Train the LiverTumorSeg 3D U-Net on an MSD Task03-layout data set.
+
+    python Training/train.py --data-dir PATH/Task03_Liver [--config seed|default|FILE]
+                             [--out RUN_DIR] [--resume] [--folds 5 --fold k]
+                             [--devices N --num-nodes M --strategy ddp] [key.sub=value ...]
+
+See docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from _bootstrap import add_repo_to_path
+
+add_repo_to_path()
+
+
+def main() -> int:
+    from LiverTumorSegLib.errors import LiverTumorSegError
+    from livertumorseg_training.run import train
+
+    try:
+        return train()
+    except LiverTumorSegError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
