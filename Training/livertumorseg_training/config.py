@@ -113,9 +113,10 @@ def load_config(spec: Optional[str] = None, overrides: Iterable[str] = ()) -> di
         raise ConfigError(f"cannot read recipe {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must hold a mapping at the top level")
+    recipe_file = data.pop("recipe_file", path.name)
     config = _merge(DEFAULTS, data)
     apply_overrides(config, overrides)
-    config["recipe_file"] = path.name
+    config["recipe_file"] = recipe_file
     validate(config)
     return config
 

@@ -111,7 +111,7 @@ class LiverSegModule(L.LightningModule):
         metrics = {"val/dice_liver": float(dice[0]), "val/dice_tumor": float(dice[1]),
                    "val/dice_mean": float(dice.mean())}
         for name, value in metrics.items():
-            self.log(name, value, prog_bar=name == "val/dice_mean")
+            self.log(name, value, prog_bar=name == "val/dice_mean", sync_dist=True)
         if not self.trainer.sanity_checking:
             loss = self.trainer.callback_metrics.get("val/loss")
             self.val_metrics = {**metrics, "val/loss": None if loss is None else float(loss),

@@ -1,0 +1,199 @@
+"""Training data: dataset errors name the case, the split, the cache and its rebuilds,
+and the TorchIO bridge keeps the engine's (z, y, x) axis order."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "Training") not in sys.path:
+    sys.path.insert(0, str(REPO / "Training"))
+
+pytest.importorskip("torchio", reason="the training extras (pip install .[train]) are not installed")
+
+from livertumorseg_training.cache import build_cache, read_manifest  # noqa: E402
+from livertumorseg_training.config import load_config  # noqa: E402
+from livertumorseg_training.dataset import Case, split_cases, training_cases  # noqa: E402
+from livertumorseg_training.errors import ConfigError, DatasetError  # noqa: E402
+
+
+def _write(path: Path, array: np.ndarray, spacing=(2.0, 2.0, 3.0), origin=(0.0, 0.0, 0.0)) -> None:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+
+
+def make_dataset(root: Path, n: int = 3, shape=(12, 16, 20)) -> Path:
+    """A tiny MSD-layout data set: air around a 'liver' box with a 'tumor' inside."""
+    entries = []
+    for i in range(n):
+        ct = np.full(shape, -1000, dtype=np.int16)
+        ct[2:-2, 3:-3, 3:-3] = 50
+        label = np.zeros(shape, dtype=np.uint8)
+        label[4:-4, 5:-5, 5:-5] = 1
+        label[5:7, 6:8, 6:8] = 2
+        _write(root / "imagesTr" / f"liver_{i}.nii.gz", ct)
+        _write(root / "labelsTr" / f"liver_{i}.nii.gz", label)
+        entries.append({"image": f"./imagesTr/liver_{i}.nii.gz", "label": f"./labelsTr/liver_{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"name": "tiny", "training": entries, "test": []}))
+    return root
+
+
+def _config(**data):
+    config = load_config("smoke")
+    config["data"].update(data)
+    config["data"]["cache_workers"] = 1
+    return config
+
+
+# -- dataset errors ---------------------------------------------------------------------
+def test_missing_dataset_json(tmp_path):
+    with pytest.raises(DatasetError, match="dataset.json is missing"):
+        training_cases(tmp_path)
+
+
+def test_listed_file_missing_names_the_case(tmp_path):
+    root = make_dataset(tmp_path / "d")
+    (root / "labelsTr" / "liver_1.nii.gz").unlink()
+    with pytest.raises(DatasetError, match=r"case liver_1 .*label file .* is missing"):
+        training_cases(root)
+
+
+def test_entries_without_label_are_skipped(tmp_path):
+    root = make_dataset(tmp_path / "d")
+    data = json.loads((root / "dataset.json").read_text())
+    data["training"].append({"image": "./imagesTr/liver_0.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps(data))
+    assert [c.case_id for c in training_cases(root)] == ["liver_0", "liver_1", "liver_2"]
+
+
+def test_shape_mismatch_names_the_case(tmp_path):
+    root = make_dataset(tmp_path / "d")
+    _write(root / "labelsTr" / "liver_2.nii.gz", np.zeros((12, 16, 19), dtype=np.uint8))
+    with pytest.raises(DatasetError, match=r"case liver_2: image and label shapes differ"):
+        build_cache(training_cases(root), _config(), tmp_path / "cache", workers=1, progress=False)
+
+
+def test_geometry_mismatch_names_the_case(tmp_path):
+    root = make_dataset(tmp_path / "d")
+    label = np.zeros((12, 16, 20), dtype=np.uint8)
+    _write(root / "labelsTr" / "liver_0.nii.gz", label, origin=(5.0, 0.0, 0.0))
+    with pytest.raises(DatasetError, match=r"case liver_0: image and label geometry differ"):
+        build_cache(training_cases(root), _config(), tmp_path / "cache", workers=1, progress=False)
+
+
+def test_label_values_outside_0_1_2(tmp_path):
+    root = make_dataset(tmp_path / "d")
+    label = np.zeros((12, 16, 20), dtype=np.uint8)
+    label[3, 3, 3] = 5
+    _write(root / "labelsTr" / "liver_1.nii.gz", label)
+    with pytest.raises(DatasetError, match=r"case liver_1: label values 5 are outside \{0, 1, 2\}"):
+        build_cache(training_cases(root), _config(), tmp_path / "cache", workers=1, progress=False)
+
+
+def test_empty_training_set(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [], "test": []}))
+    with pytest.raises(DatasetError, match="training set is empty"):
+        split_cases(training_cases(tmp_path))
+    one = [Case("only", tmp_path / "a.nii.gz", tmp_path / "b.nii.gz")]
+    with pytest.raises(DatasetError, match="training set is empty"):
+        split_cases(one)
+
+
+# -- split and recipes -----------------------------------------------------------------
+def test_sequential_split_and_folds():
+    cases = [Case(f"c{i}", Path(f"{i}"), Path(f"{i}")) for i in range(20)]
+    train, val = split_cases(cases, 0.1)
+    assert [c.case_id for c in val] == ["c18", "c19"] and len(train) == 18
+    folds = [split_cases(cases, 0.1, folds=5, fold=k)[1] for k in range(5)]
+    assert [c.case_id for c in folds[1]] == ["c4", "c5", "c6", "c7"]
+    assert sorted(c.case_id for fold in folds for c in fold) == sorted(c.case_id for c in cases)
+
+
+def test_recipes_load_and_typos_are_refused():
+    seed = load_config("seed")
+    assert seed["sampling"]["patch_size"] == [96, 96, 96] and seed["trainer"]["batch_size"] == 2
+    assert seed["intensity"]["mode"] == "minmax" and seed["loss"]["name"] == "ce"
+    assert seed["sampling"]["label_probabilities"] == {0: 0.2, 1: 0.3, 2: 0.5}
+    assert seed["checkpoint"]["save_top_k"] == 10 and seed["sampling"]["num_workers"] == 4
+    for name in ("default", "smoke", "demo"):
+        load_config(name)
+    assert load_config("smoke", ["trainer.max_epochs=5"])["trainer"]["max_epochs"] == 5
+    with pytest.raises(ConfigError, match="unknown"):
+        load_config("smoke", ["trainer.max_epoch=5"])
+    with pytest.raises(ConfigError, match="multiple of"):
+        load_config("smoke", ["sampling.patch_size=[30,32,32]"])
+
+
+# -- cache ------------------------------------------------------------------------------
+def test_cache_is_memory_mappable_and_rebuilt_when_parameters_change(tmp_path):
+    root = make_dataset(tmp_path / "d")
+    cases = training_cases(root)
+    cache = tmp_path / "cache"
+    entries = build_cache(cases, _config(), cache, workers=1, progress=False)
+    ct = np.load(cache / entries["liver_0"]["files"]["ct"], mmap_mode="r")
+    label = np.load(cache / entries["liver_0"]["files"]["label"], mmap_mode="r")
+    assert isinstance(ct, np.memmap) and ct.dtype == np.int16 and label.dtype == np.uint8
+    assert ct.shape == label.shape and set(np.unique(label)) <= {0, 1, 2}
+    assert entries["liver_0"]["spacing_mm"] == [4.0, 4.0, 4.0]
+    stamp = (cache / entries["liver_0"]["files"]["ct"]).stat().st_mtime_ns
+
+    build_cache(cases, _config(), cache, workers=1, progress=False)
+    assert (cache / entries["liver_0"]["files"]["ct"]).stat().st_mtime_ns == stamp, "unchanged: no rebuild"
+
+    rebuilt = build_cache(cases, _config(spacing_mm=[2.0, 2.0, 2.0]), cache, workers=1, progress=False)
+    assert read_manifest(cache)["params"]["spacing_mm"] == [2.0, 2.0, 2.0]
+    assert rebuilt["liver_0"]["shape_zyx"] != entries["liver_0"]["shape_zyx"]
+
+
+def test_cache_rebuilds_a_case_whose_source_changed(tmp_path):
+    root = make_dataset(tmp_path / "d")
+    cache = tmp_path / "cache"
+    first = build_cache(training_cases(root), _config(), cache, workers=1, progress=False)
+    label = np.zeros((12, 16, 20), dtype=np.uint8)
+    _write(root / "labelsTr" / "liver_2.nii.gz", label)
+    second = build_cache(training_cases(root), _config(), cache, workers=1, progress=False)
+    assert first["liver_2"]["label_voxels"][1] > 0 and second["liver_2"]["label_voxels"][1] == 0
+    assert first["liver_0"] == second["liver_0"]
+
+
+def test_cache_matches_the_engine_preprocessing(tmp_path):
+    from LiverTumorSegLib.io import read_volume
+    from LiverTumorSegLib.preprocess import to_model_grid
+    from livertumorseg_training.cache import _grid_card, cache_params
+
+    root = make_dataset(tmp_path / "d", n=1)
+    config = _config(spacing_mm=[3.0, 2.5, 2.0])
+    entries = build_cache(training_cases(root), config, tmp_path / "cache", workers=1, progress=False)
+    engine = to_model_grid(read_volume(root / "imagesTr" / "liver_0.nii.gz"), _grid_card(cache_params(config)))
+    cached = np.load(tmp_path / "cache" / entries["liver_0"]["files"]["ct"])
+    assert cached.shape == engine.array.shape
+    assert np.abs(cached - engine.array).max() <= 0.5
+    assert np.allclose(entries["liver_0"]["origin_lps"], engine.origin)
+
+
+# -- TorchIO bridge -----------------------------------------------------------------------
+def test_reader_and_patches_keep_the_engine_axis_order(tmp_path):
+    import torch
+
+    from livertumorseg_training.transforms import CachedArrayReader, patch_to_zyx
+
+    zyx = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)
+    np.save(tmp_path / "a.npy", zyx)
+    reader = CachedArrayReader(np.diag([-2.0, -2.0, 2.0, 1.0]), (5, 4, 6), -1024.0, "float32")
+    tensor, affine = reader(tmp_path / "a.npy")
+    assert tensor.shape == (1, 5, 4, 6)  # x, y, z; z padded from 3 to 6
+    assert float(tensor[0, 0, 0, 0]) == -1024.0 and float(tensor[0, 4, 3, 1]) == float(zyx[0, 3, 4])
+    assert np.allclose(affine[:3, 3], [0.0, 0.0, -2.0])
+    back = patch_to_zyx(tensor)[0, 1:4].numpy()
+    assert np.array_equal(back, zyx.astype(np.float32))
+    assert torch.equal(patch_to_zyx(torch.zeros(2, 1, 5, 4, 6)), torch.zeros(2, 1, 6, 4, 5))

@@ -1,0 +1,127 @@
+"""End to end on a generated phantom set with smoke.yaml (CPU): train, loss goes down,
+export, segment through the engine, evaluate, resume; and DDP with 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINING = REPO / "Training"
+if str(TRAINING) not in sys.path:
+    sys.path.insert(0, str(TRAINING))
+
+pytest.importorskip("lightning", reason="the training extras (pip install .[train]) are not installed")
+pytest.importorskip("torchio", reason="the training extras (pip install .[train]) are not installed")
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(TRAINING / script), *map(str, args)], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    from LiverTumorSegLib.phantom import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("phantoms"), 5, seed=11, test_cases=1, preset="coarse")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(phantoms, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    _run("train.py", "--data-dir", phantoms, "--config", "smoke", "--out", run_dir,
+         "--cache-dir", phantoms.parent / "cache")
+    return run_dir
+
+
+def test_smoke_training_writes_a_run_and_the_loss_decreases(smoke_run):
+    from livertumorseg_training.plots import read_scalars
+
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["global_step"] == 16
+    assert (smoke_run / "checkpoints" / "last.ckpt").is_file() and (smoke_run / "config.yaml").is_file()
+    scalars = read_scalars(smoke_run / "logs")
+    epoch_losses = [v for _, v in scalars["train/loss_epoch"]]
+    assert len(epoch_losses) == 2 and epoch_losses[-1] < epoch_losses[0]
+    steps = [v for _, v in scalars["train/loss_step"]]
+    assert np.mean(steps[-4:]) < np.mean(steps[:4])
+    for tag in ("val/loss", "val/dice_liver", "val/dice_tumor", "lr-Adam"):
+        assert tag in scalars, f"{tag} missing from TensorBoard; have {sorted(scalars)}"
+
+
+def test_exported_model_loads_and_segments_through_the_engine(smoke_run, phantoms):
+    from LiverTumorSegLib.io import read_volume
+    from LiverTumorSegLib.model import load_model
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    loaded = load_model(smoke_run / "model")
+    card = loaded.card
+    assert card.spacing_mm == (4.0, 4.0, 4.0) and card.patch_size == (32, 32, 32)
+    assert card.intensity.mode == "window" and card.architecture["widths"] == [4, 8, 16]
+    prov = card.provenance
+    assert prov["recipe"]["name"] == "smoke"
+    assert prov["git_commit"] == "unknown" or len(prov["git_commit"]) == 40
+    assert prov["data"]["training_cases"] == ["liver_0", "liver_1", "liver_2", "liver_3"]
+    assert prov["data"]["validation_cases"] == ["liver_4"]
+    assert "val/dice_liver" in card.metrics["validation"]
+    ct = read_volume(phantoms / "imagesTs" / "liver_5.nii.gz")
+    result = Segmenter(loaded, SegmentOptions(device="cpu", precision="fp32")).segment(ct)
+    assert result.labels.array.shape == ct.array.shape and result.labels.same_grid(ct)
+    assert set(np.unique(result.labels.array)) <= {0, 1, 2}
+
+
+def test_export_cli_and_the_command_line_segment(smoke_run, phantoms, tmp_path):
+    out = tmp_path / "exported"
+    _run("export.py", smoke_run / "checkpoints" / "last.ckpt", out)
+    card = json.loads((out / "model.json").read_text())
+    assert card["provenance"]["training"]["global_step"] == 16 and card["weights"]["sha256"]
+    result = subprocess.run([sys.executable, "-m", "LiverTumorSegLib", "segment", str(phantoms / "imagesTs" / "liver_5.nii.gz"),
+                             "-o", str(tmp_path / "seg"), "--model", str(out), "--no-surfaces", "--no-preview",
+                             "--progress", "none"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_evaluate_writes_metrics_plots_and_overlays(smoke_run, phantoms, tmp_path):
+    out = tmp_path / "eval"
+    _run("evaluate.py", "--model", smoke_run / "model", "--data-dir", phantoms, "--split", "all", "--out", out,
+         "--device", "cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(metrics["cases"]) == [f"liver_{i}" for i in range(5)]
+    for region in ("liver", "tumor"):
+        for key in ("dice", "iou", "hd95_mm", "assd_mm", "sensitivity", "specificity"):
+            assert key in metrics["mean"][region]
+        assert 0.0 <= metrics["mean"][region]["dice"] <= 1.0
+    assert set(metrics["detection"]["by_diameter"]) == {"<10mm", "10-20mm", ">20mm"}
+    assert (out / "metrics.csv").read_text().count("\n") == 6
+    for figure in ("dice_distribution", "detection_by_size", "loss_curves", "best_overlay", "worst_gif"):
+        assert (out / metrics["figures"][figure]).is_file(), figure
+
+
+def test_resume_continues_with_the_step_count_intact(smoke_run, phantoms, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(smoke_run, resumed)
+    _run("train.py", "--data-dir", phantoms, "--out", resumed, "--resume", "--cache-dir", phantoms.parent / "cache",
+         "--no-export", "trainer.max_epochs=3")
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["global_step"] == 24
+
+
+def test_ddp_with_two_cpu_processes_runs_an_epoch(phantoms, tmp_path):
+    run_dir = tmp_path / "ddp"
+    _run("train.py", "--data-dir", phantoms, "--config", "smoke", "--out", run_dir, "--cache-dir",
+         phantoms.parent / "cache", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--no-export",
+         "trainer.max_epochs=1")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["global_step"] == 4  # each rank: 2 of the 4 training cases
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
