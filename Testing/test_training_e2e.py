@@ -86,9 +86,9 @@ def test_export_cli_and_the_command_line_segment(smoke_run, phantoms, tmp_path):
     _run("export.py", smoke_run / "checkpoints" / "last.ckpt", out)
     card = json.loads((out / "model.json").read_text())
     assert card["provenance"]["training"]["global_step"] == 16 and card["weights"]["sha256"]
-    result = subprocess.run([sys.executable, "-m", "LiverTumorSegLib", "segment", str(phantoms / "imagesTs" / "liver_5.nii.gz"),
-                             "-o", str(tmp_path / "seg"), "--model", str(out), "--no-surfaces", "--no-preview",
-                             "--progress", "none"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "LiverTumorSegLib", "segment", str(phantoms / "imagesTs" / "liver_5.nii.gz"),
+               "-o", str(tmp_path / "seg"), "--model", str(out), "--no-surfaces", "--no-preview", "--progress", "none"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
 
 

@@ -23,7 +23,8 @@ def main() -> int:
     from livertumorseg_training.exporting import export_checkpoint
 
     parser = argparse.ArgumentParser(prog="export.py", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path, help="a .ckpt written by train.py (e.g. RUN_DIR/checkpoints/last.ckpt)")
+    parser.add_argument("checkpoint", type=Path,
+                        help="a .ckpt written by train.py (e.g. RUN_DIR/checkpoints/last.ckpt)")
     parser.add_argument("out_dir", type=Path, help="model folder to write")
     args = parser.parse_args()
     try:

@@ -99,7 +99,8 @@ def resolve_config_path(spec: Optional[str]) -> Path:
     named = CONFIG_DIR / (spec if spec.endswith(".yaml") else f"{spec}.yaml")
     if named.is_file():
         return named
-    raise ConfigError(f"recipe {spec!r} not found (neither a file nor one of {sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))})")
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"recipe {spec!r} not found (neither a file nor one of {names})")
 
 
 def load_config(spec: Optional[str] = None, overrides: Iterable[str] = ()) -> dict:

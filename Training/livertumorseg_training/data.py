@@ -145,7 +145,8 @@ class LiverDataModule(L.LightningDataModule):
 
     def _queue(self, cases: List[Case], train: bool) -> tuple:
         sampling = self.config["sampling"]
-        subjects = tio.SubjectsDataset([self._subject(c) for c in cases], transform=build_transforms(self.config, train))
+        subjects = tio.SubjectsDataset([self._subject(c) for c in cases],
+                                       transform=build_transforms(self.config, train))
         sampler = self._sampler(subjects, shuffle=train)
         patch_xyz = tuple(reversed([int(p) for p in sampling["patch_size"]]))
         probabilities = {int(k): float(v) for k, v in sampling["label_probabilities"].items()}

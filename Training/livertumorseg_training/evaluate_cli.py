@@ -50,7 +50,8 @@ def select_cases(args, card) -> List[Case]:
     if args.split == "all":
         return cases
     data = (card.provenance.get("recipe") or {}).get("data") or {}
-    _, val = split_cases(cases, float(data.get("validation_fraction", 0.1)), data.get("folds"), int(data.get("fold", 0)))
+    _, val = split_cases(cases, float(data.get("validation_fraction", 0.1)), data.get("folds"),
+                         int(data.get("fold", 0)))
     saved = (card.provenance.get("data") or {}).get("validation_cases")
     if saved and [c.case_id for c in val] != list(saved):
         raise ConfigError(

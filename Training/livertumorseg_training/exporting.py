@@ -89,7 +89,8 @@ def export_checkpoint(checkpoint_path: Path, out_dir: Path, *, extra_provenance:
         "checkpoint": Path(checkpoint_path).name,
         "export": {"command": command_line(), "git": git_state(), "time_utc": now_utc()},
     }
-    provenance["git_commit"] = provenance["training"].get("git", {}).get("commit", provenance["export"]["git"]["commit"])
+    training_git = provenance["training"].get("git", {})
+    provenance["git_commit"] = training_git.get("commit", provenance["export"]["git"]["commit"])
     provenance.update(extra_provenance or {})
     metrics = {"validation": dict(saved.get("val_metrics", {}))}
     metrics.update(extra_metrics or {})

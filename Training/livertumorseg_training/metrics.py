@@ -132,7 +132,8 @@ def lesion_detection(prediction: np.ndarray, reference: np.ndarray, geometry, io
     for i in range(1, n_ref + 1):
         row = inter[i, 1:]
         iou = matched_iou(row, int(ref_sizes[i]), pred_sizes[1:])
-        refs.append({**describe(ref_lab, i, ref_sizes, "ref"), "iou": round(iou, 4), "detected": hit(iou, bool(row.any()))})
+        refs.append({**describe(ref_lab, i, ref_sizes, "ref"), "iou": round(iou, 4),
+                     "detected": hit(iou, bool(row.any()))})
     preds = []
     for j in range(1, n_pred + 1):
         col = inter[1:, j]

@@ -30,9 +30,11 @@ RUN_DIR_ENV = "LIVERTUMORSEG_RUN_DIR"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description="Train the LiverTumorSeg 3D U-Net (MSD Task03 layout).")
     p.add_argument("--data-dir", type=Path, required=True, help="folder with dataset.json, imagesTr/, labelsTr/")
-    p.add_argument("--config", default=None, help="recipe YAML, or a name in Training/configs (seed, default, smoke, demo)")
+    p.add_argument("--config", default=None,
+                   help="recipe YAML, or a name in Training/configs (seed, default, smoke, demo)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<recipe name>-<time>)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="preprocessing cache (default: <data-dir>/.livertumorseg-cache/<spacing>)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="preprocessing cache (default: <data-dir>/.livertumorseg-cache/<spacing>)")
     p.add_argument("--folds", type=int, default=None, help="k-fold cross-validation: number of folds")
     p.add_argument("--fold", type=int, default=None, help="which fold validates (0-based)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoints/last.ckpt")
@@ -158,7 +160,8 @@ def train(argv: Optional[List[str]] = None) -> int:
     trainer.fit(module, datamodule=datamodule, ckpt_path="last" if args.resume else None)
     if not trainer.is_global_zero:
         return 0
-    summary = finish(trainer, datamodule, run_dir, export=not args.no_export, train_seconds=time.perf_counter() - started)
+    summary = finish(trainer, datamodule, run_dir, export=not args.no_export,
+                     train_seconds=time.perf_counter() - started)
     print(json.dumps(summary, indent=2))
     return 0
 
