@@ -13,13 +13,12 @@ import math
 from typing import Optional
 
 import lightning as L
-import numpy as np
 import torch
 
 from LiverTumorSegLib.model.unet import build_network
 
 from .losses import dice_from_counts, overlap_counts, segmentation_loss
-from .visual import grey, most_informative_slice, side_by_side
+from .visual import enlarge, grey, most_informative_slice, side_by_side
 
 CHECKPOINT_KEY = "livertumorseg"
 
@@ -129,7 +128,7 @@ class LiverSegModule(L.LightningModule):
         k = most_informative_slice(labels)
         low, high = self.config["intensity"]["output_range"]
         picture = side_by_side(grey(image[k], low, high), labels[k], prediction[0, k].cpu().numpy())
-        experiment.add_image(f"val/overlay_{index}", np.flipud(picture).copy(), self.global_step, dataformats="HWC")
+        experiment.add_image(f"val/overlay_{index}", enlarge(picture), self.global_step, dataformats="HWC")
 
     # -- optimisation ----------------------------------------------------------------
     def configure_optimizers(self):

@@ -15,7 +15,7 @@ import numpy as np
 
 from .dataset import Case
 from .metrics import SIZE_BINS
-from .visual import grey, most_informative_slice, side_by_side
+from .visual import enlarge, grey, most_informative_slice, side_by_side
 
 DISPLAY_HU = (-200.0, 300.0)
 MAX_GIF_FRAMES = 80
@@ -139,11 +139,6 @@ def _on_model_grid(case: Case, prediction_path: Path, card) -> tuple:
     return hu.array[box], ref.array[box], pred.array[box]
 
 
-def _enlarge(picture: np.ndarray, min_height: int = 256) -> np.ndarray:
-    factor = max(1, int(np.ceil(min_height / max(picture.shape[0], 1))))
-    return np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1)
-
-
 def write_overlays(case: Case, prediction_path: Path, card, stem: Path) -> List[Path]:
     """``stem.png`` (the slice with most tumor, else liver) and ``stem.gif`` (all axial
     slices through the liver): reference on the left, prediction on the right."""
@@ -152,9 +147,9 @@ def write_overlays(case: Case, prediction_path: Path, card, stem: Path) -> List[
     hu, ref, pred = _on_model_grid(case, prediction_path, card)
     k = most_informative_slice(ref if ref.any() else pred)
     png = stem.with_suffix(".png")
-    Image.fromarray(_enlarge(side_by_side(grey(hu[k], *DISPLAY_HU), ref[k], pred[k]))).save(png)
+    Image.fromarray(enlarge(side_by_side(grey(hu[k], *DISPLAY_HU), ref[k], pred[k]))).save(png)
     step = max(1, int(np.ceil(hu.shape[0] / MAX_GIF_FRAMES)))
-    frames = [Image.fromarray(_enlarge(side_by_side(grey(hu[z], *DISPLAY_HU), ref[z], pred[z])))
+    frames = [Image.fromarray(enlarge(side_by_side(grey(hu[z], *DISPLAY_HU), ref[z], pred[z])))
               for z in range(hu.shape[0] - 1, -1, -step)]
     gif = stem.with_suffix(".gif")
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=90, loop=0)

@@ -47,3 +47,9 @@ def most_informative_slice(labels: np.ndarray) -> int:
         if counts.max() > 0:
             return int(np.argmax(counts))
     return labels.shape[0] // 2
+
+
+def enlarge(picture: np.ndarray, min_height: int = 256) -> np.ndarray:
+    """Repeat pixels (an integer factor) until the picture is at least ``min_height`` tall."""
+    factor = max(1, int(np.ceil(min_height / max(picture.shape[0], 1))))
+    return np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1)
