@@ -1,0 +1,54 @@
+"""CI SMOKE TEST of the benchmark suite — not a timed test.
+
+Runs ``python benchmarks/run.py --quick --json OUT.json`` (about 1.5 to 3 minutes on 2
+CPU cores) and checks that the suite finishes and writes every key it promises. It
+does NOT check that any speed or memory target is met: the quick run uses tiny inputs
+on a shared machine, and targets are judged from full runs (see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("monai", reason="the benchmark compares against MONAI (test extra)")
+pytest.importorskip("torchio", reason="the benchmark compares against TorchIO (test extra)")
+
+
+def _get(document: dict, dotted: str):
+    node = document
+    for key in dotted.split("."):
+        assert isinstance(node, dict) and key in node, f"benchmark JSON lacks {dotted!r}"
+        node = node[key]
+    return node
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_and_writes_every_key(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from benchmarks.run import REQUIRED_KEYS
+
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, LIVERTUMORSEG_BENCH_INPUTS=str(tmp_path / "inputs"),
+               LIVERTUMORSEG_BENCH_WEIGHTS=str(tmp_path / "no-weights"))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    document = json.loads(out.read_text(encoding="utf-8"))
+    for key in REQUIRED_KEYS:
+        _get(document, key)
+    assert document["quick"] is True
+    assert document["model"]["weights"].startswith("random-init")  # no trained weights in CI
+    for name in ("ratio_vs_monai", "ratio_vs_torchio"):
+        assert _get(document, f"inference.{name}") > 0
+    assert set(document["cli"]["stages_s_median"]) >= {"read", "preprocess", "inference", "postprocess",
+                                                        "statistics", "surfaces", "write"}
+    assert "not measured" in document["gpu"]["status"] or "GPU" in document["gpu"]["status"]
+    assert "### Targets" in proc.stdout

@@ -1,0 +1,178 @@
+"""Item 1: sliding-window inference, ours against MONAI and TorchIO, interleaved.
+
+Every competitor gets the same input (a phantom CT on the model grid, scaled as the
+model card says), the same network object and weights, the same patch size, overlap and
+batch size, on the CPU with the suite's thread count:
+
+* ``ours``: the engine as the CLI runs it (:meth:`Segmenter.infer_logits`: crop to the
+  body, skip patches outside it, the network prepared by
+  :func:`~LiverTumorSegLib.inference.prepare_network`, precision ``auto``, Gaussian
+  weighting);
+* ``monai_gaussian`` / ``monai_constant``: ``monai.inferers.sliding_window_inference``
+  on the whole volume, fp32, under ``torch.inference_mode``;
+* ``torchio``: ``GridSampler`` + ``DataLoader`` + ``GridAggregator(overlap_mode="average")``
+  (the seed's method; "average" is constant weighting), fp32.
+
+Agreement: label Dice of ours (and TorchIO) against MONAI's constant-mode fp32 labels;
+maximum absolute logit difference under matching weighting: our engine at fp32 without
+cropping against MONAI (both modes, one extra run each at the first overlap), TorchIO
+against MONAI constant, and our default run against MONAI Gaussian inside the region
+it computes (bf16 rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+import numpy as np
+
+from .measure import interleaved, summary
+
+
+def label_dice(a: np.ndarray, b: np.ndarray) -> dict:
+    """Dice of liver (labels 1 and 2, LiTS convention), tumor (2) and all foreground labels pooled."""
+    out = {}
+    num = den = 0
+    for name, cls in (("liver", (1, 2)), ("tumor", (2,))):
+        ma, mb = np.isin(a, cls), np.isin(b, cls)
+        inter, total = int(np.count_nonzero(ma & mb)), int(np.count_nonzero(ma) + np.count_nonzero(mb))
+        out[name] = 1.0 if total == 0 else 2.0 * inter / total
+    for cls in (1, 2):
+        ma, mb = a == cls, b == cls
+        num += 2 * int(np.count_nonzero(ma & mb))
+        den += int(np.count_nonzero(ma) + np.count_nonzero(mb))
+    out["labels"] = 1.0 if den == 0 else num / den
+    return out
+
+
+def _full_logits(logits: np.ndarray, box: tuple, shape: tuple) -> np.ndarray:
+    from LiverTumorSegLib.inference import UNCOVERED_LOGIT
+
+    full = np.full((logits.shape[0],) + tuple(shape), UNCOVERED_LOGIT, dtype=np.float32)
+    full[0] = 0.0
+    full[(slice(None),) + tuple(box)] = logits
+    return full
+
+
+PATCHES = {"ours": 0}
+
+
+def _count_patches(module, args):
+    PATCHES["ours"] += int(args[0].shape[0])
+
+
+def competitors(model, hu: np.ndarray, x: np.ndarray, overlap: float,
+                batch: int) -> Dict[str, Callable[[], np.ndarray]]:
+    """name -> callable giving (K, Z, Y, X) float32 logits; ``x`` is ``hu`` scaled by the card."""
+    import torch
+
+    from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
+
+    net, card = model.network.eval(), model.card
+    patch = tuple(card.patch_size)
+    k = card.num_classes
+    ours = Segmenter(model, SegmentOptions(device="cpu", overlap=overlap, batch_size=batch))
+    ours.network.register_forward_pre_hook(_count_patches)
+
+    def run_ours():
+        PATCHES["ours"] = 0
+        logits, box = ours.infer_logits(hu)
+        return _full_logits(logits, box, x.shape)
+
+    def run_monai(mode):
+        from monai.inferers import sliding_window_inference
+
+        def run():
+            with torch.inference_mode():
+                out = sliding_window_inference(torch.from_numpy(x)[None, None], patch, batch, net,
+                                               overlap=overlap, mode=mode, sigma_scale=0.125)
+            return out[0].numpy()
+        return run
+
+    def run_torchio():
+        import torchio as tio
+        from torch.utils.data import DataLoader
+
+        subject = tio.Subject(ct=tio.ScalarImage(tensor=torch.from_numpy(x[None])))
+        vox = 2 * int(round(overlap * patch[0] / 2))
+        sampler = tio.inference.GridSampler(subject, patch, vox)
+        aggregator = tio.inference.GridAggregator(sampler, overlap_mode="average")
+        with torch.inference_mode():
+            for b in DataLoader(sampler, batch_size=batch):
+                aggregator.add_batch(net(b["ct"][tio.DATA]), b[tio.LOCATION])
+        return aggregator.get_output_tensor().numpy()[:k]
+
+    return {"ours": run_ours, "monai_gaussian": run_monai("gaussian"), "monai_constant": run_monai("constant"),
+            "torchio": run_torchio}
+
+
+def exactness(model, hu: np.ndarray, overlap: float, batch: int, references: dict) -> dict:
+    """Max |logit difference| of our engine at fp32, uncropped, against MONAI per weighting."""
+    from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
+
+    out = {}
+    for weighting in ("constant", "gaussian"):
+        ref = references.get(f"monai_{weighting}")
+        if ref is None:
+            continue
+        seg = Segmenter(model, SegmentOptions(device="cpu", overlap=overlap, batch_size=batch, precision="fp32",
+                                              weighting=weighting, crop_to_body=False))
+        logits, _ = seg.infer_logits(hu)
+        out[f"ours_fp32_{weighting}_vs_monai_{weighting}"] = float(np.abs(logits - ref).max())
+    return out
+
+
+def run(model, hu: np.ndarray, overlaps: Sequence[float], reps: int, batch: int = 2,
+        check_exactness: bool = True, log=print) -> dict:
+    """All competitors at each overlap on ``hu`` (z, y, x HU on the model grid); the JSON section."""
+    from LiverTumorSegLib.inference import plan_windows
+    from LiverTumorSegLib.preprocess import scale_intensity
+
+    x = scale_intensity(hu, model.card.intensity)
+    by_overlap = {}
+    for index, overlap in enumerate(overlaps):
+        log(f"inference: overlap {overlap:.4f} on {x.shape[::-1]} (x, y, z) voxels, {reps} reps")
+        kept: dict = {}
+
+        def keep(name, rep, logits):
+            if rep == 0:
+                kept[name] = logits
+
+        runs = interleaved(competitors(model, hu, x, overlap, batch), reps, keep, log)
+        reference = kept["monai_constant"].argmax(0).astype(np.uint8)
+        row = {name: summary(samples) for name, samples in runs.items()}
+        for name in ("ours", "torchio", "monai_gaussian"):
+            row[name]["dice_vs_monai_constant_fp32"] = label_dice(kept[name].argmax(0), reference)
+        computed = kept["ours"][1] > -1e3  # voxels our engine computed (not skipped as air)
+        row["max_abs_diff"] = {
+            "torchio_average_vs_monai_constant": float(np.abs(kept["torchio"] - kept["monai_constant"]).max()),
+            "ours_default_vs_monai_gaussian_in_computed_region": float(
+                np.abs(kept["ours"] - kept["monai_gaussian"])[:, computed].max()) if computed.any() else None,
+            "computed_fraction": float(computed.mean()),
+        }
+        if check_exactness and index == 0:
+            log("inference: exactness check (ours at fp32, uncropped, one run per weighting)")
+            row["max_abs_diff"].update(exactness(model, hu, overlap, batch, kept))
+        row["patches"] = {"total": len(plan_windows(x.shape, model.card.patch_size, overlap).corners),
+                          "ours": PATCHES["ours"]}
+        t = {name: row[name]["seconds_median"] for name in runs}
+        row["ratio_vs_monai_gaussian"] = t["ours"] / t["monai_gaussian"]
+        row["ratio_vs_monai_constant"] = t["ours"] / t["monai_constant"]
+        row["ratio_vs_monai"] = t["ours"] / min(t["monai_gaussian"], t["monai_constant"])
+        row["ratio_vs_torchio"] = t["ours"] / t["torchio"]
+        row["rss_ratio_vs_monai"] = row["ours"]["peak_rss_added_mib"] / max(
+            min(row["monai_gaussian"]["peak_rss_added_mib"], row["monai_constant"]["peak_rss_added_mib"]), 1e-9)
+        by_overlap[f"{overlap:.4f}"] = row
+        kept.clear()
+    worst = max(by_overlap.values(), key=lambda r: r["ratio_vs_monai"])
+    return {
+        "input_shape_xyz": list(x.shape[::-1]), "patch_size": list(model.card.patch_size), "batch_size": batch,
+        "by_overlap": by_overlap,
+        "ratio_vs_monai": max(r["ratio_vs_monai"] for r in by_overlap.values()),
+        "ratio_vs_torchio": max(r["ratio_vs_torchio"] for r in by_overlap.values()),
+        "rss_ratio_vs_monai": max(r["rss_ratio_vs_monai"] for r in by_overlap.values()),
+        "min_label_dice_vs_monai_constant": min(
+            r["ours"]["dice_vs_monai_constant_fp32"]["labels"] for r in by_overlap.values()),
+        "headline": "worst overlap; ours / the faster of MONAI's two modes",
+        "worst_overlap": [k for k, v in by_overlap.items() if v is worst][0],
+    }

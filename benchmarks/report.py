@@ -1,0 +1,143 @@
+"""Markdown tables from the suite's JSON (printed, and pasted into BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+from typing import List
+
+
+def _t(rows: List[list], header: list) -> str:
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _f(v, digits=2, unit=""):
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    return f"{v:.{digits}f}{unit}"
+
+
+def machine(m: dict) -> str:
+    peak = m.get("nominal_peak") or {}
+    gemm = m.get("gemm_peak") or {}
+    rows = [["CPU", f"{m['cpu_model']} (family {m['cpu_family']}, model {m['cpu_model_number']}), "
+             f"{m['cpu_mhz_reported']:.0f} MHz reported"],
+            ["CPUs usable / torch threads", f"{m['logical_cpus_usable']} / {m['torch_threads']}"],
+            ["memory", _f(m.get("memory_gib"), 1, " GiB")],
+            ["ISA", ", ".join(m["isa"])], ["GPU", m["gpu"]],
+            ["versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items())],
+            ["nominal peak", f"{_f(peak.get('fp32_gflops'), 0)} GFLOP/s fp32, {_f(peak.get('bf16_gflops'), 0)} "
+             f"bf16 ({peak.get('assumption', 'unknown CPU')})"],
+            ["measured GEMM peak", f"{_f(gemm.get('fp32_gflops'), 0)} GFLOP/s fp32, "
+             f"{_f(gemm.get('bf16_gflops'), 0)} bf16 ({gemm.get('n')}³ torch.mm)"],
+            ["load average at start (1, 5, 15 min)", ", ".join(map(str, m.get("load_average_at_start", [])))]]
+    return _t(rows, ["machine", ""])
+
+
+def inference(s: dict) -> str:
+    out = []
+    for overlap, row in s["by_overlap"].items():
+        rows = []
+        for name in ("ours", "monai_gaussian", "monai_constant", "torchio"):
+            r = row[name]
+            dice = r.get("dice_vs_monai_constant_fp32", {})
+            rows.append([name, _f(r["seconds_median"], 1), " / ".join(_f(v, 1) for v in r["seconds_all"]),
+                         _f(r["peak_rss_added_mib"], 0), _f(r["peak_rss_mib"], 0),
+                         _f(dice.get("labels"), 4) if name != "monai_constant" else "(reference)",
+                         _f(dice.get("liver"), 4), _f(dice.get("tumor"), 4)])
+        out.append(f"Overlap {float(overlap):.4f} ({row.get('patches', {}).get('total', '?')} patches on the "
+                   f"grid; ours computed {row.get('patches', {}).get('ours', '?')})\n")
+        out.append(_t(rows, ["competitor", "median s", "all reps s", "peak RSS added MiB", "peak RSS MiB",
+                             "label Dice vs MONAI const fp32", "liver", "tumor"]))
+        d = row["max_abs_diff"]
+        out.append("\nratios (ours / theirs): MONAI gaussian {}, MONAI constant {}, TorchIO {}; "
+                   "peak RSS added vs MONAI {}".format(
+                       _f(row["ratio_vs_monai_gaussian"], 3), _f(row["ratio_vs_monai_constant"], 3),
+                       _f(row["ratio_vs_torchio"], 3), _f(row["rss_ratio_vs_monai"], 3)))
+        out.append("max |logit difference|: " + ", ".join(f"{k} {_f(v, 6) if isinstance(v, float) else v}"
+                                                          for k, v in d.items()) + "\n")
+    out.append(f"**inference.ratio_vs_monai = {s['ratio_vs_monai']:.3f}, inference.ratio_vs_torchio = "
+               f"{s['ratio_vs_torchio']:.3f}** ({s['headline']})")
+    return "\n".join(out)
+
+
+def ablation(s: dict) -> str:
+    rows = [[name, _f(r["seconds_per_patch"], 3), _f(r["gflops"], 0), _f(r["speedup_vs_fp32"], 2)]
+            for name, r in s["rows"].items()]
+    return (f"Forward pass, {s['batch']} patch(es) of {'x'.join(map(str, s['patch_size']))} per call, "
+            f"{s['gflop_per_patch']:.0f} GFLOP per patch\n\n"
+            + _t(rows, ["variant", "s per patch (median)", "GFLOP/s", "speed-up vs fp32"]))
+
+
+def cli(s: dict) -> str:
+    st = s["stages_s_median"]
+    rows = [[k, _f(v, 2)] for k, v in st.items()]
+    rows.append(["**total wall (median)**", _f(s["wall_s_median"], 1) + " (" + " / ".join(
+        _f(v, 1) for v in s["wall_s_all"]) + ")"])
+    text = _t(rows, ["stage", "seconds (median)"])
+    text += (f"\n\npeak RSS {s['peak_rss_mib_median']:.0f} MiB (max {s['peak_rss_mib_max']:.0f}); "
+             f"{s['patches']} patches; forward passes {s['forward_s_median']:.1f} s = "
+             f"{100 * (s['forward_share_of_inference'] or 0):.1f} % of inference; "
+             f"{_f(s['gflops_forward'], 0)} GFLOP/s in the forward passes ({_f(s['gflops_inference'], 0)} over "
+             "the inference stage)")
+    for k, v in s.items():
+        if k.startswith("fraction_of_"):
+            text += f"; {100 * v:.0f} % of {k[len('fraction_of_'):].replace('_', ' ')}"
+    return text
+
+
+def scaling(s: dict) -> str:
+    rows = [["x".join(map(str, r["shape_xyz"])), f"{r['voxels'] / 1e6:.1f}", r["patches"], _f(r["wall_s"], 1),
+             _f(r["engine_s"], 1), _f(r["inference_s"], 1), _f(r["peak_rss_mib"], 0)] for r in s["rows"]]
+    text = _t(rows, ["input (x, y, z)", "M voxels", "patches", "wall s", "engine s (no start-up)",
+                     "inference s", "peak RSS MiB"])
+    text += ("\n\nfitted exponents (cost ∝ voxels^k): wall {}, engine {}, inference {}, rest of the engine {}, "
+             "peak RSS {}").format(*(_f(s[k], 2) for k in ("exponent_wall", "exponent_engine",
+                                                             "exponent_inference", "exponent_non_inference",
+                                                             "exponent_peak_rss")))
+    return text
+
+
+def loader(s: dict) -> str:
+    if "rows" not in s:
+        return s.get("status", "not measured")
+    parts = []
+    for title, sec in (("seed recipe", s), ("without spatial augmentation", s.get("without_spatial_augmentation"))):
+        if not sec or "rows" not in sec:
+            continue
+        rows = [[n, _f(r["seconds_median"], 1), " / ".join(_f(v, 1) for v in r["seconds_all"]),
+                 r["patches_per_epoch"], _f(r["patches_per_s"], 2), _f(r["peak_rss_added_mib"], 0)]
+                for n, r in sec["rows"].items()]
+        parts.append(f"{title}: {sec['cases']} training cases ({sec['preset']} phantoms), "
+                     f"{sec['queue_workers']} queue workers, cache build {sec['cache_build_s']:.1f} s "
+                     f"(once); **speed-up {sec['speedup']:.2f}×**\n\n"
+                     + _t(rows, ["loader", "epoch s (median)", "all reps", "patches", "patches/s",
+                                 "peak RSS added MiB"]))
+    return "\n\n".join(parts)
+
+
+def accuracy(s: dict) -> str:
+    rows = []
+    for case, row in s["cases"].items():
+        if isinstance(row, str):
+            rows.append([case, row] + [""] * (len(s["configs"]) + 1))
+            continue
+        cells = []
+        for name in s["configs"]:
+            d = row[name]["vs_reference"]
+            cells.append(f"{_f(d.get('liver'), 4)} / {_f(d.get('tumor'), 4) if 'tumor' in d else 'n/a'}")
+        agree = row["default_vs_bf16_autocast"]
+        rows.append([case] + cells + [f"{_f(agree.get('liver'), 4)} / {_f(agree.get('tumor'), 4)}"])
+    text = _t(rows, ["case"] + [f"{n} (liver / tumor Dice)" for n in s["configs"]]
+              + ["default vs bf16_autocast agreement"])
+    text += "\n\nlargest Dice move against fp32_nocrop: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in s["max_dice_move_vs_fp32_nocrop"].items()) + f" (tolerance {s['tolerance']})"
+    return text
+
+
+def targets(t: dict) -> str:
+    rows = [[name, _f(v["value"], 3) if isinstance(v["value"], (int, float)) else v["value"], v["target"],
+             {True: "met", False: "**missed**", None: "n/a"}[v["met"]]] for name, v in t.items()]
+    return _t(rows, ["target", "measured", "goal", ""])

@@ -1,0 +1,209 @@
+"""LiverTumorSeg benchmark suite.
+
+    python benchmarks/run.py [--quick] [--json OUT.json] [--markdown OUT.md] [--weights MODEL_DIR]
+                             [--only inference,ablation,cli,scaling,loader,accuracy] [--reps N]
+
+Prints Markdown tables and writes every figure to JSON, with the machine described.
+Sections: ``inference`` (item 1: ours vs MONAI vs TorchIO), ``ablation`` (forward pass
+per optimisation), ``cli`` (item 2: the command line per stage), ``scaling`` (item 3),
+``loader`` (item 4: training patches per second), ``accuracy`` (Dice per engine
+configuration), ``gpu`` (item 5: only with a CUDA GPU). Comparisons run their
+competitors interleaved in this one process and report medians of ``--reps`` runs.
+
+``--quick`` (under 3 minutes on 2 CPU cores; the CI smoke test) runs every section that
+feeds a ratio on small inputs with 48-voxel patches, one run per CLI/scaling size, and
+skips ``accuracy``. Its figures show that the suite works; they do not measure the
+targets (tiny inputs, where start-up and per-patch overheads dominate). Without trained
+benchmark weights it uses a seeded untrained network and says so (``model.weights``);
+a full run trains them first (15 to 40 minutes on 2 shared cores; see
+benchmarks/weights.py) unless ``--weights`` names a model folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import ablation, accuracy, bench_cli, bench_inference, bench_loader  # noqa: E402
+from benchmarks import inputs, machine, report, weights  # noqa: E402
+from benchmarks.flops import forward_flops  # noqa: E402
+
+SECTIONS = ("inference", "ablation", "cli", "scaling", "loader", "accuracy", "gpu")
+REQUIRED_KEYS = (
+    "machine.cpu_model", "machine.logical_cpus_usable", "machine.versions.torch", "machine.gpu",
+    "model.weights", "inference.ratio_vs_monai", "inference.ratio_vs_torchio", "inference.rss_ratio_vs_monai",
+    "inference.min_label_dice_vs_monai_constant", "ablation.rows", "cli.wall_s_median", "cli.peak_rss_mib_median",
+    "cli.stages_s_median", "cli.forward_share_of_inference", "cli.gflops_forward", "scaling.exponent_wall",
+    "scaling.exponent_inference", "loader.speedup", "gpu.status", "targets",
+)
+FULL = {"infer_shape": (256, 256, 200), "overlaps": (8 / 96, 0.25, 0.5), "patch": None, "cli_shape": (512, 512, 300),
+        "cli_spacing": (0.8, 0.8, 1.5), "scaling": [(128, 128, 128), (256, 256, 128), (256, 256, 256),
+                                                   (512, 512, 150), (512, 512, 300), (512, 512, 600)],
+        "scaling_spacing": (0.8, 0.8, 1.5), "cli_reps": 3, "ablation_batch": 2, "loader": (6, "full", 2, ()),
+        "phantoms": 3}
+QUICK = {"infer_shape": (64, 64, 48), "overlaps": (8 / 96,), "patch": (48, 48, 48), "cli_shape": (48, 48, 32),
+         "cli_spacing": (2.0, 2.0, 3.0), "scaling": [(32, 32, 24), (48, 48, 32), (64, 64, 48)],
+         "scaling_spacing": (2.0, 2.0, 3.0), "cli_reps": 1, "ablation_batch": 1,
+         "loader": (3, "coarse", 0, ("sampling.patch_size=[32,32,32]", "sampling.samples_per_volume=2",
+                                     "sampling.queue_length=4", "data.crop_or_pad=[96,96,96]")), "phantoms": 0}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def load_bench_model(args, quick: bool, patch):
+    """(LoadedModel, model folder for the CLI, description of the weights)."""
+    from LiverTumorSegLib.model import load_model, save_model
+
+    folder = Path(args.weights).expanduser() if args.weights else weights.weights_dir()
+    if (folder / "model.json").is_file():
+        model, what = load_model(folder), f"trained: {folder}"
+    elif quick:
+        model, what = weights.random_model(patch or weights.PATCH), "random-init (quick; trained weights not found)"
+    else:
+        model, what = load_model(weights.ensure_weights(args.weights, log=log)), f"trained: {folder}"
+    if patch and tuple(model.card.patch_size) != tuple(patch):
+        model = dataclasses.replace(model, card=dataclasses.replace(model.card, patch_size=tuple(patch)))
+    if patch or not what.startswith("trained"):
+        cli_dir = Path(tempfile.mkdtemp(prefix="ltsbench-model-")) / "model"
+        save_model(cli_dir, model.network, dataclasses.replace(model.card))
+    else:
+        cli_dir = folder
+    return model, cli_dir, what
+
+
+def gpu_section() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"status": "not measured: no GPU in this session"}
+    return {"status": f"not measured: a GPU ({torch.cuda.get_device_name(0)}) is present but the GPU "
+                      "section is not written yet"}
+
+
+def targets(res: dict) -> dict:
+    def get(path):
+        node = res
+        for key in path.split("."):
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node
+
+    def t(value, goal, ok):
+        return {"value": value, "target": goal, "met": None if value is None else bool(ok(value))}
+
+    return {
+        "inference.ratio_vs_monai": t(get("inference.ratio_vs_monai"), "<= 0.5", lambda v: v <= 0.5),
+        "inference.ratio_vs_torchio": t(get("inference.ratio_vs_torchio"), "<= 0.5", lambda v: v <= 0.5),
+        "inference.rss_ratio_vs_monai": t(get("inference.rss_ratio_vs_monai"), "<= 1 (peak RSS added)",
+                                          lambda v: v <= 1.0),
+        "inference.label Dice vs MONAI constant fp32": t(get("inference.min_label_dice_vs_monai_constant"),
+                                                         ">= 0.998", lambda v: v >= 0.998),
+        "cli.wall_s": t(get("cli.wall_s_median"), "<= 60 s", lambda v: v <= 60),
+        "cli.peak_rss": t(get("cli.peak_rss_mib_median"), "<= 3 GB (2861 MiB)", lambda v: v <= 3e9 / 2**20),
+        "cli.forward_share": t(get("cli.forward_share_of_inference"), ">= 0.90", lambda v: v >= 0.9),
+        "scaling.exponent_wall": t(get("scaling.exponent_wall"), "about 1 (linear)", lambda v: v <= 1.1),
+        "loader.speedup": t(get("loader.speedup"), ">= 5", lambda v: v >= 5),
+        "accuracy.max Dice move (default)": t(get("accuracy.max_dice_move_vs_fp32_nocrop.default"), "<= 0.002",
+                                              lambda v: v <= 0.002),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small inputs, under 3 minutes (CI smoke test)")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the tables here")
+    parser.add_argument("--weights", default=None, help="benchmark model folder (default: the cache; made if missing)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per comparison (median reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile to the ablation")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg = QUICK if args.quick else FULL
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    t0 = time.perf_counter()
+    res = {"command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "machine": dict(machine.describe(), gemm_peak=machine.gemm_peak(1024 if args.quick else 2048))}
+    log(machine.one_line(res["machine"]))
+    model, cli_dir, what = load_bench_model(args, args.quick, cfg["patch"])
+    res["model"] = {"weights": what, "card": model.card.name, "patch_size": list(model.card.patch_size),
+                    "widths": model.card.architecture.get("widths"), "spacing_mm": list(model.card.spacing_mm),
+                    "provenance": model.card.provenance}
+    flop = forward_flops(model.network, model.card.patch_size)
+    peaks = {"nominal_bf16_peak": (res["machine"]["nominal_peak"] or {}).get("bf16_gflops"),
+             "measured_bf16_gemm": res["machine"]["gemm_peak"]["bf16_gflops"]}
+    hu = None
+    if "inference" in only or "ablation" in only:
+        hu, _ = inputs.model_grid_phantom(cfg["infer_shape"])
+    if "inference" in only:
+        res["inference"] = bench_inference.run(model, hu, cfg["overlaps"], args.reps, log=log)
+    if "ablation" in only:
+        log("ablation: forward pass per variant")
+        res["ablation"] = ablation.run(model, hu, args.reps, batch=cfg["ablation_batch"],
+                                       compile_too=args.compile, log=log)
+    if "cli" in only:
+        path = inputs.phantom_file(cfg["cli_shape"], cfg["cli_spacing"], log=log)
+        log(f"cli: {path.name}, {cfg['cli_reps']} runs")
+        res["cli"] = bench_cli.run(path, cli_dir, cfg["cli_reps"], args.threads, flop, peaks, log)
+    if "scaling" in only:
+        files = [(s, inputs.phantom_file(s, cfg["scaling_spacing"], log=log)) for s in cfg["scaling"]]
+        log(f"scaling: {len(files)} sizes at {cfg['scaling_spacing']} mm")
+        res["scaling"] = bench_cli.scaling(files, cli_dir, cfg["cli_reps"], args.threads, log)
+        res["scaling"]["spacing_mm"] = list(cfg["scaling_spacing"])
+    if "loader" in only:
+        cases, preset, workers, overrides = cfg["loader"]
+        log(f"loader: {cases} {preset} phantom cases")
+        res["loader"] = bench_loader.run_variants(cases, preset, args.reps, workers, overrides, log)
+    if "accuracy" in only:
+        if args.quick:
+            res["accuracy"] = {"status": "skipped in --quick"}
+        else:
+            log("accuracy: Dice per engine configuration")
+            res["accuracy"] = accuracy.run(model, cfg["phantoms"], real=True, log=log)
+    res["gpu"] = gpu_section()
+    res["targets"] = targets(res)
+    res["load_average_at_end"] = machine.load_average()
+    res["total_s"] = time.perf_counter() - t0
+    text = render(res)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n", encoding="utf-8")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
+        log(f"wrote {args.json}")
+    return 0
+
+
+def render(res: dict) -> str:
+    parts = [f"Command: `{res['command']}` ({res['total_s'] / 60:.1f} min, started {res['started']})",
+             f"Model: {res['model']['weights']}; patch {res['model']['patch_size']}",
+             report.machine(res["machine"])]
+    for name, title in (("inference", "1. Sliding-window inference"), ("ablation", "Forward-pass ablation"),
+                        ("cli", "2. Whole command line"), ("scaling", "3. Scaling"),
+                        ("loader", "4. Training data pipeline"), ("accuracy", "Accuracy per configuration")):
+        if name in res and ("status" not in res[name] or name == "loader"):
+            parts.append(f"### {title}\n\n" + getattr(report, name)(res[name]))
+        elif name in res:
+            parts.append(f"### {title}\n\n{res[name]['status']}")
+    parts.append(f"### 5. GPU\n\n{res['gpu']['status']}")
+    parts.append("### Targets\n\n" + report.targets(res["targets"]))
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The benchmark model: the seed-width (32) U-Net trained briefly on phantoms.
+
+The weights (5.8 M parameters, 23 MB) are too big to bundle, so they live outside the
+repository, in ``$LIVERTUMORSEG_BENCH_WEIGHTS`` or ``~/.cache/livertumorseg/bench-weights``,
+and :func:`ensure_weights` makes them when they are missing.
+
+Why a training loop here and not ``Training/train.py``: the recipe must be affordable
+on 2 CPU cores (about 15 minutes) and reproducible without a data set on disk, so it
+renders its phantoms in memory at the model spacing (1 to 4 tumours of 8 to 35 mm
+each, so that tumours are common enough to learn in a few hundred steps) and runs
+plain Adam steps on 48-voxel patches with bf16 autocast. The weights are convolutional, so they run on the
+card's 96-voxel patches. Everything about the recipe is written into the card's
+``provenance``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+SPACING_MM = (1.5, 1.5, 1.5)
+PATCH = (96, 96, 96)
+SEED_OVERLAP = 8.0 / 96.0  # the seed's 8-voxel overlap
+WIDTHS = (32, 64, 128, 256)
+TRAIN_SEED_BASE = 1000  # training phantoms: seeds 1000, 1001, ...
+HELDOUT_SEED_BASE = 2000  # held-out phantoms (never trained on)
+RECIPE = {
+    "cases": 12, "preset": "coarse", "orientation": "lps", "spacing_mm": list(SPACING_MM),
+    "tumors_per_case": [1, 4], "tumor_diameters_mm": [8.0, 35.0],
+    "patch": 48, "batch": 2, "steps": 320, "lr": 1.0e-3, "loss": "cross-entropy + soft Dice",
+    "label_probabilities": {"0": 0.2, "1": 0.3, "2": 0.5}, "precision": "bf16 autocast (CPU)",
+    "optimizer": "Adam", "seed": 0, "threads": 2,
+}
+
+
+def weights_dir() -> Path:
+    """Folder of the benchmark model (``$LIVERTUMORSEG_BENCH_WEIGHTS`` overrides)."""
+    env = os.environ.get("LIVERTUMORSEG_BENCH_WEIGHTS")
+    if env:
+        return Path(env).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "livertumorseg" / "bench-weights"
+
+
+def bench_card(name: str = "bench-phantom-w32", patch=PATCH, overlap: float = 0.25):
+    """The benchmark model's card (weights fields are filled in by ``save_model``)."""
+    from LiverTumorSegLib.model.card import IntensityTransform, ModelCard
+
+    return ModelCard(
+        name=name, version="0.1.0",
+        architecture={"type": "unet3d", "in_channels": 1, "num_classes": 3, "widths": list(WIDTHS), "norm": "none"},
+        labels={"0": "background", "1": "liver", "2": "tumor"}, spacing_mm=SPACING_MM, patch_size=tuple(patch),
+        weights_file="weights.pt", weights_sha256="", orientation="LPS",
+        intensity=IntensityTransform("window", (-200.0, 250.0), (-1.0, 1.0)), default_overlap=overlap,
+        description="Benchmark model: seed-architecture U-Net, short phantom training (benchmarks/weights.py).",
+        intended_use="Benchmarks only; not a medical device.",
+    )
+
+
+def phantom_on_model_grid(seed: int, preset: str = "coarse", **kw):
+    """A phantom rendered directly on the model grid (1.5 mm, LPS): (hu float32, labels uint8), (z, y, x)."""
+    from LiverTumorSegLib.phantom import make_phantom
+
+    case = make_phantom(seed, spacing=SPACING_MM, orientation="lps", preset=preset, **kw)
+    return case.image.array.astype(np.float32), case.labels.array.astype(np.uint8)
+
+
+def _sample_patch(rng, image: np.ndarray, labels: np.ndarray, patch: int, probabilities: dict):
+    classes = [c for c in (0, 1, 2) if (labels == c).any()]
+    p = np.array([probabilities[str(c)] for c in classes], dtype=float)
+    cls = int(rng.choice(classes, p=p / p.sum()))
+    zz, yy, xx = np.nonzero(labels == cls)
+    i = int(rng.integers(len(zz)))
+    starts = []
+    for centre, n in zip((zz[i], yy[i], xx[i]), labels.shape):
+        starts.append(int(np.clip(centre - patch // 2, 0, max(n - patch, 0))))
+    sl = tuple(slice(s, s + patch) for s in starts)
+    img, lab = image[sl], labels[sl]
+    pad = [(0, patch - n) for n in img.shape]
+    if any(a for _, a in pad):
+        img = np.pad(img, pad, constant_values=-1.0)
+        lab = np.pad(lab, pad, constant_values=0)
+    return img, lab
+
+
+def train_bench_model(out_dir: Path, recipe: Optional[dict] = None,
+                      log: Callable[[str], None] = print) -> Path:
+    """Train the benchmark model and save it (weights.pt + model.json) into ``out_dir``."""
+    import torch
+    import torch.nn.functional as F
+
+    from LiverTumorSegLib.model import UNet3D, save_model
+    from LiverTumorSegLib.preprocess import scale_intensity
+
+    r = dict(RECIPE, **(recipe or {}))
+    torch.manual_seed(int(r["seed"]))
+    torch.set_num_threads(int(r["threads"]))
+    rng = np.random.default_rng(int(r["seed"]))
+    card = bench_card()
+    t0 = time.perf_counter()
+    data = []
+    lo, hi = (int(v) for v in r["tumors_per_case"])
+    for i in range(int(r["cases"])):
+        hu, lab = phantom_on_model_grid(TRAIN_SEED_BASE + i, preset=r["preset"], n_tumors=lo + i % (hi - lo + 1),
+                                        tumor_diameters_mm=tuple(r["tumor_diameters_mm"]))
+        data.append((scale_intensity(hu, card.intensity), lab))
+    log(f"rendered {len(data)} training phantoms in {time.perf_counter() - t0:.0f} s")
+    net = UNet3D(widths=WIDTHS).to(memory_format=torch.channels_last_3d)
+    opt = torch.optim.Adam(net.parameters(), lr=float(r["lr"]))
+    steps, batch, patch = int(r["steps"]), int(r["batch"]), int(r["patch"])
+    t1 = time.perf_counter()
+    for step in range(steps):
+        pairs = [_sample_patch(rng, *data[int(rng.integers(len(data)))], patch, r["label_probabilities"])
+                 for _ in range(batch)]
+        x = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None]).contiguous(
+            memory_format=torch.channels_last_3d)
+        y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
+        lr = float(r["lr"]) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = net(x)
+        logits = logits.float()
+        probs = torch.softmax(logits, 1)
+        one_hot = F.one_hot(y, 3).movedim(-1, 1).float()
+        dims = (0, 2, 3, 4)
+        dice = (2 * (probs * one_hot).sum(dims) + 1e-5) / (probs.sum(dims) + one_hot.sum(dims) + 1e-5)
+        loss = F.cross_entropy(logits, y) + (1 - dice[1:].mean())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0 or step == steps - 1:
+            log(f"step {step + 1}/{steps} loss {loss.item():.3f} lr {lr:.2e} "
+                f"({time.perf_counter() - t1:.0f} s)")
+    net = net.to(memory_format=torch.contiguous_format).eval()
+    card.provenance = {
+        "made_by": "benchmarks/weights.py train_bench_model", "recipe": r,
+        "training_phantom_seeds": [TRAIN_SEED_BASE + i for i in range(int(r["cases"]))],
+        "train_seconds": round(time.perf_counter() - t1, 1), "torch": torch.__version__,
+    }
+    return save_model(Path(out_dir), net, card)
+
+
+def ensure_weights(path: Optional[Path] = None, log: Callable[[str], None] = print) -> Path:
+    """The benchmark model folder; trains it (about 15 minutes on 2 cores) if missing."""
+    from LiverTumorSegLib.model.card import CARD_NAME
+
+    folder = Path(path).expanduser() if path else weights_dir()
+    if (folder / CARD_NAME).is_file():
+        return folder
+    if path:
+        raise FileNotFoundError(f"--weights {folder} holds no {CARD_NAME}")
+    log(f"benchmark weights not found in {folder}: training them now (benchmarks/weights.py)")
+    return train_bench_model(folder, log=log)
+
+
+def random_model(patch=(48, 48, 48), seed: int = 0):
+    """A seeded, untrained seed-width model (``--quick`` without trained weights)."""
+    import torch
+
+    from LiverTumorSegLib.model import LoadedModel, UNet3D
+
+    torch.manual_seed(seed)
+    net = UNet3D(widths=WIDTHS).eval()
+    return LoadedModel(card=bench_card("bench-random-w32", patch=patch), network=net, folder=Path("."))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train the benchmark model (seed width, phantoms).")
+    parser.add_argument("--out", type=Path, default=None, help="model folder (default: %s)" % weights_dir())
+    parser.add_argument("--steps", type=int, default=RECIPE["steps"])
+    args = parser.parse_args()
+    print(train_bench_model(args.out or weights_dir(), {"steps": args.steps}))
