@@ -29,6 +29,32 @@ def architecture_of(config: dict) -> dict:
             "widths": [int(w) for w in config["model"]["widths"]], "norm": str(config["model"]["norm"])}
 
 
+def initial_weights(source: str, architecture: dict) -> dict:
+    """Network weights to start from (fine-tuning): a model folder (checksum verified) or
+    a ``train.py`` checkpoint. Raises :class:`ConfigError` when the architecture differs."""
+    from pathlib import Path
+
+    from LiverTumorSegLib.model import load_model
+
+    from .errors import ConfigError
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        loaded = load_model(path)
+        if loaded.card.architecture != architecture:
+            raise ConfigError(f"model.init_from {path}: its architecture {loaded.card.architecture} differs "
+                              f"from the recipe's {architecture}")
+        return loaded.network.state_dict()
+    if not path.is_file():
+        raise ConfigError(f"model.init_from {path} is neither a model folder nor a checkpoint file")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    saved = checkpoint.get(CHECKPOINT_KEY, {}).get("config")
+    if saved is None or architecture_of(saved) != architecture:
+        raise ConfigError(f"model.init_from {path}: not a checkpoint of this architecture ({architecture})")
+    prefix = "network."
+    return {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+
+
 class LiverSegModule(L.LightningModule):
     """Trains :class:`~LiverTumorSegLib.model.unet.UNet3D` on (z, y, x) patches.
 
@@ -44,6 +70,8 @@ class LiverSegModule(L.LightningModule):
         self.data_summary = data_summary or {}
         self.provenance = provenance or {}
         self.network = build_network(architecture_of(config))
+        if config["model"].get("init_from"):
+            self.network.load_state_dict(initial_weights(config["model"]["init_from"], architecture_of(config)))
         self.val_metrics: dict = {}
         self._counts = torch.zeros(2, 2, dtype=torch.float64)
         self._case_dice = torch.zeros(3, dtype=torch.float64)
