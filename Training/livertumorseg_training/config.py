@@ -38,6 +38,7 @@ DEFAULTS: dict = {
         "samples_per_volume": 5,
         "label_probabilities": {0: 0.2, 1: 0.3, 2: 0.5},
         "num_workers": 4,
+        "pad_half_patch": True,
     },
     "augmentation": {
         "affine_scales": [0.9, 1.1],

@@ -86,9 +86,12 @@ class RandomHULinear(tio.IntensityTransform):
 
 
 def build_transforms(config: dict, train: bool) -> tio.Transform:
-    """The recipe's TorchIO pipeline: [CropOrPad], [augmentation], engine intensity.
+    """The recipe's TorchIO pipeline: [CropOrPad], [augmentation], [Pad], engine intensity.
 
     Spatial augmentation (RandomAffine) and HU augmentation act on training data only.
+    With ``sampling.pad_half_patch`` every side gets half a patch of padding (after the
+    affine, so that stays cheap): TorchIO's samplers only centre patches at least half a
+    patch from the edges, so without it lesions near an edge are never a patch centre.
     Padding fills intensity images with their minimum (air) and labels with 0.
     """
     steps = []
@@ -108,6 +111,9 @@ def build_transforms(config: dict, train: bool) -> tio.Transform:
             steps.append(tio.RandomNoise(std=(0.0, float(aug["noise_std_hu"]))))
         if aug["flip"]:
             steps.append(tio.RandomFlip(axes=(0, 1, 2)))
+    if config["sampling"]["pad_half_patch"]:
+        half_xyz = tuple(int(p) // 2 for p in reversed(config["sampling"]["patch_size"]))
+        steps.append(tio.Pad(half_xyz, padding_mode="minimum"))
     it = config["intensity"]
     steps.append(tio.Lambda(EngineIntensity(it["mode"], it["window_hu"], it["output_range"]),
                             types_to_apply=[tio.INTENSITY]))
