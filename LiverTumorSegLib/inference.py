@@ -9,10 +9,17 @@ result is the weighted mean of the logits. Only one batch of patches is held at 
 
 Patches where ``compute_mask`` is all False (outside the body) are skipped; voxels
 covered by no computed patch get background (class 0).
+
+Speed on the CPU: :func:`prepare_network` gives the sliding window a copy of the
+network in the channels-last-3d memory format (oneDNN's fast path for 3D
+convolutions) and, when the precision is bf16, with bf16 weights, so no autocast casts
+are needed. Batches are fed in the network's own dtype and memory format. The
+measured gains are in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -81,6 +88,37 @@ def plan_windows(shape: Sequence[int], patch_size: Sequence[int], overlap: float
     return WindowPlan(tuple(padded), tuple(pad), corners)
 
 
+def prepare_network(network, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> tuple:
+    """The module to run inference with, and the autocast dtype still needed.
+
+    On the CPU: a copy of ``network`` (the original is left as it is) in eval mode, in
+    the channels-last-3d memory format, with its weights in ``dtype`` when that is
+    bf16 (no autocast needed then). Elsewhere: ``network`` moved to ``device``, with
+    ``dtype`` as autocast. Returns ``(module, autocast_dtype)``.
+    """
+    if torch.device(device).type != "cpu" or not isinstance(network, torch.nn.Module):
+        return network.to(device) if isinstance(network, torch.nn.Module) else network, dtype
+    prepared = copy.deepcopy(network).eval()
+    if dtype == torch.bfloat16:
+        prepared = prepared.to(dtype=torch.bfloat16)
+        dtype = None
+    return prepared.to(memory_format=torch.channels_last_3d), dtype
+
+
+def _input_layout(network) -> tuple:
+    """(dtype, channels_last) that ``network`` wants its input in."""
+    if not isinstance(network, torch.nn.Module):
+        return torch.float32, False
+    dtype, channels_last = None, False
+    for p in network.parameters():
+        if p.ndim == 5 and p.is_floating_point():
+            dtype = dtype or p.dtype
+            if p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous():
+                channels_last = True
+                break
+    return dtype or torch.float32, channels_last
+
+
 def sliding_window_inference(
     image: np.ndarray,
     network: Callable[[torch.Tensor], torch.Tensor],
@@ -142,14 +180,19 @@ def sliding_window_inference(
     source = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     pz, py, px = patch_size
     total = max(len(corners), 1)
+    input_dtype, channels_last = _input_layout(network)
+    if input_dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        input_dtype = torch.float32
     with torch.inference_mode():
         for first in range(0, len(corners), batch_size):
             if cancel is not None and cancel():
                 raise Cancelled("inference cancelled by the user")
             batch_corners = corners[first:first + batch_size]
             batch = torch.stack([source[:, z:z + pz, y:y + py, x:x + px] for z, y, x in batch_corners])
-            batch = batch.to(device, non_blocking=True)
-            if autocast_dtype is not None:
+            batch = batch.to(device, dtype=input_dtype, non_blocking=True)
+            if channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last_3d)
+            if autocast_dtype is not None and autocast_dtype != input_dtype:
                 with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype):
                     logits = network(batch)
             else:
@@ -217,7 +260,7 @@ class _Accumulators:
 
     def _add(self, logits: torch.Tensor, corners: list, patch_size: Sequence[int]) -> None:
         pz, py, px = patch_size
-        logits = logits.to(self.device, dtype=torch.float32)
+        logits = logits.to(self.device, dtype=torch.float32).contiguous()
         for index, (z, y, x) in enumerate(corners):
             self.sums[:, z:z + pz, y:y + py, x:x + px].addcmul_(logits[index], self.weights)
             self.counts[z:z + pz, y:y + py, x:x + px].add_(self.weights)

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from .errors import InputError
-from .inference import sliding_window_inference
+from .inference import prepare_network, sliding_window_inference
 from .model import LoadedModel, load_model, resolve_model
 from .postprocess import argmax_labels, clean_labels, drop_small_lesions, to_input_grid
 from .preprocess import body_bounding_box, scale_intensity, to_model_grid, validate_ct
@@ -109,7 +109,8 @@ class Segmenter:
             import torch
 
             torch.set_num_threads(int(self.options.threads))
-        self.network = self.model.network.to(self.device)
+        # On the CPU: a channels-last copy, with bf16 weights when the precision is bf16.
+        self.network, self._autocast_left = prepare_network(self.model.network, self.device, self.autocast)
 
     @property
     def card(self):
@@ -128,6 +129,37 @@ class Segmenter:
             raise InputError(f"overlap {overlap} must be in [0, 1)")
         return float(overlap)
 
+    def _network_input(self, hu: np.ndarray) -> tuple:
+        """(scaled input, body mask or None, box) for an HU array on the model grid."""
+        box = body_bounding_box(hu) if self.options.crop_to_body else None
+        if box is None:
+            box = tuple(slice(0, n) for n in hu.shape)
+        net_input = scale_intensity(hu[box], self.card.intensity)
+        body = hu[box] > -500.0 if self.options.crop_to_body else None
+        return net_input, body, box
+
+    def _run_network(self, net_input: np.ndarray, body: Optional[np.ndarray],
+                     progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> np.ndarray:
+        pad_value = float(scale_intensity(np.array([-1024.0], np.float32), self.card.intensity)[0])
+        return sliding_window_inference(
+            net_input, self.network, self.card.patch_size, num_classes=self.card.num_classes,
+            overlap=self.overlap(), batch_size=self.options.batch_size, weighting=self.options.weighting,
+            device=self.device, autocast_dtype=self._autocast_left, pad_value=pad_value,
+            compute_mask=body, progress=progress, cancel=cancel,
+        )
+
+    def infer_logits(self, hu: np.ndarray, progress: Optional[ProgressFn] = None,
+                     cancel: Optional[CancelFn] = None) -> tuple:
+        """The network's logits for an HU array already on the model grid, (z, y, x).
+
+        Exactly what :meth:`segment` computes: cropped to the body's bounding box and
+        skipping patches with no body voxel when ``crop_to_body``. Returns
+        ``(logits, box)``: (K, *box shape) float32 weighted-mean logits and the box's
+        (z, y, x) slices in ``hu``.
+        """
+        net_input, body, box = self._network_input(hu)
+        return self._run_network(net_input, body, progress, cancel), box
+
     def segment(self, ct: Volume, progress: Optional[ProgressFn] = None,
                 cancel: Optional[CancelFn] = None) -> SegmentationResult:
         """Segment one CT (HU) volume; the labels come back in ``ct``'s own grid."""
@@ -141,22 +173,12 @@ class Segmenter:
         t = time.perf_counter()
         report = steps.stage("preprocess")
         hu = to_model_grid(ct, self.card)
-        box = body_bounding_box(hu.array) if self.options.crop_to_body else None
-        if box is None:
-            box = tuple(slice(0, n) for n in hu.array.shape)
-        net_input = scale_intensity(hu.array[box], self.card.intensity)
-        body = hu.array[box] > -500.0 if self.options.crop_to_body else None
-        pad_value = float(scale_intensity(np.array([-1024.0], np.float32), self.card.intensity)[0])
+        net_input, body, box = self._network_input(hu.array)
         report(1.0)
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        logits = sliding_window_inference(
-            net_input, self.network, self.card.patch_size, num_classes=self.card.num_classes,
-            overlap=self.overlap(), batch_size=self.options.batch_size, weighting=self.options.weighting,
-            device=self.device, autocast_dtype=self.autocast, pad_value=pad_value,
-            compute_mask=body, progress=steps.stage("inference"), cancel=cancel,
-        )
+        logits = self._run_network(net_input, body, steps.stage("inference"), cancel)
         timings["inference"] = time.perf_counter() - t
         del net_input, body
 
