@@ -123,8 +123,11 @@ def exactness(model, hu: np.ndarray, overlap: float, batch: int, references: dic
 
 
 def run(model, hu: np.ndarray, overlaps: Sequence[float], reps: int, batch: int = 2,
-        check_exactness: bool = True, log=print) -> dict:
-    """All competitors at each overlap on ``hu`` (z, y, x HU on the model grid); the JSON section."""
+        check_exactness: bool = True, log=print, partial=None) -> dict:
+    """All competitors at each overlap on ``hu`` (z, y, x HU on the model grid); the JSON section.
+
+    ``partial(section)`` is called after each overlap with the figures so far.
+    """
     from LiverTumorSegLib.inference import plan_windows
     from LiverTumorSegLib.preprocess import scale_intensity
 
@@ -164,6 +167,12 @@ def run(model, hu: np.ndarray, overlaps: Sequence[float], reps: int, batch: int 
             min(row["monai_gaussian"]["peak_rss_added_mib"], row["monai_constant"]["peak_rss_added_mib"]), 1e-9)
         by_overlap[f"{overlap:.4f}"] = row
         kept.clear()
+        if partial is not None:
+            partial(_section(model, x, batch, by_overlap))
+    return _section(model, x, batch, by_overlap)
+
+
+def _section(model, x: np.ndarray, batch: int, by_overlap: dict) -> dict:
     worst = max(by_overlap.values(), key=lambda r: r["ratio_vs_monai"])
     return {
         "input_shape_xyz": list(x.shape[::-1]), "patch_size": list(model.card.patch_size), "batch_size": batch,

@@ -149,31 +149,42 @@ def main(argv=None) -> int:
     hu = None
     if "inference" in only or "ablation" in only:
         hu, _ = inputs.model_grid_phantom(cfg["infer_shape"])
-    if "inference" in only:
-        res["inference"] = bench_inference.run(model, hu, cfg["overlaps"], args.reps, log=log)
+
+    def save(section=None, value=None):
+        """Write the figures so far (a long run keeps what it measured if stopped)."""
+        if section is not None:
+            res[section] = value
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
+
+    # Shorter sections first; the long interleaved inference comparison last.
     if "ablation" in only:
         log("ablation: forward pass per variant")
-        res["ablation"] = ablation.run(model, hu, args.reps, batch=cfg["ablation_batch"],
-                                       compile_too=args.compile, log=log)
+        save("ablation", ablation.run(model, hu, args.reps, batch=cfg["ablation_batch"],
+                                      compile_too=args.compile, log=log))
     if "cli" in only:
         path = inputs.phantom_file(cfg["cli_shape"], cfg["cli_spacing"], log=log)
         log(f"cli: {path.name}, {cfg['cli_reps']} runs")
-        res["cli"] = bench_cli.run(path, cli_dir, cfg["cli_reps"], args.threads, flop, peaks, log)
+        save("cli", bench_cli.run(path, cli_dir, cfg["cli_reps"], args.threads, flop, peaks, log))
     if "scaling" in only:
         files = [(s, inputs.phantom_file(s, cfg["scaling_spacing"], log=log)) for s in cfg["scaling"]]
         log(f"scaling: {len(files)} sizes at {cfg['scaling_spacing']} mm")
-        res["scaling"] = bench_cli.scaling(files, cli_dir, cfg["cli_reps"], args.threads, log)
-        res["scaling"]["spacing_mm"] = list(cfg["scaling_spacing"])
+        save("scaling", dict(bench_cli.scaling(files, cli_dir, cfg["cli_reps"], args.threads, log),
+                             spacing_mm=list(cfg["scaling_spacing"])))
     if "loader" in only:
         cases, preset, workers, overrides = cfg["loader"]
         log(f"loader: {cases} {preset} phantom cases")
-        res["loader"] = bench_loader.run_variants(cases, preset, args.reps, workers, overrides, log)
+        save("loader", bench_loader.run_variants(cases, preset, args.reps, workers, overrides, log))
     if "accuracy" in only:
         if args.quick:
-            res["accuracy"] = {"status": "skipped in --quick"}
+            save("accuracy", {"status": "skipped in --quick"})
         else:
             log("accuracy: Dice per engine configuration")
-            res["accuracy"] = accuracy.run(model, cfg["phantoms"], real=True, log=log)
+            save("accuracy", accuracy.run(model, cfg["phantoms"], real=True, log=log))
+    if "inference" in only:
+        save("inference", bench_inference.run(model, hu, cfg["overlaps"], args.reps, log=log,
+                                              partial=lambda sec: save("inference", sec)))
     res["gpu"] = gpu_section()
     res["targets"] = targets(res)
     res["load_average_at_end"] = machine.load_average()
@@ -183,8 +194,7 @@ def main(argv=None) -> int:
     if args.markdown:
         args.markdown.write_text(text + "\n", encoding="utf-8")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
+        save()
         log(f"wrote {args.json}")
     return 0
 

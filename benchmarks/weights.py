@@ -6,9 +6,18 @@ and :func:`ensure_weights` makes them when they are missing.
 
 Why a training loop here and not ``Training/train.py``: the recipe must be affordable
 on 2 CPU cores (about 15 minutes) and reproducible without a data set on disk, so it
-renders its phantoms in memory at the model spacing (1 to 4 tumours of 8 to 35 mm
-each, so that tumours are common enough to learn in a few hundred steps) and runs
-plain Adam steps on 48-voxel patches with bf16 autocast. The weights are convolutional, so they run on the
+renders its phantoms in memory at the model spacing and runs plain Adam steps on
+48-voxel patches with bf16 autocast.
+
+What 240 steps buy (measured with the engine's default settings): a usable liver on
+body-sized phantoms like the training ones (Dice 0.94 and 0.83 on two held-out
+phantoms, 0.82 against the TotalSegmentator reference on the real 3 mm abdomen), an
+over-segmented one on the larger field of view of the item-1 input (Dice 0.56 after
+postprocessing: 736 k voxels labelled for 323 k true), and no tumour at all. A variant
+with 1 to 4 forced tumours of 8 to 35 mm per case and 320 steps predicted many false
+lesions and a worse liver (0.83 on the first held-out phantom), so the benchmarks use
+the 240-step recipe. Its outputs are organ-sized, so postprocessing and surfaces do
+realistic work; the tumour class stays empty. The weights are convolutional, so they run on the
 card's 96-voxel patches. Everything about the recipe is written into the card's
 ``provenance``.
 """
@@ -30,8 +39,7 @@ TRAIN_SEED_BASE = 1000  # training phantoms: seeds 1000, 1001, ...
 HELDOUT_SEED_BASE = 2000  # held-out phantoms (never trained on)
 RECIPE = {
     "cases": 12, "preset": "coarse", "orientation": "lps", "spacing_mm": list(SPACING_MM),
-    "tumors_per_case": [1, 4], "tumor_diameters_mm": [8.0, 35.0],
-    "patch": 48, "batch": 2, "steps": 320, "lr": 1.0e-3, "loss": "cross-entropy + soft Dice",
+    "patch": 48, "batch": 2, "steps": 240, "lr": 1.0e-3, "loss": "cross-entropy + soft Dice",
     "label_probabilities": {"0": 0.2, "1": 0.3, "2": 0.5}, "precision": "bf16 autocast (CPU)",
     "optimizer": "Adam", "seed": 0, "threads": 2,
 }
@@ -103,10 +111,8 @@ def train_bench_model(out_dir: Path, recipe: Optional[dict] = None,
     card = bench_card()
     t0 = time.perf_counter()
     data = []
-    lo, hi = (int(v) for v in r["tumors_per_case"])
     for i in range(int(r["cases"])):
-        hu, lab = phantom_on_model_grid(TRAIN_SEED_BASE + i, preset=r["preset"], n_tumors=lo + i % (hi - lo + 1),
-                                        tumor_diameters_mm=tuple(r["tumor_diameters_mm"]))
+        hu, lab = phantom_on_model_grid(TRAIN_SEED_BASE + i, preset=r["preset"])
         data.append((scale_intensity(hu, card.intensity), lab))
     log(f"rendered {len(data)} training phantoms in {time.perf_counter() - t0:.0f} s")
     net = UNet3D(widths=WIDTHS).to(memory_format=torch.channels_last_3d)
