@@ -49,7 +49,7 @@ DEFAULTS: dict = {
         "flip": False,
     },
     "model": {"widths": [32, 64, 128, 256], "norm": "none", "init_from": None},
-    "loss": {"name": "ce", "dice_weight": 1.0},
+    "loss": {"name": "ce", "dice_weight": 1.0, "class_weights": None},
     "optimizer": {"name": "adam", "lr": 1.0e-4, "weight_decay": 0.0},
     "schedule": {"name": "none", "warmup_steps": 0, "min_lr_ratio": 0.01},
     "trainer": {

@@ -6,6 +6,8 @@ the LiTS convention: "liver" is the whole organ (labels 1 and 2), "tumor" is lab
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -27,9 +29,14 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, name: str = "ce",
-                      dice_weight: float = 1.0) -> torch.Tensor:
-    """``ce``: cross-entropy (the seed); ``dice_ce``: cross-entropy + ``dice_weight`` x soft Dice."""
-    ce = F.cross_entropy(logits.float(), target)
+                      dice_weight: float = 1.0, class_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """``ce``: cross-entropy (the seed); ``dice_ce``: cross-entropy + ``dice_weight`` x soft Dice.
+
+    ``class_weights`` (one per class) weight the cross-entropy term.
+    """
+    weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32,
+                                                                 device=logits.device)
+    ce = F.cross_entropy(logits.float(), target, weight=weight)
     if name == "ce":
         return ce
     return ce + dice_weight * soft_dice_loss(logits, target)

@@ -81,7 +81,7 @@ class LiverSegModule(L.LightningModule):
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.config["loss"]
-        return segmentation_loss(logits, target, loss["name"], float(loss["dice_weight"]))
+        return segmentation_loss(logits, target, loss["name"], float(loss["dice_weight"]), loss["class_weights"])
 
     # -- training --------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
