@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 def _run(script: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(TRAINING / script), *map(str, args)], cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout)
+                            capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -88,7 +88,7 @@ def test_export_cli_and_the_command_line_segment(smoke_run, phantoms, tmp_path):
     assert card["provenance"]["training"]["global_step"] == 16 and card["weights"]["sha256"]
     command = [sys.executable, "-m", "LiverTumorSegLib", "segment", str(phantoms / "imagesTs" / "liver_5.nii.gz"),
                "-o", str(tmp_path / "seg"), "--model", str(out), "--no-surfaces", "--no-preview", "--progress", "none"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
 
 

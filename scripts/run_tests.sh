@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "test,train"
+# Child processes print progress bars (UTF-8); decode the same whatever the locale.
+export PYTHONUTF8=1
 set +e
 .venv/bin/python -m pytest "$@"
 code=$?
