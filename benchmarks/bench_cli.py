@@ -1,8 +1,9 @@
 """Items 2 and 3: the whole command line on a CT file, per stage; and its scaling.
 
 Each run is a fresh process (``benchmarks/cli_child.py`` around ``livertumorseg
-segment``), so its peak RSS (``ru_maxrss`` from ``wait4``) is the command's own, and
-its wall time includes starting Python and importing torch, as a user sees it.
+segment``), so its peak RSS (the child's own ``VmHWM``, read as it exits) is the
+command's own, and its wall time includes starting Python and importing torch, as a
+user sees it.
 """
 
 from __future__ import annotations
@@ -33,13 +34,9 @@ def run_once(input_path: Path, model_dir: Path, threads: int, extra: Sequence[st
                "--model", str(model_dir), "--progress", "none", "--threads", str(threads), *extra]
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t
-        stdout, stderr = proc.stdout.read().decode(errors="replace"), proc.stderr.read().decode(errors="replace")
-        proc.stdout.close()
-        proc.stderr.close()
-        proc.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
+        stdout, stderr = proc.stdout, proc.stderr
         if proc.returncode != 0 or not report.is_file():
             raise RuntimeError(f"CLI run failed (exit {proc.returncode}): {stderr.strip()[-2000:]}")
         child = json.loads(report.read_text(encoding="utf-8"))
@@ -51,7 +48,7 @@ def run_once(input_path: Path, model_dir: Path, threads: int, extra: Sequence[st
     stages["surfaces"] = child["surfaces_s"]
     stages["write"] = child["write_outputs_s"] - child["surfaces_s"]
     stages["startup"] = wall - sum(stages.values())
-    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024.0, "stages_s": stages,
+    return {"wall_s": wall, "peak_rss_mib": child["peak_rss_kib"] / 1024.0, "stages_s": stages,
             "forward_s": child["forward_s"], "patches": child["patches"], "outputs": outputs,
             "stdout": stdout.strip().splitlines()[:1]}
 

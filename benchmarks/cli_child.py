@@ -74,6 +74,21 @@ def _install() -> None:
     surfaces.surfaces_for_labels = timed_surfaces
 
 
+def _peak_rss_kib():
+    """This process's peak resident set (``VmHWM``). Not ``ru_maxrss`` from the parent:
+    on Linux that also counts the parent's memory copied at fork, before ``exec``."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def main() -> int:
     report_path, args = Path(sys.argv[1]), sys.argv[2:]
     _install()
@@ -86,7 +101,7 @@ def main() -> int:
     if stats_json.is_file():
         timings = json.loads(stats_json.read_text(encoding="utf-8"))["run"]["timings_s"]
     report = dict(STATS, rc=rc, imports_s=t_main - T_START, main_s=t_end - t_main, cli_timings_s=timings,
-                  torch_threads=torch.get_num_threads())
+                  torch_threads=torch.get_num_threads(), peak_rss_kib=_peak_rss_kib())
     report_path.write_text(json.dumps(report, indent=1))
     return rc
 

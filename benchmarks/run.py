@@ -80,6 +80,21 @@ def load_bench_model(args, quick: bool, patch):
     return model, cli_dir, what
 
 
+def git_state() -> dict:
+    """Commit of the checkout and whether tracked files differ from it."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None}
+    return {"commit": commit or None, "modified_tracked_files": [line[3:] for line in dirty if line.strip()]}
+
+
 def gpu_section() -> dict:
     import torch
 
@@ -136,7 +151,7 @@ def main(argv=None) -> int:
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     t0 = time.perf_counter()
     res = {"command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_state(),
            "machine": dict(machine.describe(), gemm_peak=machine.gemm_peak(1024 if args.quick else 2048))}
     log(machine.one_line(res["machine"]))
     model, cli_dir, what = load_bench_model(args, args.quick, cfg["patch"])
@@ -200,7 +215,8 @@ def main(argv=None) -> int:
 
 
 def render(res: dict) -> str:
-    parts = [f"Command: `{res['command']}` ({res['total_s'] / 60:.1f} min, started {res['started']})",
+    parts = [f"Command: `{res['command']}` ({res['total_s'] / 60:.1f} min, started {res['started']}, "
+             f"commit {(res.get('git') or {}).get('commit') or '?'})",
              f"Model: {res['model']['weights']}; patch {res['model']['patch_size']}",
              report.machine(res["machine"])]
     for name, title in (("inference", "1. Sliding-window inference"), ("ablation", "Forward-pass ablation"),
