@@ -24,9 +24,16 @@ CHILD = Path(__file__).resolve().parent / "cli_child.py"
 
 
 def run_once(input_path: Path, model_dir: Path, threads: int, extra: Sequence[str] = ()) -> dict:
-    """One ``livertumorseg segment`` run: wall time, peak RSS and the child's stage report."""
+    """One ``livertumorseg segment`` run: wall time, peak RSS and the child's stage report.
+
+    ``probe_bf16_gflops``: a 1024-cube bf16 matrix product timed just before the run, a
+    gauge of how much of the CPU other jobs left to this one.
+    """
     import json
 
+    from .machine import gemm_peak
+
+    probe = gemm_peak(1024, reps=3)["bf16_gflops"]
     work = Path(tempfile.mkdtemp(prefix="ltsbench-cli-"))
     try:
         report = work / "report.json"
@@ -50,7 +57,7 @@ def run_once(input_path: Path, model_dir: Path, threads: int, extra: Sequence[st
     stages["startup"] = wall - sum(stages.values())
     return {"wall_s": wall, "peak_rss_mib": child["peak_rss_kib"] / 1024.0, "stages_s": stages,
             "forward_s": child["forward_s"], "patches": child["patches"], "outputs": outputs,
-            "stdout": stdout.strip().splitlines()[:1]}
+            "stdout": stdout.strip().splitlines()[:1], "probe_bf16_gflops": probe}
 
 
 def summarise(runs: List[dict], flops_per_patch: float, peaks: dict) -> dict:
@@ -71,6 +78,7 @@ def summarise(runs: List[dict], flops_per_patch: float, peaks: dict) -> dict:
         "gflops_forward": flop / forward / 1e9 if forward else None,
         "gflops_inference": flop / inference / 1e9 if inference else None,
         "outputs": runs[0]["outputs"], "summary_line": runs[0]["stdout"], "reps": len(runs),
+        "probe_bf16_gflops_all": [round(r["probe_bf16_gflops"]) for r in runs],
     }
     for name, value in (peaks or {}).items():
         if value and out["gflops_forward"]:
@@ -85,6 +93,7 @@ def run(input_path: Path, model_dir: Path, reps: int, threads: int, flops_per_pa
     for rep in range(reps):
         r = run_once(input_path, model_dir, threads)
         log(f"  cli rep {rep + 1}/{reps}: {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+            f"probe {r['probe_bf16_gflops']:.0f} GFLOP/s, "
             + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items()))
         runs.append(r)
     out = summarise(runs, flops_per_patch, peaks)
@@ -126,6 +135,7 @@ def scaling(inputs: Sequence[tuple], model_dir: Path, reps: int, threads: int, l
             "inference_s": med(r["stages_s"]["inference"] for r in runs),
             "patches": runs[0]["patches"], "peak_rss_mib": med(r["peak_rss_mib"] for r in runs),
             "stages_s": {k: med(r["stages_s"][k] for r in runs) for k in runs[0]["stages_s"]},
+            "probe_bf16_gflops_all": [round(r["probe_bf16_gflops"]) for r in runs],
         })
     voxels = [r["voxels"] for r in rows]
     return {

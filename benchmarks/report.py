@@ -77,6 +77,9 @@ def cli(s: dict) -> str:
     rows.append(["**total wall (median)**", _f(s["wall_s_median"], 1) + " (" + " / ".join(
         _f(v, 1) for v in s["wall_s_all"]) + ")"])
     text = _t(rows, ["stage", "seconds (median)"])
+    if s.get("probe_bf16_gflops_all"):
+        text += ("\n\nCPU left to the run (bf16 GEMM probe just before each run, GFLOP/s): "
+                 + " / ".join(str(v) for v in s["probe_bf16_gflops_all"]))
     text += (f"\n\npeak RSS {s['peak_rss_mib_median']:.0f} MiB (max {s['peak_rss_mib_max']:.0f}); "
              f"{s['patches']} patches; forward passes {s['forward_s_median']:.1f} s = "
              f"{100 * (s['forward_share_of_inference'] or 0):.1f} % of inference; "
@@ -90,9 +93,10 @@ def cli(s: dict) -> str:
 
 def scaling(s: dict) -> str:
     rows = [["x".join(map(str, r["shape_xyz"])), f"{r['voxels'] / 1e6:.1f}", r["patches"], _f(r["wall_s"], 1),
-             _f(r["engine_s"], 1), _f(r["inference_s"], 1), _f(r["peak_rss_mib"], 0)] for r in s["rows"]]
+             _f(r["engine_s"], 1), _f(r["inference_s"], 1), _f(r["peak_rss_mib"], 0),
+             " / ".join(str(v) for v in r.get("probe_bf16_gflops_all", []))] for r in s["rows"]]
     text = _t(rows, ["input (x, y, z)", "M voxels", "patches", "wall s", "engine s (no start-up)",
-                     "inference s", "peak RSS MiB"])
+                     "inference s", "peak RSS MiB", "bf16 GEMM probe GFLOP/s"])
     text += ("\n\nfitted exponents (cost ∝ voxels^k): wall {}, engine {}, inference {}, rest of the engine {}, "
              "peak RSS {}").format(*(_f(s[k], 2) for k in ("exponent_wall", "exponent_engine",
                                                              "exponent_inference", "exponent_non_inference",
