@@ -118,7 +118,7 @@ def loader(s: dict) -> str:
                      f"{sec['queue_workers']} queue workers, cache build {sec['cache_build_s']:.1f} s "
                      f"(once); **speed-up {sec['speedup']:.2f}×**\n\n"
                      + _t(rows, ["loader", "epoch s (median)", "all reps", "patches", "patches/s",
-                                 "peak RSS added MiB"]))
+                                 "peak RSS added MiB (main process; queue workers not counted)"]))
     return "\n\n".join(parts)
 
 
