@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from LiverTumorSegLib.errors import InputError
 from LiverTumorSegLib.preview import write_preview_png
 from LiverTumorSegLib.volume import Volume
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+from .helpers import real_data
 
 
 def phantom() -> tuple:
@@ -104,10 +103,8 @@ def test_empty_labels_and_errors(tmp_path):
 
 
 def test_real_lits_preview(tmp_path):
-    label_path = REAL_DATA / "lits117_crop_label.nii.gz"
-    ct_path = REAL_DATA / "lits117_crop_ct.nii.gz"
-    if not (label_path.exists() and ct_path.exists()):
-        pytest.skip(f"real LiTS sample not found in {REAL_DATA}")
+    label_path = real_data("lits117_crop_label.nii.gz")
+    ct_path = real_data("lits117_crop_ct.nii.gz")
     labels = Volume.from_sitk(sitk.ReadImage(str(label_path)))
     ct = Volume.from_sitk(sitk.ReadImage(str(ct_path)))
     write_preview_png(ct, labels, tmp_path / "lits.png")

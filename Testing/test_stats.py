@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from LiverTumorSegLib.stats import (
 )
 from LiverTumorSegLib.volume import Volume
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+from .helpers import real_data
 
 
 def oblique_direction() -> np.ndarray:
@@ -254,10 +253,8 @@ def test_rows_csv_and_json_agree(sphere_phantom, tmp_path):
 
 
 def test_real_lits_labels_match_direct_computation():
-    label_path = REAL_DATA / "lits117_crop_label.nii.gz"
-    ct_path = REAL_DATA / "lits117_crop_ct.nii.gz"
-    if not (label_path.exists() and ct_path.exists()):
-        pytest.skip(f"real LiTS sample not found in {REAL_DATA}")
+    label_path = real_data("lits117_crop_label.nii.gz")
+    ct_path = real_data("lits117_crop_ct.nii.gz")
     import SimpleITK as sitk
 
     labels = Volume.from_sitk(sitk.ReadImage(str(label_path)))
