@@ -23,7 +23,7 @@ STAGES = ("read", "preprocess", "inference", "postprocess", "statistics", "surfa
 CHILD = Path(__file__).resolve().parent / "cli_child.py"
 
 
-def run_once(input_path: Path, model_dir: Path, threads: int, extra: Sequence[str] = ()) -> dict:
+def run_once(input_path: Path, model_dir: Path, threads: int, extra: Sequence[str] = (), probe: bool = True) -> dict:
     """One ``livertumorseg segment`` run: wall time, peak RSS and the child's stage report.
 
     ``probe_bf16_gflops``: a 1024-cube bf16 matrix product timed just before the run, a
@@ -33,7 +33,7 @@ def run_once(input_path: Path, model_dir: Path, threads: int, extra: Sequence[st
 
     from .machine import gemm_peak
 
-    probe = gemm_peak(1024, reps=3)["bf16_gflops"]
+    probe = gemm_peak(1024, reps=3)["bf16_gflops"] if probe else None
     work = Path(tempfile.mkdtemp(prefix="ltsbench-cli-"))
     try:
         report = work / "report.json"
@@ -57,7 +57,8 @@ def run_once(input_path: Path, model_dir: Path, threads: int, extra: Sequence[st
     stages["startup"] = wall - sum(stages.values())
     return {"wall_s": wall, "peak_rss_mib": child["peak_rss_kib"] / 1024.0, "stages_s": stages,
             "forward_s": child["forward_s"], "patches": child["patches"], "outputs": outputs,
-            "stdout": stdout.strip().splitlines()[:1], "probe_bf16_gflops": probe}
+            "stdout": stdout.strip().splitlines()[:1], "probe_bf16_gflops": probe,
+            **{k: v for k, v in child.items() if k.startswith("gpu_")}}
 
 
 def summarise(runs: List[dict], flops_per_patch: float, peaks: dict) -> dict:
@@ -78,7 +79,7 @@ def summarise(runs: List[dict], flops_per_patch: float, peaks: dict) -> dict:
         "gflops_forward": flop / forward / 1e9 if forward else None,
         "gflops_inference": flop / inference / 1e9 if inference else None,
         "outputs": runs[0]["outputs"], "summary_line": runs[0]["stdout"], "reps": len(runs),
-        "probe_bf16_gflops_all": [round(r["probe_bf16_gflops"]) for r in runs],
+        "probe_bf16_gflops_all": [round(r["probe_bf16_gflops"]) for r in runs if r["probe_bf16_gflops"] is not None],
     }
     for name, value in (peaks or {}).items():
         if value and out["gflops_forward"]:

@@ -39,8 +39,12 @@ class TimedNetwork(torch.nn.Module):
         self.inner = inner
 
     def forward(self, x):
+        if x.is_cuda:  # time the kernels, not their launch: wait for the work queued before
+            torch.cuda.synchronize(x.device)
         t = time.perf_counter()
         out = self.inner(x)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
         STATS["forward_s"] += time.perf_counter() - t
         STATS["forward_calls"] += 1
         STATS["patches"] += int(x.shape[0])
@@ -89,6 +93,15 @@ def _peak_rss_kib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _gpu_memory() -> dict:
+    """Peak GPU memory of this process (PyTorch's allocator), when CUDA was used."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    return {"gpu_peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+            "gpu_peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
+            "gpu_name": torch.cuda.get_device_name(0)}
+
+
 def main() -> int:
     report_path, args = Path(sys.argv[1]), sys.argv[2:]
     _install()
@@ -101,7 +114,7 @@ def main() -> int:
     if stats_json.is_file():
         timings = json.loads(stats_json.read_text(encoding="utf-8"))["run"]["timings_s"]
     report = dict(STATS, rc=rc, imports_s=t_main - T_START, main_s=t_end - t_main, cli_timings_s=timings,
-                  torch_threads=torch.get_num_threads(), peak_rss_kib=_peak_rss_kib())
+                  torch_threads=torch.get_num_threads(), peak_rss_kib=_peak_rss_kib(), **_gpu_memory())
     report_path.write_text(json.dumps(report, indent=1))
     return rc
 

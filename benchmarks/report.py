@@ -145,3 +145,52 @@ def targets(t: dict) -> str:
     rows = [[name, _f(v["value"], 3) if isinstance(v["value"], (int, float)) else v["value"], v["target"],
              {True: "met", False: "**missed**", None: "n/a"}[v["met"]]] for name, v in t.items()]
     return _t(rows, ["target", "measured", "goal", ""])
+
+
+def gpu(s: dict) -> str:
+    if s.get("status") != "measured":
+        return s.get("status", "not measured")
+    d = s["device"]
+    parts = [f"{d['name']} ({d['memory_gib']:.0f} GiB, {d['multiprocessors']} SMs, compute {d['capability']}), "
+             f"torch {d['torch']}, CUDA {d['cuda']}, cuDNN {d['cudnn']}, {d['host_cpus']} host CPUs"]
+    c = s.get("cli", {})
+    if "stages_s_median" in c:
+        parts.append("**Whole command line** (`--device cuda`, fresh process per run; the first run pays "
+                     f"CUDA start-up and cuDNN's kernel choice): first run {c['wall_s_first']:.2f} s, "
+                     f"median of the later runs {_f(c['wall_s_after_first_median'], 2)} s\n\n" + cli(c)
+                     + f"\n\nGPU peak memory: {c['gpu_peak_allocated_mib_max']:.0f} MiB allocated, "
+                     f"{c['gpu_peak_reserved_mib_max']:.0f} MiB reserved by PyTorch")
+    elif c:
+        parts.append(f"Whole command line: {c.get('status')}")
+    i = s.get("inference", {})
+    if "by_overlap" in i:
+        for overlap, row in i["by_overlap"].items():
+            rows = []
+            for name in ("ours", "monai_gaussian", "monai_constant", "monai_gaussian_fp16"):
+                r = row[name]
+                dice = r.get("dice_vs_monai_constant_fp32", {})
+                rows.append([name, _f(r["seconds_median"], 3), " / ".join(_f(v, 3) for v in r["seconds_all"]),
+                             _f(r["gpu_peak_mib"], 0),
+                             _f(dice.get("labels"), 4) if name != "monai_constant" else "(reference)"])
+            parts.append(f"**Sliding window on the GPU**, overlap {float(overlap):.4f}, "
+                         f"{'x'.join(map(str, i['input_shape_xyz']))} voxels, batch {i['batch_size']}: ratio vs "
+                         f"MONAI fp32 {row['ratio_vs_monai']:.3f}, vs MONAI fp16 {row['ratio_vs_monai_fp16']:.3f}, "
+                         f"GPU peak vs MONAI {row['gpu_peak_ratio_vs_monai']:.2f}\n\n"
+                         + _t(rows, ["competitor", "median s", "all reps s", "GPU peak MiB",
+                                     "label Dice vs MONAI const fp32"]))
+    elif i:
+        parts.append(f"Sliding window: {i.get('status')}")
+    t = s.get("training", {})
+    if "synthetic" in t:
+        rows = [[r["precision"], _f(r["steps_per_s"], 2), _f(r["patches_per_s"], 1), _f(r["gpu_peak_mib"], 0)]
+                for r in t["synthetic"]]
+        f = t["fit"]
+        parts.append(f"**Training step** ({t['recipe']}, batch {t['synthetic'][0]['batch_size']} of "
+                     f"{'x'.join(map(str, t['synthetic'][0]['patch_size']))}, synthetic batches)\n\n"
+                     + _t(rows, ["precision", "steps/s", "patches/s", "GPU peak MiB"])
+                     + f"\n\nLightning `Trainer.fit` with the cached data module ({f['cases']} phantom cases, "
+                     f"{f['num_workers']} queue workers, {f['precision']}): {f['steps_per_s']:.2f} steps/s, "
+                     f"{f['patches_per_s']:.1f} patches/s over {f['steps_timed']} steps")
+    elif t:
+        parts.append(f"Training: {t.get('status')}")
+    return "\n\n".join(parts)
