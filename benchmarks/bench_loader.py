@@ -10,7 +10,10 @@ batch 2) and the same number of queue workers:
   to [-1, 1]) and augments on every visit of a subject, as the seed script did;
 * ``cached``: ``livertumorseg_training.data.LiverDataModule`` (the training package's
   loader): the cases are resampled once into memory-mappable ``.npy`` files (the cache
-  build is timed and reported separately), then the queue reads those.
+  build is timed and reported separately), then the queue reads those, sampling each
+  patch with a margin; the random affine acts on the patches
+  (``livertumorseg_training.augment.PatchAugmenter``, applied on the CPU inside the timed
+  loop, where training would apply it on its own device), not on whole volumes.
 
 One measurement is one epoch: a fresh loader iterator drawing every patch of every
 training subject (cases x samples per volume), including the first queue fill.
@@ -77,10 +80,14 @@ def seed_loader(cases, config: dict):
     return DataLoader(queue, batch_size=int(config["trainer"]["batch_size"]), num_workers=0)
 
 
-def _epoch(make_loader) -> int:
-    """Draw one epoch from a fresh loader; returns the number of patches."""
+def _epoch(make_loader, augment=None) -> int:
+    """Draw one epoch from a fresh loader; returns the number of patches. ``augment``
+    (batch -> batch) is the per-patch augmentation training applies on its device; here
+    it runs on the CPU inside the timed loop."""
     n = 0
     for batch in make_loader():
+        if augment is not None:
+            batch["image"], batch["label"] = augment(batch["image"], batch["label"])
         n += len(batch["case_id"]) if isinstance(batch, dict) and "case_id" in batch else int(
             batch["ct"]["data"].shape[0])
     return n
@@ -107,6 +114,7 @@ def run(cases: int, preset: str, reps: int, workers: int, overrides: Sequence[st
         _training_package()
         from livertumorseg_training.config import load_config
         from livertumorseg_training.data import LiverDataModule
+        from livertumorseg_training.augment import PatchAugmenter
         from livertumorseg_training.dataset import training_cases
     except ImportError as exc:
         return {"status": f"not measured: the training package's cached loader is not importable ({exc})"}
@@ -117,6 +125,7 @@ def run(cases: int, preset: str, reps: int, workers: int, overrides: Sequence[st
     cache_dir = Path(tempfile.mkdtemp(prefix="ltsbench-cache-"))
     try:
         module = LiverDataModule(data_dir, config, cache_dir=cache_dir)
+        augmenter = PatchAugmenter.from_config(config)
         t = time.perf_counter()
         module.setup("fit")
         cache_build_s = time.perf_counter() - t
@@ -129,7 +138,7 @@ def run(cases: int, preset: str, reps: int, workers: int, overrides: Sequence[st
             counts[name] = n
 
         runs = interleaved({"seed_nii_queue": lambda: _epoch(lambda: seed_loader(seed_cases, config)),
-                            "cached_queue": lambda: _epoch(module.train_dataloader)}, reps, keep, log)
+                            "cached_queue": lambda: _epoch(module.train_dataloader, augmenter)}, reps, keep, log)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     rows = {name: summary(samples) for name, samples in runs.items()}

@@ -2,7 +2,8 @@
 
 Training: a ``tio.Queue`` (``max_length`` 40, 5 samples per volume in the seed) fed by
 a ``LabelSampler`` (background 0.2, liver 0.3, tumor 0.5) over subjects read from the
-memory-mapped cache and augmented by ``RandomAffine``. Validation either samples
+memory-mapped cache. Training patches are sampled with a margin and augmented one by one
+on the training device (:mod:`.augment`), not as whole volumes. Validation either samples
 patches the same way without augmentation (the seed) or yields whole cached volumes
 for the engine's sliding window (``validation.mode: sliding_window``).
 
@@ -22,6 +23,7 @@ import torchio as tio
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from .augment import sampled_patch_size
 from .cache import build_cache, default_cache_dir, entry_volume, load_arrays
 from .dataset import Case, split_cases, training_cases
 from .transforms import AIR_HU, CachedArrayReader, EngineIntensity, build_transforms, patch_to_zyx
@@ -121,10 +123,10 @@ class LiverDataModule(L.LightningDataModule):
         }
 
     # -- subjects and loaders ------------------------------------------------------
-    def _subject(self, case: Case) -> tio.Subject:
+    def _subject(self, case: Case, patch_zyx) -> tio.Subject:
         entry = self.entries[case.case_id]
         ijk_to_ras = entry_volume(entry, np.empty((1, 1, 1))).ijk_to_ras()
-        min_xyz = tuple(reversed([int(p) for p in self.config["sampling"]["patch_size"]]))
+        min_xyz = tuple(reversed([int(p) for p in patch_zyx]))
         ct_reader = CachedArrayReader(ijk_to_ras, min_xyz, AIR_HU, "float32")
         label_reader = CachedArrayReader(ijk_to_ras, min_xyz, 0, "uint8")
         return tio.Subject(
@@ -145,10 +147,11 @@ class LiverDataModule(L.LightningDataModule):
 
     def _queue(self, cases: List[Case], train: bool) -> tuple:
         sampling = self.config["sampling"]
-        subjects = tio.SubjectsDataset([self._subject(c) for c in cases],
+        patch_zyx = sampled_patch_size(self.config) if train else sampling["patch_size"]
+        subjects = tio.SubjectsDataset([self._subject(c, patch_zyx) for c in cases],
                                        transform=build_transforms(self.config, train))
         sampler = self._sampler(subjects, shuffle=train)
-        patch_xyz = tuple(reversed([int(p) for p in sampling["patch_size"]]))
+        patch_xyz = tuple(reversed([int(p) for p in patch_zyx]))
         probabilities = {int(k): float(v) for k, v in sampling["label_probabilities"].items()}
         queue = tio.Queue(
             subjects, max_length=int(sampling["queue_length"]), samples_per_volume=int(sampling["samples_per_volume"]),

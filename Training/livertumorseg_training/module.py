@@ -17,6 +17,7 @@ import torch
 
 from LiverTumorSegLib.model.unet import build_network
 
+from .augment import PatchAugmenter
 from .losses import dice_from_counts, overlap_counts, segmentation_loss
 from .visual import enlarge, grey, most_informative_slice, side_by_side
 
@@ -72,6 +73,7 @@ class LiverSegModule(L.LightningModule):
         self.network = build_network(architecture_of(config))
         if config["model"].get("init_from"):
             self.network.load_state_dict(initial_weights(config["model"]["init_from"], architecture_of(config)))
+        self.augmenter = PatchAugmenter.from_config(config)
         self.val_metrics: dict = {}
         self._counts = torch.zeros(2, 2, dtype=torch.float64)
         self._case_dice = torch.zeros(3, dtype=torch.float64)
@@ -88,6 +90,14 @@ class LiverSegModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        """Training patches come with a margin; augment them here, on the training device,
+        and crop them to the network's patch (see :mod:`.augment`)."""
+        trainer = self._trainer
+        if trainer is not None and trainer.training and isinstance(batch, dict) and "label" in batch:
+            batch["image"], batch["label"] = self.augmenter(batch["image"], batch["label"])
+        return batch
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])

@@ -86,33 +86,33 @@ class RandomHULinear(tio.IntensityTransform):
 
 
 def build_transforms(config: dict, train: bool) -> tio.Transform:
-    """The recipe's TorchIO pipeline: [CropOrPad], [augmentation], [Pad], engine intensity.
+    """The recipe's per-subject TorchIO pipeline: [CropOrPad], [HU augmentation], [Pad],
+    engine intensity.
 
-    Spatial augmentation (RandomAffine) and HU augmentation act on training data only.
-    With ``sampling.pad_half_patch`` every side gets half a patch of padding (after the
-    affine, so that stays cheap): TorchIO's samplers only centre patches at least half a
-    patch from the edges, so without it lesions near an edge are never a patch centre.
-    Padding fills intensity images with their minimum (air) and labels with 0.
+    Only cheap voxel-wise steps act on whole volumes. Spatial augmentation (rotation,
+    scaling, flips) acts on the sampled training patches instead
+    (:class:`~livertumorseg_training.augment.PatchAugmenter`, run on the training
+    device), which sample a margin for it (:func:`~livertumorseg_training.augment.sampled_patch_size`).
+    With ``sampling.pad_half_patch`` every side gets half a (sampled) patch of padding:
+    TorchIO's samplers only centre patches at least half a patch from the edges, so
+    without it lesions near an edge are never a patch centre. Padding fills intensity
+    images with their minimum (air) and labels with 0.
     """
+    from .augment import sampled_patch_size
+
     steps = []
     crop = config["data"]["crop_or_pad"]
     if crop:
         steps.append(tio.CropOrPad(tuple(int(v) for v in crop), padding_mode="minimum"))
     aug = config["augmentation"]
     if train:
-        scales = aug["affine_scales"]
-        degrees = float(aug["affine_degrees"])
-        if scales or degrees:
-            steps.append(tio.RandomAffine(scales=tuple(scales) if scales else 0, degrees=degrees,
-                                          default_pad_value="minimum"))
         if aug["hu_shift"] or tuple(aug["hu_scale"]) != (1.0, 1.0):
             steps.append(RandomHULinear(aug["hu_shift"], aug["hu_scale"]))
         if aug["noise_std_hu"]:
             steps.append(tio.RandomNoise(std=(0.0, float(aug["noise_std_hu"]))))
-        if aug["flip"]:
-            steps.append(tio.RandomFlip(axes=(0, 1, 2)))
     if config["sampling"]["pad_half_patch"]:
-        half_xyz = tuple(int(p) // 2 for p in reversed(config["sampling"]["patch_size"]))
+        patch = sampled_patch_size(config) if train else config["sampling"]["patch_size"]
+        half_xyz = tuple(int(p) // 2 for p in reversed(patch))
         steps.append(tio.Pad(half_xyz, padding_mode="minimum"))
     it = config["intensity"]
     steps.append(tio.Lambda(EngineIntensity(it["mode"], it["window_hu"], it["output_range"]),

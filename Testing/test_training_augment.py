@@ -1,0 +1,136 @@
+"""Per-patch spatial augmentation: exact centre crop without a transform, the axis
+conventions of a known rotation, a margin that keeps every source voxel inside the
+sampled patch, and the queue and module that use it."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "Training") not in sys.path:
+    sys.path.insert(0, str(REPO / "Training"))
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchio", reason="the training extras (pip install .[train]) are not installed")
+
+from livertumorseg_training.augment import PatchAugmenter, margin_factor, sampled_patch_size  # noqa: E402
+from livertumorseg_training.config import load_config  # noqa: E402
+
+
+class FixedAugmenter(PatchAugmenter):
+    """Applies one given voxel-space matrix (x, y, z order) to every sample."""
+
+    def __init__(self, patch_size, matrix):
+        super().__init__(patch_size, None, 1.0)
+        self.matrix = torch.as_tensor(matrix, dtype=torch.float32)
+
+    def matrices(self, n, generator=None):
+        return self.matrix.expand(n, 3, 3)
+
+
+def test_no_transform_is_an_exact_centre_crop():
+    image = torch.randn(2, 1, 12, 14, 16)
+    label = torch.randint(0, 3, (2, 12, 14, 16))
+    out_image, out_label = PatchAugmenter((8, 10, 12), None, 0.0)(image, label)
+    assert torch.allclose(out_image, image[:, :, 2:10, 2:12, 2:14], atol=1e-6)
+    assert torch.equal(out_label, label[:, 2:10, 2:12, 2:14]) and out_label.dtype == label.dtype
+
+
+def test_a_quarter_turn_about_z_rotates_the_yx_plane():
+    # source offset = M @ output offset, (x, y, z): x_src = -y_out, y_src = x_out
+    quarter = [[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    image = torch.randn(1, 1, 10, 12, 12)
+    label = torch.randint(0, 3, (1, 10, 12, 12))
+    out_image, out_label = FixedAugmenter((6, 8, 8), quarter)(image, label)
+    crop = image[:, :, 2:8, 2:10, 2:10]
+    # rot90 with k=1 over (y, x): out[y, x] = crop[x, n - 1 - y], i.e. source y = x_out, x = -y_out
+    assert torch.allclose(out_image, torch.rot90(crop, k=1, dims=(3, 4)), atol=1e-5)
+    assert not torch.allclose(out_image, torch.rot90(crop, k=3, dims=(3, 4)), atol=1e-5)
+    assert torch.equal(out_label, torch.rot90(label[:, 2:8, 2:10, 2:10], k=1, dims=(2, 3)))
+
+
+@pytest.mark.parametrize("spacing", [(1.5, 1.5, 1.5), (0.8, 0.8, 2.5)])
+def test_the_margin_keeps_every_source_voxel_inside_the_sampled_patch(spacing):
+    config = load_config("default", [f"data.spacing_mm=[{spacing[0]},{spacing[1]},{spacing[2]}]",
+                                     "sampling.patch_size=[16,16,16]"])
+    size = sampled_patch_size(config)
+    assert all(s > 16 and (s - 16) % 2 == 0 for s in size)
+    # a NaN shell one voxel thick: any output that reads it (with non-zero weight) is NaN
+    image = torch.zeros((4, 1) + size)
+    image[:, :, [0, -1]] = float("nan")
+    image[:, :, :, [0, -1]] = float("nan")
+    image[:, :, :, :, [0, -1]] = float("nan")
+    label = torch.zeros((4,) + size, dtype=torch.long)
+    augmenter = PatchAugmenter.from_config(config)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        out, _ = augmenter(image, label, generator)
+        assert not torch.isnan(out).any()
+    # and the extreme corners of the angle box at the smallest scale
+    deg = math.radians(float(config["augmentation"]["affine_degrees"]))
+    from livertumorseg_training.augment import _rotation
+
+    d = torch.diag(torch.tensor(config["data"]["spacing_mm"], dtype=torch.float32))
+    for signs in ([1, 1, 1], [1, -1, 1], [-1, 1, 1], [1, 1, -1]):
+        r = _rotation(torch.tensor([signs], dtype=torch.float32) * deg)[0]
+        m = torch.linalg.inv(d) @ r @ d / min(config["augmentation"]["affine_scales"])
+        out, _ = FixedAugmenter((16, 16, 16), m)(image[:1], label[:1])
+        assert not torch.isnan(out).any()
+
+
+def test_margin_factor_grows_with_angle_and_shrinking():
+    assert margin_factor(None, 0.0) == 1.0
+    assert margin_factor((1.0, 1.0), 10.0) > 1.0
+    assert margin_factor((0.9, 1.1), 10.0) > margin_factor((1.0, 1.1), 10.0)
+    assert margin_factor((0.9, 1.1), 20.0) > margin_factor((0.9, 1.1), 10.0)
+
+
+def test_random_augmentation_keeps_labels_and_is_seeded():
+    image = torch.randn(2, 1, 30, 30, 30)
+    label = torch.randint(0, 3, (2, 30, 30, 30))
+    augmenter = PatchAugmenter((20, 20, 20), (0.9, 1.1), 10.0, flip=True)
+    a = augmenter(image, label, torch.Generator().manual_seed(3))
+    b = augmenter(image, label, torch.Generator().manual_seed(3))
+    c = augmenter(image, label, torch.Generator().manual_seed(4))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    assert set(torch.unique(a[1]).tolist()) <= {0, 1, 2} and a[1].dtype == torch.long
+    assert a[0].shape == (2, 1, 20, 20, 20) and a[1].shape == (2, 20, 20, 20)
+
+
+def test_too_small_patches_are_refused():
+    with pytest.raises(ValueError, match="smaller than the output patch"):
+        PatchAugmenter((16, 16, 16))(torch.zeros(1, 1, 8, 16, 16), torch.zeros(1, 8, 16, 16, dtype=torch.long))
+
+
+def test_training_queue_samples_with_the_margin_and_the_module_crops(tmp_path):
+    from .test_training_data import make_dataset
+
+    from livertumorseg_training.data import LiverDataModule
+    from livertumorseg_training.module import LiverSegModule
+
+    config = load_config("smoke", ["sampling.num_workers=0", "data.cache_workers=1",
+                                   "sampling.patch_size=[8,8,8]", "model.widths=[4,8]"])
+    data = make_dataset(tmp_path / "data", n=3)
+    module = LiverDataModule(data, config, tmp_path / "cache")
+    module.setup("fit")
+    batch = next(iter(module.train_dataloader()))
+    assert tuple(batch["image"].shape[2:]) == sampled_patch_size(config) != (8, 8, 8)
+    val = next(iter(module.val_dataloader())) if config["validation"]["mode"] == "patches" else None
+    if val is not None:
+        assert tuple(val["image"].shape[2:]) == (8, 8, 8)
+
+    class Training:
+        training = True
+
+    net = LiverSegModule(config)
+    net._trainer = Training()
+    out = net.on_after_batch_transfer(dict(batch), 0)
+    assert tuple(out["image"].shape[2:]) == (8, 8, 8) and tuple(out["label"].shape[1:]) == (8, 8, 8)
+    Training.training = False
+    untouched = net.on_after_batch_transfer(dict(batch), 0)
+    assert untouched["image"] is batch["image"]
