@@ -89,6 +89,34 @@ class _StageProgress:
         return report
 
 
+_BACKGROUND = None
+
+
+def _background():
+    """One worker thread for device warm-ups (created on first use)."""
+    global _BACKGROUND
+    if _BACKGROUND is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livertumorseg-warmup")
+    return _BACKGROUND
+
+
+def _prepare_and_warm(network, device: str, autocast, card, batch_size: int) -> tuple:
+    """:func:`prepare_network`, then one forward pass of a zero batch of the patch shape
+    (CUDA context, weights on the device, cuDNN's kernels chosen)."""
+    import torch
+
+    prepared, left = prepare_network(network, device, autocast)
+    if isinstance(prepared, torch.nn.Module):
+        shape = (int(batch_size), int(card.architecture.get("in_channels", 1)), *[int(p) for p in card.patch_size])
+        with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=left or torch.float32,
+                                                    enabled=left is not None):
+            prepared(torch.zeros(shape, device=device))
+        torch.cuda.synchronize()
+    return prepared, left
+
+
 class Segmenter:
     """Runs a model on CT volumes. Load once, segment many.
 
@@ -110,7 +138,41 @@ class Segmenter:
 
             torch.set_num_threads(int(self.options.threads))
         # On the CPU: a channels-last copy, with bf16 weights when the precision is bf16.
-        self.network, self._autocast_left = prepare_network(self.model.network, self.device, self.autocast)
+        # On a GPU: starting CUDA, moving the weights and cuDNN's first kernels take a
+        # second or more, so that runs in a background thread while the caller reads
+        # and preprocesses the CT; the first use of ``network`` waits for it.
+        self._pending = None
+        if self.device == "cuda":
+            self._pending = _background().submit(_prepare_and_warm, self.model.network, self.device,
+                                                 self.autocast, self.model.card, self.options.batch_size)
+        else:
+            self._network, self._autocast_left_ = prepare_network(self.model.network, self.device, self.autocast)
+
+    def _ready(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._network, self._autocast_left_ = pending.result()  # re-raises what the thread raised
+
+    @property
+    def network(self):
+        """The module inference runs (waits for a GPU warm-up still under way)."""
+        self._ready()
+        return self._network
+
+    @network.setter
+    def network(self, value) -> None:
+        self._ready()
+        self._network = value
+
+    @property
+    def _autocast_left(self):
+        self._ready()
+        return self._autocast_left_
+
+    @_autocast_left.setter
+    def _autocast_left(self, value) -> None:
+        self._ready()
+        self._autocast_left_ = value
 
     @property
     def card(self):

@@ -61,33 +61,61 @@ def clean_labels(labels: np.ndarray) -> np.ndarray:
 def to_input_grid(labels: Volume, reference: Volume) -> np.ndarray:
     """Map model-grid labels onto ``reference``'s grid; returns (z, y, x) uint8.
 
-    Each mask (liver region, tumor) is interpolated linearly and thresholded at 0.5,
-    one slab of the output at a time so memory stays bounded for big inputs.
+    Each mask (liver region, tumor) is interpolated linearly and thresholded at 0.5.
+    Only the part of the output grid that the labelled voxels can reach is resampled
+    (outside it the interpolated masks are 0), one slab at a time so memory stays
+    bounded for big inputs.
     """
     import SimpleITK as sitk
 
     if labels.same_grid(reference):
         return np.asarray(labels.array, dtype=np.uint8).copy()
     out = np.zeros(reference.array.shape[:3], dtype=np.uint8)
-    if not labels.array.any():
+    src_box = bounding_box(labels.array > 0, margin=1)  # linear interpolation reaches one voxel out
+    if src_box is None:
         return out
-    region_img = _as_float_image(labels, labels.array > 0)
-    tumor_img = _as_float_image(labels, labels.array == TUMOR) if (labels.array == TUMOR).any() else None
-    nz, ny, nx = out.shape
+    crop = labels.array[src_box]
+    m_src = labels.ijk_to_lps()
+    start = np.array([src_box[2].start, src_box[1].start, src_box[0].start], dtype=np.float64)
+    sub = Volume(array=crop, spacing=labels.spacing, origin=tuple(m_src[:3, :3] @ start + m_src[:3, 3]),
+                 direction=labels.direction)
+    out_box = _reachable_box(sub, reference)
+    if out_box is None:
+        return out
+    region_img = _as_float_image(sub, crop > 0)
+    tumor_img = _as_float_image(sub, crop == TUMOR) if (crop == TUMOR).any() else None
+    (z_lo, z_hi), (y_lo, y_hi), (x_lo, x_hi) = out_box
+    ny, nx = y_hi - y_lo, x_hi - x_lo
     step = max(1, SLAB_VOXELS // max(nx * ny, 1))
     m = reference.ijk_to_lps()
-    for z0 in range(0, nz, step):
-        z1 = min(z0 + step, nz)
+    for z0 in range(z_lo, z_hi, step):
+        z1 = min(z0 + step, z_hi)
         ref = sitk.Image([nx, ny, z1 - z0], sitk.sitkUInt8)
         ref.SetSpacing(reference.spacing)
-        ref.SetOrigin(tuple(m[:3, :3] @ np.array([0.0, 0.0, z0]) + m[:3, 3]))
+        ref.SetOrigin(tuple(m[:3, :3] @ np.array([x_lo, y_lo, z0], dtype=np.float64) + m[:3, 3]))
         ref.SetDirection(tuple(reference.direction.flatten()))
         region = _resample_mask(region_img, ref)
         slab = region.astype(np.uint8)
         if tumor_img is not None:
             slab[region & _resample_mask(tumor_img, ref)] = TUMOR
-        out[z0:z1] = slab
+        out[z0:z1, y_lo:y_hi, x_lo:x_hi] = slab
     return out
+
+
+def _reachable_box(source: Volume, reference: Volume):
+    """((z0, z1), (y0, y1), (x0, x1)) of ``reference`` voxels inside ``source``'s grid
+    extent (its corner voxel centres), grown by one voxel; None when they miss it."""
+    nz, ny, nx = source.array.shape[:3]
+    corners = np.array([[i, j, k, 1.0] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)]).T
+    to_ref = np.linalg.inv(reference.ijk_to_lps()) @ source.ijk_to_lps()
+    ijk = (to_ref @ corners)[:3]
+    lo = np.floor(ijk.min(axis=1)).astype(np.int64) - 1
+    hi = np.ceil(ijk.max(axis=1)).astype(np.int64) + 2
+    size = np.array(reference.shape_xyz)
+    lo, hi = np.clip(lo, 0, size), np.clip(hi, 0, size)
+    if np.any(hi <= lo):
+        return None
+    return (int(lo[2]), int(hi[2])), (int(lo[1]), int(hi[1])), (int(lo[0]), int(hi[0]))
 
 
 def _as_float_image(geometry: Volume, mask: np.ndarray):

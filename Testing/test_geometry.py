@@ -91,3 +91,42 @@ def test_spacing_extremes(segmenter, spacing, extent):
     truth_ml = float((truth.array > 0).sum()) * ct.voxel_volume_ml
     assert result.stats["liver"]["volume_ml"] == pytest.approx(truth_ml, rel=0.12)
     assert dice(result.labels.array > 0, truth.array > 0) > 0.85
+
+
+@pytest.mark.parametrize("direction", ["identity", "oblique"])
+def test_mapping_labels_back_only_where_they_reach_equals_the_whole_grid(direction):
+    """``to_input_grid`` resamples only the box the labels can reach; the result must
+    equal resampling the whole input grid."""
+    import SimpleITK as sitk
+
+    from LiverTumorSegLib.postprocess import TUMOR, to_input_grid
+
+    rng = np.random.default_rng(0)
+    matrix = np.eye(3) if direction == "identity" else rotation("z", 15.0) @ rotation("x", 10.0)
+    ct = Volume(np.zeros((40, 50, 60), np.int16), spacing=(0.9, 0.8, 2.0), origin=(-20.0, 10.0, 5.0),
+                direction=matrix)
+    model = Volume(np.zeros((30, 45, 40), np.uint8), spacing=(1.5, 1.5, 1.5), origin=(-30.0, -5.0, -10.0))
+    model.array[8:20, 10:30, 12:25] = 1
+    model.array[12:15, 15:20, 15:19] = TUMOR
+    model.array[rng.random(model.array.shape) < 0.002] = 1  # specks that reach the box's edges
+    got = to_input_grid(model, ct)
+
+    def whole(mask):
+        ref = ct.with_array(np.zeros(ct.array.shape, np.uint8)).to_sitk()
+        img = model.with_array(mask.astype(np.float32)).to_sitk()
+        out = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(out) >= 0.5
+
+    region, tumor = whole(model.array > 0), whole(model.array == TUMOR)
+    expected = region.astype(np.uint8)
+    expected[region & tumor] = TUMOR
+    assert expected.any() and np.array_equal(got, expected)
+
+
+def test_class_mask_matches_isin():
+    from LiverTumorSegLib.boxes import class_mask
+
+    labels = np.random.default_rng(1).integers(0, 4, (20, 30, 40)).astype(np.uint8)
+    for values in ((1, 2), (2,), (0, 3), (7,)):
+        assert np.array_equal(class_mask(labels, values), np.isin(labels, values))
+    assert np.array_equal(class_mask(labels.astype(np.int32), (1, 2)), np.isin(labels, (1, 2)))

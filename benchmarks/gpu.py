@@ -76,9 +76,15 @@ def inference(model, hu: np.ndarray, overlaps: Sequence[float], reps: int, batch
     rows = {}
     for overlap in overlaps:
         ours = Segmenter(model, SegmentOptions(device="cuda", overlap=overlap, batch_size=batch))
+        ours_constant = Segmenter(model, SegmentOptions(device="cuda", overlap=overlap, batch_size=batch,
+                                                        weighting="constant"))
 
         def run_ours():
             logits, box = ours.infer_logits(hu)
+            return _full_logits(logits, box, x.shape)
+
+        def run_ours_constant():
+            logits, box = ours_constant.infer_logits(hu)
             return _full_logits(logits, box, x.shape)
 
         def run_monai(mode, dtype=None):
@@ -91,7 +97,7 @@ def inference(model, hu: np.ndarray, overlaps: Sequence[float], reps: int, batch
                 return out[0].float().cpu().numpy()
             return run
 
-        raw = {"ours": run_ours, "monai_gaussian": run_monai("gaussian"), "monai_constant": run_monai("constant"),
+        raw = {"ours": run_ours, "ours_constant": run_ours_constant, "monai_gaussian": run_monai("gaussian"), "monai_constant": run_monai("constant"),
                "monai_gaussian_fp16": run_monai("gaussian", torch.float16)}
         gpu_peaks = {name: [] for name in raw}
         competitors = {name: _with_gpu_peak(fn, gpu_peaks[name]) for name, fn in raw.items()}
@@ -108,7 +114,7 @@ def inference(model, hu: np.ndarray, overlaps: Sequence[float], reps: int, batch
         reference = kept["monai_constant"].argmax(0)
         row = {name: dict(summary(samples), gpu_peak_mib=statistics.median(gpu_peaks[name][1:] or gpu_peaks[name]))
                for name, samples in runs.items()}
-        for name in ("ours", "monai_gaussian", "monai_gaussian_fp16"):
+        for name in ("ours", "ours_constant", "monai_gaussian", "monai_gaussian_fp16"):
             row[name]["dice_vs_monai_constant_fp32"] = label_dice(kept[name].argmax(0), reference)
         t = {name: row[name]["seconds_median"] for name in runs}
         row["ratio_vs_monai"] = t["ours"] / min(t["monai_gaussian"], t["monai_constant"])

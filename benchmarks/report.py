@@ -40,7 +40,9 @@ def inference(s: dict) -> str:
     out = []
     for overlap, row in s["by_overlap"].items():
         rows = []
-        for name in ("ours", "monai_gaussian", "monai_constant", "torchio"):
+        for name in ("ours", "ours_constant", "monai_gaussian", "monai_constant", "torchio"):
+            if name not in row:
+                continue
             r = row[name]
             dice = r.get("dice_vs_monai_constant_fp32", {})
             rows.append([name, _f(r["seconds_median"], 1), " / ".join(_f(v, 1) for v in r["seconds_all"]),
@@ -166,7 +168,9 @@ def gpu(s: dict) -> str:
     if "by_overlap" in i:
         for overlap, row in i["by_overlap"].items():
             rows = []
-            for name in ("ours", "monai_gaussian", "monai_constant", "monai_gaussian_fp16"):
+            for name in ("ours", "ours_constant", "monai_gaussian", "monai_constant", "monai_gaussian_fp16"):
+                if name not in row:
+                    continue
                 r = row[name]
                 dice = r.get("dice_vs_monai_constant_fp32", {})
                 rows.append([name, _f(r["seconds_median"], 3), " / ".join(_f(v, 3) for v in r["seconds_all"]),
