@@ -134,3 +134,49 @@ def test_training_queue_samples_with_the_margin_and_the_module_crops(tmp_path):
     Training.training = False
     untouched = net.on_after_batch_transfer(dict(batch), 0)
     assert untouched["image"] is batch["image"]
+
+
+def test_fast_label_sampler_draws_as_torchio_label_sampler_does():
+    """Class frequencies follow the probabilities renormalised over the classes present
+    among valid centres; centres are voxels of the drawn class, spread over all of them."""
+    import torchio as tio
+
+    from livertumorseg_training.sampling import FastLabelSampler
+
+    label = np.zeros((30, 30, 30), np.uint8)
+    label[5:25, 5:25, 5:25] = 1
+    label[10:12, 10:12, 10:12] = 2
+    label[27:, 27:, 27:] = 2  # too close to the edge to centre a 10-voxel patch: never drawn
+    subject = tio.Subject(label=tio.LabelMap(tensor=torch.from_numpy(label[None])))
+    torch.manual_seed(0)
+    sampler = FastLabelSampler((10, 10, 10), "label", {0: 0.2, 1: 0.3, 2: 0.5})
+    counts, centres = np.zeros(3), set()
+    for patch in sampler(subject, 3000):
+        i, j, k = (int(v) for v in patch[tio.LOCATION][:3])
+        centre = (i + 5, j + 5, k + 5)
+        value = int(label[centre])
+        counts[value] += 1
+        if value == 2:
+            centres.add(centre)
+        assert patch["label"].shape == (1, 10, 10, 10)
+    assert np.allclose(counts / counts.sum(), [0.2, 0.3, 0.5], atol=0.03)
+    assert centres == {(a, b, c) for a in (10, 11) for b in (10, 11) for c in (10, 11)}
+    only_liver = FastLabelSampler((10, 10, 10), "label", {1: 1.0, 3: 5.0})  # label 3 absent
+    assert all(int(label[tuple(int(v) + 5 for v in p[tio.LOCATION][:3])]) == 1 for p in only_liver(subject, 20))
+    with pytest.raises(RuntimeError, match="can centre a patch"):
+        list(FastLabelSampler((10, 10, 10), "label", {3: 1.0})(subject, 1))
+
+
+def test_intensity_scaled_on_the_patch_equals_the_engine_scaling():
+    from LiverTumorSegLib.model.card import IntensityTransform
+    from LiverTumorSegLib.preprocess import scale_intensity
+
+    hu = torch.randint(-1100, 1500, (2, 1, 12, 12, 12)).to(torch.int16)
+    augmenter = PatchAugmenter((12, 12, 12), None, 0.0, intensity=((-200.0, 250.0), (-1.0, 1.0)))
+    out, _ = augmenter(hu, torch.zeros(2, 12, 12, 12, dtype=torch.long))
+    expected = scale_intensity(hu.numpy().astype(np.float32), IntensityTransform("window", (-200.0, 250.0),
+                                                                                 (-1.0, 1.0)))
+    assert out.dtype == torch.float32 and np.allclose(out.numpy(), expected, atol=1e-6)
+    shifted = PatchAugmenter((12, 12, 12), None, 0.0, intensity=((-200.0, 250.0), (-1.0, 1.0)),
+                             hu_shift=50.0, hu_scale=(0.9, 1.1))(hu, torch.zeros(2, 12, 12, 12, dtype=torch.long))[0]
+    assert not torch.allclose(shifted, out) and float(shifted.min()) >= -1.0 and float(shifted.max()) <= 1.0

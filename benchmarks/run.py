@@ -47,11 +47,12 @@ REQUIRED_KEYS = (
 FULL = {"infer_shape": (256, 256, 200), "overlaps": (8 / 96, 0.25, 0.5), "patch": None, "cli_shape": (512, 512, 300),
         "cli_spacing": (0.8, 0.8, 1.5), "scaling": [(128, 128, 128), (256, 256, 128), (256, 256, 256),
                                                    (512, 512, 150), (512, 512, 300), (512, 512, 600)],
-        "scaling_spacing": (0.8, 0.8, 1.5), "cli_reps": 3, "ablation_batch": 2, "loader": (6, "full", 2, ()),
+        "scaling_spacing": (0.8, 0.8, 1.5), "cli_reps": 3, "scaling_reps": 1, "ablation_batch": 2,
+        "loader": (6, "full", 2, ()),
         "phantoms": 3}
 QUICK = {"infer_shape": (64, 64, 48), "overlaps": (8 / 96,), "patch": (48, 48, 48), "cli_shape": (48, 48, 32),
          "cli_spacing": (2.0, 2.0, 3.0), "scaling": [(32, 32, 24), (48, 48, 32), (64, 64, 48)],
-         "scaling_spacing": (2.0, 2.0, 3.0), "cli_reps": 1, "ablation_batch": 1,
+         "scaling_spacing": (2.0, 2.0, 3.0), "cli_reps": 1, "scaling_reps": 1, "ablation_batch": 1,
          "loader": (3, "coarse", 0, ("sampling.patch_size=[32,32,32]", "sampling.samples_per_volume=2",
                                      "sampling.queue_length=4", "data.crop_or_pad=[96,96,96]")), "phantoms": 0}
 
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
     if "scaling" in only:
         files = [(s, inputs.phantom_file(s, cfg["scaling_spacing"], log=log)) for s in cfg["scaling"]]
         log(f"scaling: {len(files)} sizes at {cfg['scaling_spacing']} mm")
-        save("scaling", dict(bench_cli.scaling(files, cli_dir, cfg["cli_reps"], args.threads, log),
+        save("scaling", dict(bench_cli.scaling(files, cli_dir, cfg["scaling_reps"], args.threads, log),
                              spacing_mm=list(cfg["scaling_spacing"])))
     if "loader" in only:
         cases, preset, workers, overrides = cfg["loader"]

@@ -84,21 +84,57 @@ class PatchAugmenter:
         degrees: rotation about each axis, uniform in +-degrees.
         spacing_xyz: voxel spacing (mm), so rotations are rigid in millimetres.
         flip: flip each axis with probability 1/2.
+        intensity: ``(window_hu, output_range)`` when the patches arrive in HU and are
+            to be scaled here (after the resampling, as the engine scales its input);
+            None when they arrive already scaled.
+        hu_shift, hu_scale, noise_std_hu: HU augmentation before the scaling (with
+            ``intensity`` only): ``hu * a + b`` with ``a ~ U(hu_scale)``,
+            ``b ~ U(-hu_shift, hu_shift)``, then Gaussian noise of a standard deviation
+            drawn in ``[0, noise_std_hu]``, per patch.
     """
 
     def __init__(self, patch_size: Sequence[int], scales: Optional[Sequence[float]] = (0.9, 1.1),
-                 degrees: float = 10.0, spacing_xyz: Sequence[float] = (1.0, 1.0, 1.0), flip: bool = False) -> None:
+                 degrees: float = 10.0, spacing_xyz: Sequence[float] = (1.0, 1.0, 1.0), flip: bool = False,
+                 intensity: Optional[tuple] = None, hu_shift: float = 0.0, hu_scale: Sequence[float] = (1.0, 1.0),
+                 noise_std_hu: float = 0.0) -> None:
         self.patch_size = tuple(int(p) for p in patch_size)
         self.scales = tuple(float(s) for s in scales) if scales else None
         self.degrees = float(degrees or 0.0)
         self.spacing = torch.tensor([float(s) for s in spacing_xyz], dtype=torch.float32)
         self.flip = bool(flip)
+        self.intensity = intensity
+        self.hu_shift, self.hu_scale = float(hu_shift or 0.0), tuple(float(v) for v in hu_scale)
+        self.noise_std_hu = float(noise_std_hu or 0.0)
 
     @classmethod
-    def from_config(cls, config: dict) -> "PatchAugmenter":
-        aug = config["augmentation"]
+    def from_config(cls, config: dict, intensity_here: Optional[bool] = None) -> "PatchAugmenter":
+        """The recipe's augmenter; ``intensity_here`` defaults to what the training queue
+        does (:func:`~livertumorseg_training.transforms.intensity_per_patch`)."""
+        from .transforms import intensity_per_patch
+
+        aug, it = config["augmentation"], config["intensity"]
+        if intensity_here is None:
+            intensity_here = intensity_per_patch(config, train=True)
         return cls(config["sampling"]["patch_size"], aug["affine_scales"], aug["affine_degrees"],
-                   config["data"]["spacing_mm"], bool(aug["flip"]))
+                   config["data"]["spacing_mm"], bool(aug["flip"]),
+                   intensity=(tuple(it["window_hu"]), tuple(it["output_range"])) if intensity_here else None,
+                   hu_shift=aug["hu_shift"], hu_scale=aug["hu_scale"], noise_std_hu=aug["noise_std_hu"])
+
+    def _scale_intensity(self, image: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """HU augmentation, then the engine's window scaling (see ``scale_intensity``)."""
+        n = image.shape[0]
+        shape = (n,) + (1,) * (image.ndim - 1)
+        lo_s, hi_s = self.hu_scale
+        if self.hu_shift or (lo_s, hi_s) != (1.0, 1.0):
+            a = lo_s + (hi_s - lo_s) * torch.rand(n, generator=generator)
+            b = (torch.rand(n, generator=generator) * 2 - 1) * self.hu_shift
+            image = image * a.view(shape).to(image.device) + b.view(shape).to(image.device)
+        if self.noise_std_hu:
+            std = torch.rand(n, generator=generator) * self.noise_std_hu
+            noise = torch.randn(image.shape, generator=generator).to(image.device)
+            image = image + noise * std.view(shape).to(image.device)
+        (lo, hi), (out_lo, out_hi) = self.intensity
+        return (image.clamp(lo, hi) - lo) * ((out_hi - out_lo) / (hi - lo)) + out_lo
 
     @property
     def spatial(self) -> bool:
@@ -123,6 +159,8 @@ class PatchAugmenter:
         if any(i < o for i, o in zip(in_zyx, self.patch_size)):
             raise ValueError(f"patches of {in_zyx} are smaller than the output patch {self.patch_size}")
         if not self.spatial and not self.flip and in_zyx == self.patch_size:
+            if self.intensity is not None:
+                image = self._scale_intensity(image.float(), generator)
             return image, label
         if self.spatial:
             m = self.matrices(n, generator)
@@ -144,4 +182,6 @@ class PatchAugmenter:
                 if axes:
                     out_image[i] = out_image[i].flip([1 + a for a in axes])
                     out_label[i] = out_label[i].flip(axes)
+        if self.intensity is not None:
+            out_image = self._scale_intensity(out_image, generator)
         return out_image, out_label

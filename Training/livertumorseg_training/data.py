@@ -26,13 +26,15 @@ from torch.utils.data.distributed import DistributedSampler
 from .augment import sampled_patch_size
 from .cache import build_cache, default_cache_dir, entry_volume, load_arrays
 from .dataset import Case, split_cases, training_cases
-from .transforms import AIR_HU, CachedArrayReader, EngineIntensity, build_transforms, patch_to_zyx
+from .sampling import FastLabelSampler
+from .transforms import (AIR_HU, CachedArrayReader, EngineIntensity, build_transforms, intensity_per_patch,
+                         patch_to_zyx, reader_padding)
 
 
 def collate_patches(batch: List[tio.Subject]) -> dict:
-    """Stack TorchIO patches into engine-ordered tensors: image (N, 1, Z, Y, X) float32,
-    label (N, Z, Y, X) int64."""
-    image = torch.stack([patch_to_zyx(s["ct"].data.float()) for s in batch])
+    """Stack TorchIO patches into engine-ordered tensors: image (N, 1, Z, Y, X) (float32,
+    or int16 HU when the training device scales it), label (N, Z, Y, X) int64."""
+    image = torch.stack([patch_to_zyx(s["ct"].data) for s in batch])
     label = torch.stack([patch_to_zyx(s["label"].data[0].long()) for s in batch])
     return {"image": image, "label": label, "case_id": [s["case_id"] for s in batch]}
 
@@ -123,12 +125,15 @@ class LiverDataModule(L.LightningDataModule):
         }
 
     # -- subjects and loaders ------------------------------------------------------
-    def _subject(self, case: Case, patch_zyx) -> tio.Subject:
+    def _subject(self, case: Case, patch_zyx, train: bool = False) -> tio.Subject:
         entry = self.entries[case.case_id]
         ijk_to_ras = entry_volume(entry, np.empty((1, 1, 1))).ijk_to_ras()
         min_xyz = tuple(reversed([int(p) for p in patch_zyx]))
-        ct_reader = CachedArrayReader(ijk_to_ras, min_xyz, AIR_HU, "float32")
-        label_reader = CachedArrayReader(ijk_to_ras, min_xyz, 0, "uint8")
+        pad = reader_padding(self.config, train)
+        # HU stays int16 (half the memory traffic) when the patches are scaled on the device
+        ct_dtype = "int16" if intensity_per_patch(self.config, train) else "float32"
+        ct_reader = CachedArrayReader(ijk_to_ras, min_xyz, AIR_HU, ct_dtype, pad)
+        label_reader = CachedArrayReader(ijk_to_ras, min_xyz, 0, "uint8", pad)
         return tio.Subject(
             ct=tio.ScalarImage(self.cache_dir / entry["files"]["ct"], reader=ct_reader),
             label=tio.LabelMap(self.cache_dir / entry["files"]["label"], reader=label_reader),
@@ -148,14 +153,14 @@ class LiverDataModule(L.LightningDataModule):
     def _queue(self, cases: List[Case], train: bool) -> tuple:
         sampling = self.config["sampling"]
         patch_zyx = sampled_patch_size(self.config) if train else sampling["patch_size"]
-        subjects = tio.SubjectsDataset([self._subject(c, patch_zyx) for c in cases],
+        subjects = tio.SubjectsDataset([self._subject(c, patch_zyx, train) for c in cases],
                                        transform=build_transforms(self.config, train))
         sampler = self._sampler(subjects, shuffle=train)
         patch_xyz = tuple(reversed([int(p) for p in patch_zyx]))
         probabilities = {int(k): float(v) for k, v in sampling["label_probabilities"].items()}
         queue = tio.Queue(
             subjects, max_length=int(sampling["queue_length"]), samples_per_volume=int(sampling["samples_per_volume"]),
-            sampler=tio.LabelSampler(patch_xyz, label_name="label", label_probabilities=probabilities),
+            sampler=FastLabelSampler(patch_xyz, label_name="label", label_probabilities=probabilities),
             subject_sampler=sampler, num_workers=int(sampling["num_workers"]),
             shuffle_subjects=train and sampler is None, shuffle_patches=train, start_background=False,
         )

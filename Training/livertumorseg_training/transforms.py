@@ -20,27 +20,32 @@ AIR_HU = -1024.0
 class CachedArrayReader:
     """TorchIO ``reader``: a cached (z, y, x) ``.npy`` as a (1, x, y, z) tensor + RAS affine.
 
-    Pads (symmetrically, with ``pad_value``) any axis smaller than ``min_shape_xyz`` so
-    that a patch always fits; the affine is shifted accordingly. Picklable, so TorchIO's
+    Pads every side by ``pad_xyz`` voxels, and symmetrically any axis still smaller than
+    ``min_shape_xyz`` so that a patch always fits, with ``pad_value``; the affine is
+    shifted accordingly. The padded array is allocated once and the cached voxels are
+    copied into it (one pass; no separate padding transform). Picklable, so TorchIO's
     loader workers can use it.
     """
 
-    def __init__(self, ijk_to_ras: np.ndarray, min_shape_xyz: Sequence[int], pad_value: float, dtype: str) -> None:
+    def __init__(self, ijk_to_ras: np.ndarray, min_shape_xyz: Sequence[int], pad_value: float, dtype: str,
+                 pad_xyz: Sequence[int] = (0, 0, 0)) -> None:
         self.ijk_to_ras = np.asarray(ijk_to_ras, dtype=np.float64)
         self.min_shape_xyz = tuple(int(s) for s in min_shape_xyz)
         self.pad_value = float(pad_value)
         self.dtype = dtype
+        self.pad_xyz = tuple(int(p) for p in pad_xyz)
 
     def __call__(self, path) -> tuple:
         zyx = np.load(str(path), mmap_mode="r")
-        xyz = np.asarray(zyx.transpose(2, 1, 0), dtype=self.dtype)
-        before = [max(m - n, 0) // 2 for n, m in zip(xyz.shape, self.min_shape_xyz)]
-        after = [max(m - n, 0) - b for n, m, b in zip(xyz.shape, self.min_shape_xyz, before)]
+        shape = [n + 2 * p for n, p in zip(zyx.shape[::-1], self.pad_xyz)]
+        before = [p + max(m - n, 0) // 2 for n, m, p in zip(shape, self.min_shape_xyz, self.pad_xyz)]
+        shape = [max(n, m) for n, m in zip(shape, self.min_shape_xyz)]
+        xyz = np.full(shape, self.pad_value, dtype=self.dtype)
+        nx, ny, nz = zyx.shape[::-1]
+        xyz[before[0]:before[0] + nx, before[1]:before[1] + ny, before[2]:before[2] + nz] = zyx.transpose(2, 1, 0)
         affine = self.ijk_to_ras.copy()
-        if any(before) or any(after):
-            xyz = np.pad(xyz, list(zip(before, after)), mode="constant", constant_values=self.pad_value)
-            affine[:3, 3] = affine[:3, :3] @ -np.asarray(before, dtype=np.float64) + affine[:3, 3]
-        return torch.from_numpy(np.ascontiguousarray(xyz)[None]), affine
+        affine[:3, 3] = affine[:3, :3] @ -np.asarray(before, dtype=np.float64) + affine[:3, 3]
+        return torch.from_numpy(xyz[None]), affine
 
 
 class EngineIntensity:
@@ -85,18 +90,38 @@ class RandomHULinear(tio.IntensityTransform):
         return subject
 
 
+def intensity_per_patch(config: dict, train: bool) -> bool:
+    """Whether HU augmentation and intensity scaling act on the sampled patches (the
+    training device's job, :class:`~livertumorseg_training.augment.PatchAugmenter`)
+    rather than on whole volumes: for training with a fixed HU window, which needs no
+    statistics of the whole volume."""
+    return bool(train and config["intensity"]["mode"] == "window")
+
+
+def reader_padding(config: dict, train: bool) -> tuple:
+    """Voxels of padding (x, y, z) the cache reader adds on every side: half a (sampled)
+    patch with ``sampling.pad_half_patch``, unless a CropOrPad must come first."""
+    from .augment import sampled_patch_size
+
+    if not config["sampling"]["pad_half_patch"] or config["data"]["crop_or_pad"]:
+        return (0, 0, 0)
+    patch = sampled_patch_size(config) if train else config["sampling"]["patch_size"]
+    return tuple(int(p) // 2 for p in reversed(patch))
+
+
 def build_transforms(config: dict, train: bool) -> tio.Transform:
     """The recipe's per-subject TorchIO pipeline: [CropOrPad], [HU augmentation], [Pad],
-    engine intensity.
+    [engine intensity].
 
-    Only cheap voxel-wise steps act on whole volumes. Spatial augmentation (rotation,
-    scaling, flips) acts on the sampled training patches instead
-    (:class:`~livertumorseg_training.augment.PatchAugmenter`, run on the training
-    device), which sample a margin for it (:func:`~livertumorseg_training.augment.sampled_patch_size`).
-    With ``sampling.pad_half_patch`` every side gets half a (sampled) patch of padding:
-    TorchIO's samplers only centre patches at least half a patch from the edges, so
-    without it lesions near an edge are never a patch centre. Padding fills intensity
-    images with their minimum (air) and labels with 0.
+    Spatial augmentation (rotation, scaling, flips) acts on the sampled training
+    patches (:class:`~livertumorseg_training.augment.PatchAugmenter`, on the training
+    device), which are sampled with a margin for it; with a fixed HU window, so do the
+    HU augmentation and the intensity scaling (:func:`intensity_per_patch`), which leaves
+    nothing to do per subject. With ``sampling.pad_half_patch`` every side gets half a
+    (sampled) patch of padding, by the cache reader (:func:`reader_padding`) or, after a
+    CropOrPad, here: TorchIO's samplers only centre patches at least half a patch from
+    the edges, so without it lesions near an edge are never a patch centre. Padding
+    fills intensity images with air and labels with 0.
     """
     from .augment import sampled_patch_size
 
@@ -105,18 +130,20 @@ def build_transforms(config: dict, train: bool) -> tio.Transform:
     if crop:
         steps.append(tio.CropOrPad(tuple(int(v) for v in crop), padding_mode="minimum"))
     aug = config["augmentation"]
-    if train:
+    per_patch = intensity_per_patch(config, train)
+    if train and not per_patch:
         if aug["hu_shift"] or tuple(aug["hu_scale"]) != (1.0, 1.0):
             steps.append(RandomHULinear(aug["hu_shift"], aug["hu_scale"]))
         if aug["noise_std_hu"]:
             steps.append(tio.RandomNoise(std=(0.0, float(aug["noise_std_hu"]))))
-    if config["sampling"]["pad_half_patch"]:
+    if config["sampling"]["pad_half_patch"] and crop:
         patch = sampled_patch_size(config) if train else config["sampling"]["patch_size"]
         half_xyz = tuple(int(p) // 2 for p in reversed(patch))
         steps.append(tio.Pad(half_xyz, padding_mode="minimum"))
-    it = config["intensity"]
-    steps.append(tio.Lambda(EngineIntensity(it["mode"], it["window_hu"], it["output_range"]),
-                            types_to_apply=[tio.INTENSITY]))
+    if not per_patch:
+        it = config["intensity"]
+        steps.append(tio.Lambda(EngineIntensity(it["mode"], it["window_hu"], it["output_range"]),
+                                types_to_apply=[tio.INTENSITY]))
     return tio.Compose(steps)
 
 
