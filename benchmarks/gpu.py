@@ -252,14 +252,19 @@ def training(quick: bool, log=print) -> dict:
     return out
 
 
+PARTS = ("cli", "inference", "training")
+
+
 def run(model, hu: np.ndarray, overlaps: Sequence[float], reps: int, cli_input: Path, cli_dir: Path,
-        flops_per_patch: float, quick: bool, log=print, partial=None) -> dict:
-    """The whole GPU section; ``partial(section)`` after each part."""
+        flops_per_patch: float, quick: bool, log=print, partial=None, parts: Sequence[str] = PARTS) -> dict:
+    """The GPU section (the ``parts`` asked for); ``partial(section)`` after each part."""
     out = {"status": "measured", "device": describe()}
     log(f"gpu: {out['device']['name']}")
     for name, fn in (("cli", lambda: cli(cli_input, cli_dir, reps + 1, flops_per_patch, log)),
                      ("inference", lambda: inference(model, hu, overlaps, reps, log=log)),
                      ("training", lambda: training(quick, log))):
+        if name not in parts:
+            continue
         try:
             out[name] = fn()
         except Exception as exc:  # keep what the other parts measured; say what failed

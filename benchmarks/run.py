@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="repetitions per comparison (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile to the ablation")
+    parser.add_argument("--gpu-parts", default=",".join(gpu.PARTS), help="GPU section parts: cli,inference,training")
     parser.add_argument("--overlaps", default=None,
                         help="comma-separated overlaps for item 1 (default: the seed's 8/96, 0.25, 0.5; quick: 8/96)")
     args = parser.parse_args(argv)
@@ -203,11 +204,12 @@ def main(argv=None) -> int:
         if not gpu.available():
             save("gpu", {"status": "not measured: PyTorch sees no CUDA GPU on this machine"})
         else:
-            if hu is None:
+            parts = [p.strip() for p in args.gpu_parts.split(",") if p.strip()]
+            if hu is None and "inference" in parts:
                 hu, _ = inputs.model_grid_phantom(cfg["infer_shape"])
-            path = inputs.phantom_file(cfg["cli_shape"], cfg["cli_spacing"], log=log)
+            path = inputs.phantom_file(cfg["cli_shape"], cfg["cli_spacing"], log=log) if "cli" in parts else None
             save("gpu", gpu.run(model, hu, cfg["overlaps"], args.reps, path, cli_dir, flop, args.quick, log=log,
-                                partial=lambda sec: save("gpu", sec)))
+                                partial=lambda sec: save("gpu", sec), parts=parts))
     else:
         res["gpu"] = {"status": "not measured: section not selected (--only)"}
     res["targets"] = targets(res)
