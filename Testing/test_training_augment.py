@@ -180,3 +180,20 @@ def test_intensity_scaled_on_the_patch_equals_the_engine_scaling():
     shifted = PatchAugmenter((12, 12, 12), None, 0.0, intensity=((-200.0, 250.0), (-1.0, 1.0)),
                              hu_shift=50.0, hu_scale=(0.9, 1.1))(hu, torch.zeros(2, 12, 12, 12, dtype=torch.long))[0]
     assert not torch.allclose(shifted, out) and float(shifted.min()) >= -1.0 and float(shifted.max()) <= 1.0
+
+
+def test_min_max_scaling_before_the_padding_gives_what_scaling_after_it_gave():
+    import torchio as tio
+
+    from livertumorseg_training.transforms import EngineIntensity, build_transforms
+
+    config = load_config("seed", ["data.crop_or_pad=[20,18,16]", "sampling.patch_size=[8,8,8]",
+                                  "sampling.pad_half_patch=true"])
+    hu = torch.randint(-1024, 1500, (1, 22, 17, 15)).float()
+    subject = tio.Subject(ct=tio.ScalarImage(tensor=hu), label=tio.LabelMap(tensor=torch.zeros_like(hu)))
+    got = build_transforms(config, train=False)(subject)["ct"].data
+    it = config["intensity"]
+    old = tio.Compose([tio.CropOrPad((20, 18, 16), padding_mode="minimum"), tio.Pad((4, 4, 4), padding_mode="minimum"),
+                       tio.Lambda(EngineIntensity(it["mode"], it["window_hu"], it["output_range"]),
+                                  types_to_apply=[tio.INTENSITY])])(subject)["ct"].data
+    assert got.shape == old.shape == (1, 28, 26, 24) and torch.allclose(got, old)

@@ -98,33 +98,45 @@ def intensity_per_patch(config: dict, train: bool) -> bool:
     return bool(train and config["intensity"]["mode"] == "window")
 
 
-def reader_padding(config: dict, train: bool) -> tuple:
-    """Voxels of padding (x, y, z) the cache reader adds on every side: half a (sampled)
-    patch with ``sampling.pad_half_patch``, unless a CropOrPad must come first."""
+def subject_padding(config: dict, train: bool) -> tuple:
+    """Voxels (x, y, z) added on every side of a subject so that the label sampler's
+    centres cover what the recipe intends: half a patch with ``sampling.pad_half_patch``
+    (half the sampled patch, margin included, for training); otherwise, for training
+    with spatial augmentation, just the margin, so that the centres stay those the
+    network's own patch allows, as with a whole-volume ``RandomAffine``."""
     from .augment import sampled_patch_size
 
-    if not config["sampling"]["pad_half_patch"] or config["data"]["crop_or_pad"]:
+    patch = [int(p) for p in config["sampling"]["patch_size"]]
+    sampled = list(sampled_patch_size(config)) if train else patch
+    if config["sampling"]["pad_half_patch"]:
+        pad_zyx = [s // 2 for s in sampled]
+    else:
+        pad_zyx = [(s - p) // 2 for s, p in zip(sampled, patch)]
+    return tuple(reversed(pad_zyx))
+
+
+def reader_padding(config: dict, train: bool) -> tuple:
+    """The padding the cache reader adds (:func:`subject_padding`), unless a CropOrPad
+    must come first (then :func:`build_transforms` pads after it)."""
+    if config["data"]["crop_or_pad"]:
         return (0, 0, 0)
-    patch = sampled_patch_size(config) if train else config["sampling"]["patch_size"]
-    return tuple(int(p) // 2 for p in reversed(patch))
+    return subject_padding(config, train)
 
 
 def build_transforms(config: dict, train: bool) -> tio.Transform:
-    """The recipe's per-subject TorchIO pipeline: [CropOrPad], [HU augmentation], [Pad],
-    [engine intensity].
+    """The recipe's per-subject TorchIO pipeline: [CropOrPad], [HU augmentation],
+    [engine intensity], [Pad].
 
     Spatial augmentation (rotation, scaling, flips) acts on the sampled training
     patches (:class:`~livertumorseg_training.augment.PatchAugmenter`, on the training
     device), which are sampled with a margin for it; with a fixed HU window, so do the
     HU augmentation and the intensity scaling (:func:`intensity_per_patch`), which leaves
-    nothing to do per subject. With ``sampling.pad_half_patch`` every side gets half a
-    (sampled) patch of padding, by the cache reader (:func:`reader_padding`) or, after a
-    CropOrPad, here: TorchIO's samplers only centre patches at least half a patch from
-    the edges, so without it lesions near an edge are never a patch centre. Padding
-    fills intensity images with air and labels with 0.
+    nothing to do per subject. Padding (:func:`subject_padding`: half a patch with
+    ``sampling.pad_half_patch``, since TorchIO's samplers only centre patches at least
+    half a patch from the edges; else the augmentation margin) is added by the cache
+    reader (:func:`reader_padding`) or, after a CropOrPad, here. It fills intensity
+    images with their minimum (air) and labels with 0.
     """
-    from .augment import sampled_patch_size
-
     steps = []
     crop = config["data"]["crop_or_pad"]
     if crop:
@@ -136,14 +148,13 @@ def build_transforms(config: dict, train: bool) -> tio.Transform:
             steps.append(RandomHULinear(aug["hu_shift"], aug["hu_scale"]))
         if aug["noise_std_hu"]:
             steps.append(tio.RandomNoise(std=(0.0, float(aug["noise_std_hu"]))))
-    if config["sampling"]["pad_half_patch"] and crop:
-        patch = sampled_patch_size(config) if train else config["sampling"]["patch_size"]
-        half_xyz = tuple(int(p) // 2 for p in reversed(patch))
-        steps.append(tio.Pad(half_xyz, padding_mode="minimum"))
-    if not per_patch:
+    if not per_patch:  # before the padding, which only adds the minimum: same result, fewer voxels
         it = config["intensity"]
         steps.append(tio.Lambda(EngineIntensity(it["mode"], it["window_hu"], it["output_range"]),
                                 types_to_apply=[tio.INTENSITY]))
+    pad_xyz = subject_padding(config, train)
+    if crop and any(pad_xyz):
+        steps.append(tio.Pad(pad_xyz, padding_mode="minimum"))
     return tio.Compose(steps)
 
 
