@@ -110,10 +110,13 @@ def _prepare_and_warm(network, device: str, autocast, card, batch_size: int) -> 
     prepared, left = prepare_network(network, device, autocast)
     if isinstance(prepared, torch.nn.Module):
         shape = (int(batch_size), int(card.architecture.get("in_channels", 1)), *[int(p) for p in card.patch_size])
-        with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=left or torch.float32,
-                                                    enabled=left is not None):
-            prepared(torch.zeros(shape, device=device))
-        torch.cuda.synchronize()
+        try:
+            with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=left or torch.float32,
+                                                        enabled=left is not None):
+                prepared(torch.zeros(shape, device=device))
+            torch.cuda.synchronize()
+        except torch.cuda.OutOfMemoryError:  # only a warm-up: inference has its own out-of-memory fallback
+            torch.cuda.empty_cache()
     return prepared, left
 
 
