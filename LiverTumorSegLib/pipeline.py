@@ -144,38 +144,24 @@ class Segmenter:
         # On a GPU: starting CUDA, moving the weights and cuDNN's first kernels take a
         # second or more, so that runs in a background thread while the caller reads
         # and preprocesses the CT; the first use of ``network`` waits for it.
-        self._pending = None
+        # ``_prepared`` is (module, autocast dtype still needed), or the warm-up's future.
         if self.device == "cuda":
-            self._pending = _background().submit(_prepare_and_warm, self.model.network, self.device,
-                                                 self.autocast, self.model.card, self.options.batch_size)
+            self._prepared = _background().submit(_prepare_and_warm, self.model.network, self.device,
+                                                  self.autocast, self.model.card, self.options.batch_size)
         else:
-            self._network, self._autocast_left_ = prepare_network(self.model.network, self.device, self.autocast)
+            self._prepared = prepare_network(self.model.network, self.device, self.autocast)
 
-    def _ready(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._network, self._autocast_left_ = pending.result()  # re-raises what the thread raised
+    def _network_and_autocast(self) -> tuple:
+        """(module, autocast dtype), waiting for a GPU warm-up still under way (and
+        re-raising what it raised)."""
+        if not isinstance(self._prepared, tuple):
+            self._prepared = self._prepared.result()
+        return self._prepared
 
     @property
     def network(self):
-        """The module inference runs (waits for a GPU warm-up still under way)."""
-        self._ready()
-        return self._network
-
-    @network.setter
-    def network(self, value) -> None:
-        self._ready()
-        self._network = value
-
-    @property
-    def _autocast_left(self):
-        self._ready()
-        return self._autocast_left_
-
-    @_autocast_left.setter
-    def _autocast_left(self, value) -> None:
-        self._ready()
-        self._autocast_left_ = value
+        """The module inference runs."""
+        return self._network_and_autocast()[0]
 
     @property
     def card(self):
@@ -206,10 +192,11 @@ class Segmenter:
     def _run_network(self, net_input: np.ndarray, body: Optional[np.ndarray],
                      progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> np.ndarray:
         pad_value = float(scale_intensity(np.array([-1024.0], np.float32), self.card.intensity)[0])
+        network, autocast_dtype = self._network_and_autocast()
         return sliding_window_inference(
-            net_input, self.network, self.card.patch_size, num_classes=self.card.num_classes,
+            net_input, network, self.card.patch_size, num_classes=self.card.num_classes,
             overlap=self.overlap(), batch_size=self.options.batch_size, weighting=self.options.weighting,
-            device=self.device, autocast_dtype=self._autocast_left, pad_value=pad_value,
+            device=self.device, autocast_dtype=autocast_dtype, pad_value=pad_value,
             compute_mask=body, progress=progress, cancel=cancel,
         )
 

@@ -73,7 +73,7 @@ def segmenters(model) -> dict:
 
     configs = {"fp32_nocrop": make(precision="fp32", crop_to_body=False), "fp32_crop": make(precision="fp32")}
     before = make(precision="bf16")
-    before.network, before._autocast_left = model.network.eval(), torch.bfloat16  # pre-optimisation path
+    before._prepared = (model.network.eval(), torch.bfloat16)  # pre-optimisation path
     configs["bf16_autocast"] = before
     configs["default"] = make()
     return configs

@@ -64,19 +64,21 @@ def _count_patches(module, args):
     PATCHES["ours"] += int(args[0].shape[0])
 
 
-def competitors(model, hu: np.ndarray, x: np.ndarray, overlap: float,
-                batch: int) -> Dict[str, Callable[[], np.ndarray]]:
-    """name -> callable giving (K, Z, Y, X) float32 logits; ``x`` is ``hu`` scaled by the card."""
+def competitors(model, hu: np.ndarray, x: np.ndarray, overlap: float, batch: int,
+                device: str = "cpu") -> Dict[str, Callable[[], np.ndarray]]:
+    """name -> callable giving (K, Z, Y, X) float32 logits on the host; ``x`` is ``hu``
+    scaled by the card. On the CPU the set includes TorchIO; on CUDA it includes MONAI
+    under fp16 autocast instead (the like-for-like precision of our CUDA default)."""
     import torch
 
     from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
 
-    net, card = model.network.eval(), model.card
+    net, card = model.network.eval().to(device), model.card
     patch = tuple(card.patch_size)
     k = card.num_classes
-    ours = Segmenter(model, SegmentOptions(device="cpu", overlap=overlap, batch_size=batch))
+    ours = Segmenter(model, SegmentOptions(device=device, overlap=overlap, batch_size=batch))
     ours.network.register_forward_pre_hook(_count_patches)
-    ours_constant = Segmenter(model, SegmentOptions(device="cpu", overlap=overlap, batch_size=batch,
+    ours_constant = Segmenter(model, SegmentOptions(device=device, overlap=overlap, batch_size=batch,
                                                     weighting="constant"))
 
     def run_ours():
@@ -88,14 +90,16 @@ def competitors(model, hu: np.ndarray, x: np.ndarray, overlap: float,
         logits, box = ours_constant.infer_logits(hu)
         return _full_logits(logits, box, x.shape)
 
-    def run_monai(mode):
+    def run_monai(mode, dtype=None):
         from monai.inferers import sliding_window_inference
 
         def run():
-            with torch.inference_mode():
-                out = sliding_window_inference(torch.from_numpy(x)[None, None], patch, batch, net,
-                                               overlap=overlap, mode=mode, sigma_scale=0.125)
-            return out[0].numpy()
+            image = torch.from_numpy(x)[None, None].to(device)
+            with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=dtype,
+                                                        enabled=dtype is not None):
+                out = sliding_window_inference(image, patch, batch, net, overlap=overlap, mode=mode,
+                                               sigma_scale=0.125)
+            return out[0].float().cpu().numpy()
         return run
 
     def run_torchio():
@@ -111,8 +115,13 @@ def competitors(model, hu: np.ndarray, x: np.ndarray, overlap: float,
                 aggregator.add_batch(net(b["ct"][tio.DATA]), b[tio.LOCATION])
         return aggregator.get_output_tensor().numpy()[:k]
 
-    return {"ours": run_ours, "ours_constant": run_ours_constant, "monai_gaussian": run_monai("gaussian"),
-            "monai_constant": run_monai("constant"), "torchio": run_torchio}
+    out = {"ours": run_ours, "ours_constant": run_ours_constant, "monai_gaussian": run_monai("gaussian"),
+           "monai_constant": run_monai("constant")}
+    if torch.device(device).type == "cuda":
+        out["monai_gaussian_fp16"] = run_monai("gaussian", torch.float16)
+    else:
+        out["torchio"] = run_torchio
+    return out
 
 
 def exactness(model, hu: np.ndarray, overlap: float, batch: int, references: dict) -> dict:

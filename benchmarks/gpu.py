@@ -62,43 +62,16 @@ def _with_gpu_peak(fn: Callable[[], np.ndarray], peaks: list) -> Callable[[], np
 
 def inference(model, hu: np.ndarray, overlaps: Sequence[float], reps: int, batch: int = 2, log=print) -> dict:
     """Ours against MONAI on the GPU, interleaved, at each overlap."""
-    import torch
-    from monai.inferers import sliding_window_inference
-
-    from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
     from LiverTumorSegLib.preprocess import scale_intensity
 
-    from .bench_inference import _full_logits, label_dice
+    from .bench_inference import competitors as make_competitors
+    from .bench_inference import label_dice
 
     x = scale_intensity(hu, model.card.intensity)
-    net = model.network.eval().to("cuda")
     patch = tuple(model.card.patch_size)
     rows = {}
     for overlap in overlaps:
-        ours = Segmenter(model, SegmentOptions(device="cuda", overlap=overlap, batch_size=batch))
-        ours_constant = Segmenter(model, SegmentOptions(device="cuda", overlap=overlap, batch_size=batch,
-                                                        weighting="constant"))
-
-        def run_ours():
-            logits, box = ours.infer_logits(hu)
-            return _full_logits(logits, box, x.shape)
-
-        def run_ours_constant():
-            logits, box = ours_constant.infer_logits(hu)
-            return _full_logits(logits, box, x.shape)
-
-        def run_monai(mode, dtype=None):
-            def run():
-                image = torch.from_numpy(x)[None, None].to("cuda")
-                with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float32,
-                                                            enabled=dtype is not None):
-                    out = sliding_window_inference(image, patch, batch, net, overlap=overlap, mode=mode,
-                                                   sigma_scale=0.125)
-                return out[0].float().cpu().numpy()
-            return run
-
-        raw = {"ours": run_ours, "ours_constant": run_ours_constant, "monai_gaussian": run_monai("gaussian"), "monai_constant": run_monai("constant"),
-               "monai_gaussian_fp16": run_monai("gaussian", torch.float16)}
+        raw = make_competitors(model, hu, x, overlap, batch, device="cuda")
         gpu_peaks = {name: [] for name in raw}
         competitors = {name: _with_gpu_peak(fn, gpu_peaks[name]) for name, fn in raw.items()}
         for fn in competitors.values():  # warm-up: cuDNN picks its kernels once per shape
@@ -156,6 +129,7 @@ def _step_throughput(config: dict, precision: str, steps: int, warmup: int, log=
 
     from livertumorseg_training.module import LiverSegModule
 
+    torch.cuda.empty_cache()  # what an earlier precision's run left cached
     torch.manual_seed(0)
     module = LiverSegModule(config).to("cuda").train()
     opt = torch.optim.AdamW(module.parameters(), lr=float(config["optimizer"]["lr"]))
@@ -188,8 +162,6 @@ def _step_throughput(config: dict, precision: str, steps: int, warmup: int, log=
            "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20}
     log(f"  training step ({precision}): {out['steps_per_s']:.2f} steps/s, {out['patches_per_s']:.1f} patches/s, "
         f"GPU peak {out['gpu_peak_mib']:.0f} MiB")
-    del module, opt
-    torch.cuda.empty_cache()
     return out
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torchio as tio
 
+from LiverTumorSegLib.boxes import bounding_box
+
 REJECTION_BATCH = 4096
 REJECTION_ROUNDS = 4
 
@@ -74,7 +76,7 @@ class FastLabelSampler(tio.LabelSampler):
             if weight <= 0:
                 continue
             mask = valid == value
-            box = _bounding_box(mask)
+            box = bounding_box(mask)
             if box is None:
                 continue
             classes.append(_ClassVoxels(valid, int(value), box))
@@ -92,14 +94,3 @@ class FastLabelSampler(tio.LabelSampler):
             yield self.extract_patch(subject, index_ini)
             left -= 1
 
-
-def _bounding_box(mask: np.ndarray) -> Optional[tuple]:
-    """Slices around the True voxels of a 3D mask; None when it is empty."""
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
