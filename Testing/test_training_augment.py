@@ -197,3 +197,60 @@ def test_min_max_scaling_before_the_padding_gives_what_scaling_after_it_gave():
                        tio.Lambda(EngineIntensity(it["mode"], it["window_hu"], it["output_range"]),
                                   types_to_apply=[tio.INTENSITY])])(subject)["ct"].data
     assert got.shape == old.shape == (1, 28, 26, 24) and torch.allclose(got, old)
+
+
+@pytest.mark.parametrize("source_zyx, target_xyz, pad_xyz", [
+    ((9, 12, 7), (6, 15, 12), (2, 0, 3)),  # x cropped by one (odd), y and z padded
+    ((10, 5, 8), (8, 8, 8), (1, 1, 1)),    # z cropped, y padded with a minimum from the cropped-away slice
+    ((10, 9, 9), (8, 8, 8), (2, 2, 2)),    # only cropped: the padding takes the minimum of what is left
+])
+def test_reader_does_what_crop_or_pad_then_pad_do(tmp_path, source_zyx, target_xyz, pad_xyz):
+    import torchio as tio
+
+    from livertumorseg_training.transforms import CachedArrayReader, EngineIntensity, build_transforms
+
+    rng = np.random.default_rng(3)
+    hu = rng.integers(-900, 1500, source_zyx).astype(np.int16)
+    hu[0] = -3000  # the first z slice is cropped away in the last two cases
+    label = rng.integers(1, 3, source_zyx).astype(np.uint8)  # no 0: the label's own minimum pads it
+    label[0] = 0
+    np.save(tmp_path / "ct.npy", hu)
+    np.save(tmp_path / "label.npy", label)
+    affine = np.array([[-1.5, 0, 0, 10.0], [0, -1.5, 0, 20.0], [0, 0, 2.0, 30.0], [0, 0, 0, 1]])
+
+    def raw(arr, dtype):
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 1, 0)[None]).astype(dtype))
+
+    reference = tio.Compose([tio.CropOrPad(target_xyz, padding_mode="minimum"), tio.Pad(pad_xyz, padding_mode="minimum")])(
+        tio.Subject(ct=tio.ScalarImage(tensor=raw(hu, np.float32), affine=affine),
+                    label=tio.LabelMap(tensor=raw(label, np.uint8), affine=affine)))
+    subject = tio.Subject(
+        ct=tio.ScalarImage(tmp_path / "ct.npy", reader=CachedArrayReader(affine, (4, 4, 4), -1024.0, "float32",
+                                                                         pad_xyz, target_xyz)),
+        label=tio.LabelMap(tmp_path / "label.npy", reader=CachedArrayReader(affine, (4, 4, 4), 0, "uint8",
+                                                                           pad_xyz, target_xyz)))
+    for name in ("ct", "label"):
+        assert torch.equal(subject[name].data, reference[name].data), name
+        assert np.allclose(subject[name].affine, reference[name].affine), name
+    # the recipe's pipeline over the reader equals TorchIO's transforms over the raw volume
+    config = load_config("seed", [f"data.crop_or_pad=[{','.join(map(str, target_xyz))}]",
+                                  "sampling.patch_size=[8,8,8]", "sampling.pad_half_patch=true"])
+    pad = (4, 4, 4)
+    subject = tio.Subject(ct=tio.ScalarImage(tmp_path / "ct.npy", reader=CachedArrayReader(
+        affine, (8, 8, 8), -1024.0, "float32", pad, target_xyz)))
+    got = build_transforms(config, train=False, geometry_in_reader=True)(subject)["ct"].data
+    it = config["intensity"]
+    want = tio.Compose([tio.CropOrPad(target_xyz, padding_mode="minimum"), tio.Pad(pad, padding_mode="minimum"),
+                        tio.Lambda(EngineIntensity(it["mode"], it["window_hu"], it["output_range"]))])(
+        tio.Subject(ct=tio.ScalarImage(tensor=raw(hu, np.float32), affine=affine)))["ct"].data
+    assert got.shape == want.shape and torch.allclose(got, want)
+
+
+def test_reader_pads_to_the_patch_after_the_crop(tmp_path):
+    from livertumorseg_training.transforms import CachedArrayReader
+
+    np.save(tmp_path / "a.npy", np.arange(6 * 6 * 6, dtype=np.int16).reshape(6, 6, 6) - 100)
+    tensor, _ = CachedArrayReader(np.eye(4), (8, 8, 8), -1024.0, "float32", (0, 0, 0), (4, 4, 4))(tmp_path / "a.npy")
+    assert tensor.shape == (1, 8, 8, 8)  # cropped to 4, then padded to the patch with the minimum kept
+    inner = tensor[0, 2:6, 2:6, 2:6]
+    assert float(tensor[0, 0, 0, 0]) == float(inner.min()) and int(np.count_nonzero(tensor[0] == inner.min())) > 1

@@ -27,8 +27,8 @@ from .augment import sampled_patch_size
 from .cache import build_cache, default_cache_dir, entry_volume, load_arrays
 from .dataset import Case, split_cases, training_cases
 from .sampling import FastLabelSampler
-from .transforms import (AIR_HU, CachedArrayReader, EngineIntensity, build_transforms, intensity_per_patch,
-                         patch_to_zyx, reader_padding)
+from .transforms import (AIR_HU, CachedArrayReader, CachedLabelMap, CachedScalarImage, EngineIntensity,
+                         build_transforms, intensity_per_patch, patch_to_zyx, subject_padding)
 
 
 def collate_patches(batch: List[tio.Subject]) -> dict:
@@ -129,14 +129,15 @@ class LiverDataModule(L.LightningDataModule):
         entry = self.entries[case.case_id]
         ijk_to_ras = entry_volume(entry, np.empty((1, 1, 1))).ijk_to_ras()
         min_xyz = tuple(reversed([int(p) for p in patch_zyx]))
-        pad = reader_padding(self.config, train)
+        pad = subject_padding(self.config, train)
+        crop = self.config["data"]["crop_or_pad"]
         # HU stays int16 (half the memory traffic) when the patches are scaled on the device
         ct_dtype = "int16" if intensity_per_patch(self.config, train) else "float32"
-        ct_reader = CachedArrayReader(ijk_to_ras, min_xyz, AIR_HU, ct_dtype, pad)
-        label_reader = CachedArrayReader(ijk_to_ras, min_xyz, 0, "uint8", pad)
+        ct_reader = CachedArrayReader(ijk_to_ras, min_xyz, AIR_HU, ct_dtype, pad, crop)
+        label_reader = CachedArrayReader(ijk_to_ras, min_xyz, 0, "uint8", pad, crop)
         return tio.Subject(
-            ct=tio.ScalarImage(self.cache_dir / entry["files"]["ct"], reader=ct_reader),
-            label=tio.LabelMap(self.cache_dir / entry["files"]["label"], reader=label_reader),
+            ct=CachedScalarImage(self.cache_dir / entry["files"]["ct"], reader=ct_reader),
+            label=CachedLabelMap(self.cache_dir / entry["files"]["label"], reader=label_reader),
             case_id=case.case_id,
         )
 
@@ -154,7 +155,7 @@ class LiverDataModule(L.LightningDataModule):
         sampling = self.config["sampling"]
         patch_zyx = sampled_patch_size(self.config) if train else sampling["patch_size"]
         subjects = tio.SubjectsDataset([self._subject(c, patch_zyx, train) for c in cases],
-                                       transform=build_transforms(self.config, train))
+                                       transform=build_transforms(self.config, train, geometry_in_reader=True))
         sampler = self._sampler(subjects, shuffle=train)
         patch_xyz = tuple(reversed([int(p) for p in patch_zyx]))
         probabilities = {int(k): float(v) for k, v in sampling["label_probabilities"].items()}

@@ -8,7 +8,8 @@ the engine's sliding window gives it.
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,32 +21,96 @@ AIR_HU = -1024.0
 class CachedArrayReader:
     """TorchIO ``reader``: a cached (z, y, x) ``.npy`` as a (1, x, y, z) tensor + RAS affine.
 
-    Pads every side by ``pad_xyz`` voxels, and symmetrically any axis still smaller than
-    ``min_shape_xyz`` so that a patch always fits, with ``pad_value``; the affine is
-    shifted accordingly. The padded array is allocated once and the cached voxels are
-    copied into it (one pass; no separate padding transform). Picklable, so TorchIO's
-    loader workers can use it.
+    In one pass over the cached voxels it does what would otherwise be up to three
+    whole-volume TorchIO transforms, each with its own copy:
+
+    1. with ``crop_or_pad_xyz``: ``tio.CropOrPad(crop_or_pad_xyz, padding_mode="minimum")``
+       (centred; an odd difference puts the extra voxel first; padding takes the cached
+       volume's minimum);
+    2. ``pad_xyz`` voxels on every side, and symmetric padding of any axis still smaller
+       than ``min_shape_xyz`` so that a patch always fits. The value is ``pad_value``, or,
+       after a crop-or-pad, the minimum of its result (``tio.Pad(padding_mode="minimum")``).
+
+    The affine is shifted accordingly. The voxels are laid out (z, y, x) in memory, as the
+    cache and the network have them, and returned as a transposed (x, y, z) view, so the
+    copy out of the cache is contiguous and so is every patch once it is put back in the
+    engine's order (:func:`patch_to_zyx`). Picklable, so TorchIO's loader workers can use it.
     """
 
     def __init__(self, ijk_to_ras: np.ndarray, min_shape_xyz: Sequence[int], pad_value: float, dtype: str,
-                 pad_xyz: Sequence[int] = (0, 0, 0)) -> None:
+                 pad_xyz: Sequence[int] = (0, 0, 0), crop_or_pad_xyz: Optional[Sequence[int]] = None) -> None:
         self.ijk_to_ras = np.asarray(ijk_to_ras, dtype=np.float64)
         self.min_shape_xyz = tuple(int(s) for s in min_shape_xyz)
         self.pad_value = float(pad_value)
         self.dtype = dtype
         self.pad_xyz = tuple(int(p) for p in pad_xyz)
+        self.crop_or_pad_xyz = tuple(int(s) for s in crop_or_pad_xyz) if crop_or_pad_xyz else None
 
     def __call__(self, path) -> tuple:
         zyx = np.load(str(path), mmap_mode="r")
-        shape = [n + 2 * p for n, p in zip(zyx.shape[::-1], self.pad_xyz)]
+        source = zyx.shape[::-1]
+        if self.crop_or_pad_xyz:  # tio.CropOrPad's centred split: ceil(n / 2) first, floor(n / 2) last
+            target = self.crop_or_pad_xyz
+            src_first = [math.ceil(max(n - t, 0) / 2) for n, t in zip(source, target)]
+            inner_first = [math.ceil(max(t - n, 0) / 2) for n, t in zip(source, target)]
+            copied = [min(n, t) for n, t in zip(source, target)]
+        else:
+            target, src_first, inner_first, copied = source, [0, 0, 0], [0, 0, 0], source
+        shape = [n + 2 * p for n, p in zip(target, self.pad_xyz)]
         before = [p + max(m - n, 0) // 2 for n, m, p in zip(shape, self.min_shape_xyz, self.pad_xyz)]
         shape = [max(n, m) for n, m in zip(shape, self.min_shape_xyz)]
-        xyz = np.full(shape, self.pad_value, dtype=self.dtype)
-        nx, ny, nz = zyx.shape[::-1]
-        xyz[before[0]:before[0] + nx, before[1]:before[1] + ny, before[2]:before[2] + nz] = zyx.transpose(2, 1, 0)
+        buffer = np.empty(shape[::-1], dtype=self.dtype)
+        inner = [slice(b, b + t) for b, t in zip(before, target)]
+        dest = [slice(b + i, b + i + c) for b, i, c in zip(before, inner_first, copied)]
+        src = [slice(s, s + c) for s, c in zip(src_first, copied)]
+        buffer[tuple(dest[::-1])] = zyx[tuple(src[::-1])]
+        outer_value = self.pad_value
+        if self.crop_or_pad_xyz:
+            outer_value = buffer[tuple(dest[::-1])].min()
+            if list(copied) != list(target):  # CropOrPad padded some axis with the volume's minimum
+                source_min = zyx.min()
+                _fill_around(buffer, tuple(inner[::-1]), tuple(dest[::-1]), source_min)
+                outer_value = min(outer_value, source_min)
+        _fill_around(buffer, tuple(slice(0, n) for n in buffer.shape), tuple(inner[::-1]), outer_value)
+        offset = np.asarray(before, dtype=np.float64) + np.asarray(inner_first) - np.asarray(src_first)
         affine = self.ijk_to_ras.copy()
-        affine[:3, 3] = affine[:3, :3] @ -np.asarray(before, dtype=np.float64) + affine[:3, 3]
-        return torch.from_numpy(xyz[None]), affine
+        affine[:3, 3] = affine[:3, :3] @ -offset + affine[:3, 3]
+        return torch.from_numpy(buffer.transpose(2, 1, 0)[None]), affine
+
+
+def _fill_around(array: np.ndarray, outer: tuple, inner: tuple, value) -> None:
+    """Set the voxels of box ``outer`` that are outside box ``inner`` (slices) to ``value``."""
+    box = list(outer)
+    for axis, (o, i) in enumerate(zip(outer, inner)):
+        for part in (slice(o.start, i.start), slice(i.stop, o.stop)):
+            if part.stop > part.start:
+                sl = list(box)
+                sl[axis] = part
+                array[tuple(sl)] = value
+        box[axis] = i  # later axes only need the part not filled yet
+
+
+class _OneFileLoad:
+    """Loads a one-file image as the reader gives it. TorchIO's ``Image.load`` joins the
+    files' tensors with ``torch.cat`` even when there is one, which copies the whole
+    volume and, for the reader's transposed view, reorders it in memory."""
+
+    def load(self) -> None:
+        paths = self._as_path_list()
+        if self._loaded or len(paths) != 1:
+            return super().load()
+        tensor, affine = self.read_and_check(paths[0])
+        self.set_data(tensor)
+        self.affine = affine
+        self._loaded = True
+
+
+class CachedScalarImage(_OneFileLoad, tio.ScalarImage):
+    """``tio.ScalarImage`` for a :class:`CachedArrayReader` file (see :class:`_OneFileLoad`)."""
+
+
+class CachedLabelMap(_OneFileLoad, tio.LabelMap):
+    """``tio.LabelMap`` for a :class:`CachedArrayReader` file (see :class:`_OneFileLoad`)."""
 
 
 class EngineIntensity:
@@ -115,15 +180,7 @@ def subject_padding(config: dict, train: bool) -> tuple:
     return tuple(reversed(pad_zyx))
 
 
-def reader_padding(config: dict, train: bool) -> tuple:
-    """The padding the cache reader adds (:func:`subject_padding`), unless a CropOrPad
-    must come first (then :func:`build_transforms` pads after it)."""
-    if config["data"]["crop_or_pad"]:
-        return (0, 0, 0)
-    return subject_padding(config, train)
-
-
-def build_transforms(config: dict, train: bool) -> tio.Transform:
+def build_transforms(config: dict, train: bool, geometry_in_reader: bool = False) -> tio.Transform:
     """The recipe's per-subject TorchIO pipeline: [CropOrPad], [HU augmentation],
     [engine intensity], [Pad].
 
@@ -133,29 +190,38 @@ def build_transforms(config: dict, train: bool) -> tio.Transform:
     HU augmentation and the intensity scaling (:func:`intensity_per_patch`), which leaves
     nothing to do per subject. Padding (:func:`subject_padding`: half a patch with
     ``sampling.pad_half_patch``, since TorchIO's samplers only centre patches at least
-    half a patch from the edges; else the augmentation margin) is added by the cache
-    reader (:func:`reader_padding`) or, after a CropOrPad, here. It fills intensity
-    images with their minimum (air) and labels with 0.
+    half a patch from the edges; else the augmentation margin) fills intensity images
+    with their minimum (air) and labels with 0.
+
+    ``geometry_in_reader``: the subjects come from :class:`CachedArrayReader`, which has
+    done the CropOrPad and the padding already (the training data module's case), so
+    neither is repeated here. The intensity scaling then runs after the padding, which
+    gives the same result: the padding only adds the minimum, which leaves a min-max
+    scaling unchanged and maps to the minimum of a window scaling.
+
+    Every step transforms the subject in place (``copy=False``): the queue loads a fresh
+    subject on every visit, so there is nothing to protect, and TorchIO's default deep
+    copy would duplicate the whole volume once per step.
     """
     steps = []
     crop = config["data"]["crop_or_pad"]
-    if crop:
-        steps.append(tio.CropOrPad(tuple(int(v) for v in crop), padding_mode="minimum"))
+    if crop and not geometry_in_reader:
+        steps.append(tio.CropOrPad(tuple(int(v) for v in crop), padding_mode="minimum", copy=False))
     aug = config["augmentation"]
     per_patch = intensity_per_patch(config, train)
     if train and not per_patch:
         if aug["hu_shift"] or tuple(aug["hu_scale"]) != (1.0, 1.0):
-            steps.append(RandomHULinear(aug["hu_shift"], aug["hu_scale"]))
+            steps.append(RandomHULinear(aug["hu_shift"], aug["hu_scale"], copy=False))
         if aug["noise_std_hu"]:
-            steps.append(tio.RandomNoise(std=(0.0, float(aug["noise_std_hu"]))))
-    if not per_patch:  # before the padding, which only adds the minimum: same result, fewer voxels
+            steps.append(tio.RandomNoise(std=(0.0, float(aug["noise_std_hu"])), copy=False))
+    if not per_patch:  # before any padding done here: same result, fewer voxels
         it = config["intensity"]
         steps.append(tio.Lambda(EngineIntensity(it["mode"], it["window_hu"], it["output_range"]),
-                                types_to_apply=[tio.INTENSITY]))
+                                types_to_apply=[tio.INTENSITY], copy=False))
     pad_xyz = subject_padding(config, train)
-    if crop and any(pad_xyz):
-        steps.append(tio.Pad(pad_xyz, padding_mode="minimum"))
-    return tio.Compose(steps)
+    if crop and any(pad_xyz) and not geometry_in_reader:
+        steps.append(tio.Pad(pad_xyz, padding_mode="minimum", copy=False))
+    return tio.Compose(steps, copy=False)
 
 
 def patch_to_zyx(tensor: torch.Tensor) -> torch.Tensor:
