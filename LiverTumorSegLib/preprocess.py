@@ -108,7 +108,7 @@ def scale_intensity(hu: np.ndarray, transform: IntensityTransform) -> np.ndarray
         if hi <= lo:
             hi = lo + 1.0
     scale = (out_hi - out_lo) / (hi - lo)
-    out = np.empty_like(hu, dtype=np.float32)  # keeps the input's memory layout
+    out = np.empty_like(hu, dtype=np.float32, subok=False)  # keeps the input's memory layout
     np.clip(hu, lo, hi, out=out)
     out -= lo
     out *= scale

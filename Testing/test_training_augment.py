@@ -207,7 +207,8 @@ def test_min_max_scaling_before_the_padding_gives_what_scaling_after_it_gave():
 def test_reader_does_what_crop_or_pad_then_pad_do(tmp_path, source_zyx, target_xyz, pad_xyz):
     import torchio as tio
 
-    from livertumorseg_training.transforms import CachedArrayReader, EngineIntensity, build_transforms
+    from livertumorseg_training.transforms import (CachedArrayReader, CachedLabelMap, CachedScalarImage,
+                                                   EngineIntensity, build_transforms, patch_to_zyx)
 
     rng = np.random.default_rng(3)
     hu = rng.integers(-900, 1500, source_zyx).astype(np.int16)
@@ -225,13 +226,14 @@ def test_reader_does_what_crop_or_pad_then_pad_do(tmp_path, source_zyx, target_x
         tio.Subject(ct=tio.ScalarImage(tensor=raw(hu, np.float32), affine=affine),
                     label=tio.LabelMap(tensor=raw(label, np.uint8), affine=affine)))
     subject = tio.Subject(
-        ct=tio.ScalarImage(tmp_path / "ct.npy", reader=CachedArrayReader(affine, (4, 4, 4), -1024.0, "float32",
-                                                                         pad_xyz, target_xyz)),
-        label=tio.LabelMap(tmp_path / "label.npy", reader=CachedArrayReader(affine, (4, 4, 4), 0, "uint8",
-                                                                           pad_xyz, target_xyz)))
+        ct=CachedScalarImage(tmp_path / "ct.npy", reader=CachedArrayReader(affine, (4, 4, 4), -1024.0, "float32",
+                                                                           pad_xyz, target_xyz)),
+        label=CachedLabelMap(tmp_path / "label.npy", reader=CachedArrayReader(affine, (4, 4, 4), 0, "uint8",
+                                                                             pad_xyz, target_xyz)))
     for name in ("ct", "label"):
         assert torch.equal(subject[name].data, reference[name].data), name
         assert np.allclose(subject[name].affine, reference[name].affine), name
+        assert patch_to_zyx(subject[name].data).is_contiguous(), name  # loaded as the reader laid it out
     # the recipe's pipeline over the reader equals TorchIO's transforms over the raw volume
     config = load_config("seed", [f"data.crop_or_pad=[{','.join(map(str, target_xyz))}]",
                                   "sampling.patch_size=[8,8,8]", "sampling.pad_half_patch=true"])
@@ -254,3 +256,18 @@ def test_reader_pads_to_the_patch_after_the_crop(tmp_path):
     assert tensor.shape == (1, 8, 8, 8)  # cropped to 4, then padded to the patch with the minimum kept
     inner = tensor[0, 2:6, 2:6, 2:6]
     assert float(tensor[0, 0, 0, 0]) == float(inner.min()) and int(np.count_nonzero(tensor[0] == inner.min())) > 1
+
+
+def test_with_noise_per_subject_the_padding_comes_after_the_noise():
+    import torchio as tio
+
+    from livertumorseg_training.transforms import build_transforms, reader_padding
+
+    noisy = load_config("seed", ["augmentation.noise_std_hu=20", "sampling.pad_half_patch=true"])
+    assert reader_padding(noisy, train=True) == (0, 0, 0)
+    assert isinstance(build_transforms(noisy, train=True, geometry_in_reader=True).transforms[-1], tio.Pad)
+    assert reader_padding(noisy, train=False) == (48, 48, 48)  # no noise outside training
+    quiet = load_config("seed", ["sampling.pad_half_patch=true"])
+    assert reader_padding(quiet, train=True) != (0, 0, 0)
+    assert not any(isinstance(t, (tio.Pad, tio.CropOrPad))
+                   for t in build_transforms(quiet, train=True, geometry_in_reader=True).transforms)

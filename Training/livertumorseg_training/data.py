@@ -28,7 +28,7 @@ from .cache import build_cache, default_cache_dir, entry_volume, load_arrays
 from .dataset import Case, split_cases, training_cases
 from .sampling import FastLabelSampler
 from .transforms import (AIR_HU, CachedArrayReader, CachedLabelMap, CachedScalarImage, EngineIntensity,
-                         build_transforms, intensity_per_patch, patch_to_zyx, subject_padding)
+                         build_transforms, intensity_per_patch, patch_to_zyx, reader_padding)
 
 
 def collate_patches(batch: List[tio.Subject]) -> dict:
@@ -129,7 +129,7 @@ class LiverDataModule(L.LightningDataModule):
         entry = self.entries[case.case_id]
         ijk_to_ras = entry_volume(entry, np.empty((1, 1, 1))).ijk_to_ras()
         min_xyz = tuple(reversed([int(p) for p in patch_zyx]))
-        pad = subject_padding(self.config, train)
+        pad = reader_padding(self.config, train)
         crop = self.config["data"]["crop_or_pad"]
         # HU stays int16 (half the memory traffic) when the patches are scaled on the device
         ct_dtype = "int16" if intensity_per_patch(self.config, train) else "float32"

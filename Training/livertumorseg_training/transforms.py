@@ -180,6 +180,22 @@ def subject_padding(config: dict, train: bool) -> tuple:
     return tuple(reversed(pad_zyx))
 
 
+def noise_per_subject(config: dict, train: bool) -> bool:
+    """Whether Gaussian noise is added to whole subjects (training without
+    :func:`intensity_per_patch`)."""
+    return bool(train and not intensity_per_patch(config, train) and config["augmentation"]["noise_std_hu"])
+
+
+def reader_padding(config: dict, train: bool) -> tuple:
+    """The padding :class:`CachedArrayReader` adds: :func:`subject_padding`, except after
+    a CropOrPad in a recipe with per-subject noise, where the padding must come after the
+    noise (as ``tio.Pad(padding_mode="minimum")``, one constant) and
+    :func:`build_transforms` adds it."""
+    if config["data"]["crop_or_pad"] and noise_per_subject(config, train):
+        return (0, 0, 0)
+    return subject_padding(config, train)
+
+
 def build_transforms(config: dict, train: bool, geometry_in_reader: bool = False) -> tio.Transform:
     """The recipe's per-subject TorchIO pipeline: [CropOrPad], [HU augmentation],
     [engine intensity], [Pad].
@@ -194,10 +210,12 @@ def build_transforms(config: dict, train: bool, geometry_in_reader: bool = False
     with their minimum (air) and labels with 0.
 
     ``geometry_in_reader``: the subjects come from :class:`CachedArrayReader`, which has
-    done the CropOrPad and the padding already (the training data module's case), so
-    neither is repeated here. The intensity scaling then runs after the padding, which
-    gives the same result: the padding only adds the minimum, which leaves a min-max
-    scaling unchanged and maps to the minimum of a window scaling.
+    done the CropOrPad and the padding (:func:`reader_padding`) already (the training
+    data module's case), so neither is repeated here. The intensity steps then run after
+    the padding, which gives the same result: the padding only adds the minimum, a
+    positive HU scale and a shift keep it the minimum, a min-max scaling is unchanged by
+    it and a window scaling maps it to its own minimum. Noise would not keep it, so with
+    per-subject noise the reader leaves the padding to the end of this pipeline.
 
     Every step transforms the subject in place (``copy=False``): the queue loads a fresh
     subject on every visit, so there is nothing to protect, and TorchIO's default deep
@@ -219,7 +237,7 @@ def build_transforms(config: dict, train: bool, geometry_in_reader: bool = False
         steps.append(tio.Lambda(EngineIntensity(it["mode"], it["window_hu"], it["output_range"]),
                                 types_to_apply=[tio.INTENSITY], copy=False))
     pad_xyz = subject_padding(config, train)
-    if crop and any(pad_xyz) and not geometry_in_reader:
+    if crop and any(pad_xyz) and not (geometry_in_reader and any(reader_padding(config, train))):
         steps.append(tio.Pad(pad_xyz, padding_mode="minimum", copy=False))
     return tio.Compose(steps, copy=False)
 
