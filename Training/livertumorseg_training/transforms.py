@@ -60,18 +60,18 @@ class CachedArrayReader:
         before = [p + max(m - n, 0) // 2 for n, m, p in zip(shape, self.min_shape_xyz, self.pad_xyz)]
         shape = [max(n, m) for n, m in zip(shape, self.min_shape_xyz)]
         buffer = np.empty(shape[::-1], dtype=self.dtype)
-        inner = [slice(b, b + t) for b, t in zip(before, target)]
-        dest = [slice(b + i, b + i + c) for b, i, c in zip(before, inner_first, copied)]
-        src = [slice(s, s + c) for s, c in zip(src_first, copied)]
-        buffer[tuple(dest[::-1])] = zyx[tuple(src[::-1])]
+        # boxes in the buffer's (z, y, x) order: the crop-or-pad result, and the cached voxels in it
+        inner = tuple(slice(b, b + t) for b, t in zip(before[::-1], target[::-1]))
+        dest = tuple(slice(b + i, b + i + c) for b, i, c in zip(before[::-1], inner_first[::-1], copied[::-1]))
+        buffer[dest] = zyx[tuple(slice(s, s + c) for s, c in zip(src_first[::-1], copied[::-1]))]
         outer_value = self.pad_value
         if self.crop_or_pad_xyz:
-            outer_value = buffer[tuple(dest[::-1])].min()
+            outer_value = buffer[dest].min()
             if list(copied) != list(target):  # CropOrPad padded some axis with the volume's minimum
                 source_min = zyx.min()
-                _fill_around(buffer, tuple(inner[::-1]), tuple(dest[::-1]), source_min)
+                _fill_around(buffer, inner, dest, source_min)
                 outer_value = min(outer_value, source_min)
-        _fill_around(buffer, tuple(slice(0, n) for n in buffer.shape), tuple(inner[::-1]), outer_value)
+        _fill_around(buffer, tuple(slice(0, n) for n in buffer.shape), inner, outer_value)
         offset = np.asarray(before, dtype=np.float64) + np.asarray(inner_first) - np.asarray(src_first)
         affine = self.ijk_to_ras.copy()
         affine[:3, 3] = affine[:3, :3] @ -offset + affine[:3, 3]
@@ -227,17 +227,17 @@ def build_transforms(config: dict, train: bool, geometry_in_reader: bool = False
         steps.append(tio.CropOrPad(tuple(int(v) for v in crop), padding_mode="minimum", copy=False))
     aug = config["augmentation"]
     per_patch = intensity_per_patch(config, train)
-    if train and not per_patch:
-        if aug["hu_shift"] or tuple(aug["hu_scale"]) != (1.0, 1.0):
-            steps.append(RandomHULinear(aug["hu_shift"], aug["hu_scale"], copy=False))
-        if aug["noise_std_hu"]:
-            steps.append(tio.RandomNoise(std=(0.0, float(aug["noise_std_hu"])), copy=False))
+    if train and not per_patch and (aug["hu_shift"] or tuple(aug["hu_scale"]) != (1.0, 1.0)):
+        steps.append(RandomHULinear(aug["hu_shift"], aug["hu_scale"], copy=False))
+    if noise_per_subject(config, train):
+        steps.append(tio.RandomNoise(std=(0.0, float(aug["noise_std_hu"])), copy=False))
     if not per_patch:  # before any padding done here: same result, fewer voxels
         it = config["intensity"]
         steps.append(tio.Lambda(EngineIntensity(it["mode"], it["window_hu"], it["output_range"]),
                                 types_to_apply=[tio.INTENSITY], copy=False))
     pad_xyz = subject_padding(config, train)
-    if crop and any(pad_xyz) and not (geometry_in_reader and any(reader_padding(config, train))):
+    padded_by_reader = geometry_in_reader and reader_padding(config, train) == pad_xyz
+    if crop and any(pad_xyz) and not padded_by_reader:
         steps.append(tio.Pad(pad_xyz, padding_mode="minimum", copy=False))
     return tio.Compose(steps, copy=False)
 
