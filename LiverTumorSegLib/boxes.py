@@ -34,3 +34,29 @@ def class_mask(labels: np.ndarray, values) -> np.ndarray:
         table[values[(values >= 0) & (values <= np.iinfo(labels.dtype).max)].astype(np.int64)] = True
         return table[labels]
     return np.isin(labels, values)
+
+
+def align_box(box: tuple, shape: tuple, patch_size: tuple, divisor: int) -> tuple:
+    """Grow ``box`` (slices of an array of ``shape``) so a sliding window laid on it
+    sits on the same ``divisor``-voxel lattice as one laid on the whole array.
+
+    A U-Net with ``k`` pooling steps is shift-equivariant only for shifts that are
+    multiples of ``2**k`` (its ``divisor``). Each axis's start is moved down to such a
+    multiple and its length up to one, and to at least the patch size, within the
+    array. Where the array's far edge stops it, the box ends flush with that edge,
+    where the last window on the whole array ends too (and, when ``box`` fits in that
+    last window, starts where it starts). The result contains ``box``.
+    """
+    d = max(int(divisor), 1)
+    out = []
+    for sl, n, p in zip(box, shape, patch_size):
+        start, stop = int(sl.start), int(sl.stop)
+        a = (start // d) * d
+        length = max(stop - a, min(int(p), n))
+        b = a + -(-length // d) * d
+        if b > n:  # flush with the far edge; one window there if the box fits in it
+            b = n
+            if n - int(p) <= start:
+                a = max(n - int(p), 0)
+        out.append(slice(a, b))
+    return tuple(out)

@@ -173,3 +173,55 @@ def test_gpu_out_of_memory_falls_back_to_cpu_accumulators(monkeypatch):
         out = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, overlap=0.25)
     assert state["raised"] == 1
     np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_aligned_box_contains_the_box_on_the_lattice():
+    from LiverTumorSegLib.boxes import align_box
+
+    rng = np.random.default_rng(7)
+    for _ in range(500):
+        n, p, d = int(rng.integers(5, 300)), int(rng.choice([16, 32, 96])), int(rng.choice([1, 2, 8]))
+        start = int(rng.integers(0, n))
+        stop = int(rng.integers(start + 1, n + 1))
+        (out,) = align_box((slice(start, stop),), (n,), (p,), d)
+        assert 0 <= out.start <= start and stop <= out.stop <= n
+        assert out.stop - out.start >= min(p, n)
+        if out.stop < n:  # not stopped by the far edge: on the lattice at both ends
+            assert out.start % d == 0 and (out.stop - out.start) % d == 0
+        else:  # flush with the far edge: on the lattice, or where the whole array's last window starts
+            assert out.start % d == 0 or out.start == max(n - p, 0)
+            if out.start == max(n - p, 0) and out.start % d:
+                assert n - p <= start  # taken only when the box fits in that last window
+
+
+class _PoolNet(torch.nn.Module):
+    """Depends on nothing but the 4-voxel pooling lattice: no context across blocks."""
+
+    divisor = 4
+
+    def forward(self, x):
+        u = torch.nn.functional.interpolate(torch.nn.functional.avg_pool3d(x, 4), scale_factor=4)
+        return torch.cat([torch.zeros_like(u), u, -u], 1)
+
+
+@pytest.mark.parametrize("align", [True, False])
+def test_crop_to_body_keeps_the_pooling_lattice(tiny_model, monkeypatch, align):
+    """Cropped and uncropped runs agree exactly where both compute; unaligned they do not."""
+    from LiverTumorSegLib import pipeline
+    from LiverTumorSegLib.model import LoadedModel, load_model
+    from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
+
+    if not align:
+        monkeypatch.setattr(pipeline, "align_box", lambda box, *args: box)
+    loaded = load_model(tiny_model)
+    model = LoadedModel(card=loaded.card, network=_PoolNet(), folder=loaded.folder)
+    rng = np.random.default_rng(3)
+    hu = np.full((52, 60, 72), -1000.0, dtype=np.float32)
+    hu[5:37, 9:50, 13:63] = rng.uniform(-150.0, 200.0, size=(32, 41, 50))  # body off the lattice
+    opts = dict(device="cpu", precision="fp32", weighting="constant", overlap=0.25)
+    logits, box = Segmenter(model, SegmentOptions(crop_to_body=True, **opts)).infer_logits(hu)
+    whole, _ = Segmenter(model, SegmentOptions(crop_to_body=False, **opts)).infer_logits(hu)
+    computed = logits[1] > -1e3
+    assert computed.mean() > 0.9
+    same = np.allclose(logits[:, computed], whole[(slice(None),) + box][:, computed], atol=1e-6)
+    assert same == align
