@@ -52,3 +52,26 @@ def test_quick_benchmark_runs_and_writes_every_key(tmp_path):
                                                         "statistics", "surfaces", "write"}
     assert "not measured" in document["gpu"]["status"] or "GPU" in document["gpu"]["status"]
     assert "### Targets" in proc.stdout
+
+
+def test_cached_weights_of_another_recipe_are_made_again(tmp_path, monkeypatch):
+    """The default weights folder is reused only when the current recipe made it."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks import weights
+
+    folder = tmp_path / "bench-weights"
+    monkeypatch.setenv("LIVERTUMORSEG_BENCH_WEIGHTS", str(folder))
+    trained = []
+    monkeypatch.setattr(weights, "train_bench_model", lambda out, log=print: trained.append(out) or out)
+    weights.ensure_weights(log=lambda m: None)
+    assert trained == [folder]  # missing: made
+    folder.mkdir()
+    card = {"name": "bench-phantom-w32", "provenance": {"recipe": dict(weights.RECIPE, steps=1)}}
+    (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
+    weights.ensure_weights(log=lambda m: None)
+    assert trained == [folder, folder]  # another recipe: made again
+    card["provenance"]["recipe"] = json.loads(json.dumps(weights.RECIPE))  # as a card stores it
+    (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
+    assert weights.ensure_weights(log=lambda m: None) == folder
+    assert len(trained) == 2  # current recipe: reused
+    assert weights.ensure_weights(folder, log=lambda m: None) == folder  # --weights: used as given
