@@ -66,10 +66,7 @@ def load_bench_model(args, quick: bool, patch):
     from LiverTumorSegLib.model import load_model, save_model
 
     folder = Path(args.weights).expanduser() if args.weights else weights.weights_dir()
-    # --weights is used as given; the cached default only if today's recipe made it
-    current = (folder / "model.json").is_file() and (
-        bool(args.weights) or weights.cached_recipe(folder / "model.json") == weights.RECIPE)
-    if current:
+    if weights.usable(folder, explicit=bool(args.weights)):
         model, what = load_model(folder), f"trained: {folder}"
     elif quick:
         model, what = weights.random_model(patch or weights.PATCH), "random-init (quick; trained weights not found)"

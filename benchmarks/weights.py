@@ -112,8 +112,7 @@ def train_bench_model(out_dir: Path, recipe: Optional[dict] = None,
     t0 = time.perf_counter()
     data = []
     for i in range(int(r["cases"])):
-        shape = tuple(r["shape_xyz"]) if r.get("shape_xyz") else None
-        hu, lab = phantom_on_model_grid(TRAIN_SEED_BASE + i, preset=r["preset"], shape=shape)
+        hu, lab = phantom_on_model_grid(TRAIN_SEED_BASE + i, preset=r["preset"])
         data.append((scale_intensity(hu, card.intensity), lab))
     log(f"rendered {len(data)} training phantoms in {time.perf_counter() - t0:.0f} s")
     net = UNet3D(widths=WIDTHS).to(memory_format=torch.channels_last_3d)
@@ -157,31 +156,34 @@ def ensure_weights(path: Optional[Path] = None, log: Callable[[str], None] = pri
     from LiverTumorSegLib.model.card import CARD_NAME
 
     folder = Path(path).expanduser() if path else weights_dir()
-    if path:
-        if not (folder / CARD_NAME).is_file():
-            raise FileNotFoundError(f"--weights {folder} holds no {CARD_NAME}")
-        return folder  # the user's choice, whatever recipe made it
-    made_by = cached_recipe(folder / CARD_NAME)
-    if made_by == RECIPE:
+    if usable(folder, explicit=bool(path)):
         return folder
-    if made_by is None:
-        log(f"benchmark weights not found in {folder}: training them now (benchmarks/weights.py)")
-    else:
+    if path:
+        raise FileNotFoundError(f"--weights {folder} holds no {CARD_NAME}")
+    if (folder / CARD_NAME).is_file():
         log(f"benchmark weights in {folder} were made by another recipe: training them again")
+    else:
+        log(f"benchmark weights not found in {folder}: training them now (benchmarks/weights.py)")
     return train_bench_model(folder, log=log)
 
 
-def cached_recipe(card_path: Path) -> Optional[dict]:
-    """The recipe recorded in a cached card, {} for a card without one, None without a card."""
+def usable(folder: Path, explicit: bool = False) -> bool:
+    """Whether ``folder`` holds a model card to use: any card when the user named the
+    folder (``--weights``), else only one whose provenance records the current RECIPE."""
     import json
 
+    from LiverTumorSegLib.model.card import CARD_NAME
+
+    card_path = Path(folder) / CARD_NAME
     if not card_path.is_file():
-        return None
+        return False
+    if explicit:
+        return True
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
-    return (card.get("provenance") or {}).get("recipe") or {}
+        return False
+    return (card.get("provenance") or {}).get("recipe") == RECIPE
 
 
 def random_model(patch=(48, 48, 48), seed: int = 0):
