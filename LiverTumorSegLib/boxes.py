@@ -1,7 +1,9 @@
-"""Bounding boxes of masks, as slices of (z, y, x) arrays; masks of label classes."""
+"""Bounding boxes of masks, as slices of (z, y, x) arrays; masks of label classes;
+where sliding windows go."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -59,4 +61,42 @@ def align_box(box: tuple, shape: tuple, patch_size: tuple, divisor: int) -> tupl
             if n - int(p) <= start:
                 a = max(n - int(p), 0)
         out.append(slice(a, b))
+    return tuple(out)
+
+
+def patch_starts(size: int, patch: int, overlap: float) -> list:
+    """Start indices of sliding windows along one axis (``size >= patch``), laid as
+    MONAI's ``sliding_window_inference`` lays them: a stride of ``int(patch * (1 -
+    overlap))`` from 0, the last window flush with the far edge."""
+    if size <= patch:
+        return [0]
+    step = max(int(patch * (1.0 - overlap)), 1)
+    count = math.ceil((size - patch) / step) + 1
+    return sorted({min(i * step, size - patch) for i in range(count)})
+
+
+def window_box(box: tuple, shape: tuple, patch_size: tuple, overlap: float, divisor: int) -> tuple:
+    """The part of an array of ``shape`` to run sliding windows on so that they cover
+    ``box`` (the body) with as few windows as a crop would, and wherever possible in the
+    very places the windows on the whole array sit.
+
+    Per axis, two candidates: the windows of the whole array that reach into ``box``
+    (the box's voxels then get exactly the whole-array result, since a window that
+    misses the box adds nothing inside it), or a grid laid on ``box`` itself, grown onto
+    the network's pooling lattice (:func:`align_box`). The first is taken unless the
+    second needs fewer windows; only then does the crop change where windows sit.
+    """
+    aligned = align_box(box, shape, patch_size, divisor)
+    out = []
+    for sl, cropped, n, p in zip(box, aligned, shape, patch_size):
+        p = int(p)
+        if n <= p:
+            out.append(slice(0, n))
+            continue
+        reaching = [s for s in patch_starts(n, p, overlap) if s < sl.stop and s + p > sl.start]
+        own = patch_starts(max(cropped.stop - cropped.start, p), p, overlap)
+        if len(reaching) <= len(own):
+            out.append(slice(reaching[0], reaching[-1] + p))
+        else:
+            out.append(cropped)
     return tuple(out)

@@ -20,27 +20,18 @@ measured gains are in BENCHMARKS.md.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from .boxes import patch_starts  # noqa: F401  (part of this module's API)
 from .errors import Cancelled
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 UNCOVERED_LOGIT = -1.0e4
-
-
-def patch_starts(size: int, patch: int, overlap: float) -> list:
-    """Start indices along one axis (``size >= patch``)."""
-    if size <= patch:
-        return [0]
-    step = max(int(patch * (1.0 - overlap)), 1)
-    count = math.ceil((size - patch) / step) + 1
-    return sorted({min(i * step, size - patch) for i in range(count)})
 
 
 def importance_map(patch_size: Sequence[int], mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:

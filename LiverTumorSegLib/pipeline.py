@@ -13,7 +13,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .boxes import align_box
+from .boxes import window_box
 from .errors import InputError
 from .inference import prepare_network, sliding_window_inference
 from .model import LoadedModel, load_model, resolve_model
@@ -43,8 +43,9 @@ class SegmentOptions:
         weighting: ``gaussian`` or ``constant`` patch weighting.
         min_lesion_ml: tumor components smaller than this (mL) become liver.
         allow_non_ct: run on images whose intensities do not look like HU.
-        crop_to_body: run the network only inside the body's bounding box (grown
-            onto the network's pooling lattice, see :func:`~.boxes.align_box`).
+        crop_to_body: run the network only on the windows that reach the body's
+            bounding box; where a grid on the box itself needs fewer windows along an
+            axis, on that grid instead (see :func:`~.boxes.window_box`).
         memory_budget_gb: refuse jobs estimated above this; None = 85 % of free RAM.
         threads: torch CPU threads; None leaves torch's default.
     """
@@ -187,8 +188,9 @@ class Segmenter:
         box = body_bounding_box(hu) if self.options.crop_to_body else None
         if box is None:
             box = tuple(slice(0, n) for n in hu.shape)
-        else:  # keep the windows on the whole volume's pooling lattice
-            box = align_box(box, hu.shape, self.card.patch_size, getattr(self.model.network, "divisor", 1))
+        else:  # where the whole volume's windows sit, unless a crop saves windows
+            box = window_box(box, hu.shape, self.card.patch_size, self.overlap(),
+                             getattr(self.model.network, "divisor", 1))
         net_input = scale_intensity(hu[box], self.card.intensity)
         body = hu[box] > -500.0 if self.options.crop_to_body else None
         return net_input, body, box

@@ -194,6 +194,67 @@ def test_aligned_box_contains_the_box_on_the_lattice():
                 assert n - p <= start  # taken only when the box fits in that last window
 
 
+def test_window_box_keeps_the_whole_grid_unless_a_crop_saves_windows():
+    from LiverTumorSegLib.boxes import align_box, window_box
+
+    rng = np.random.default_rng(11)
+    kept = cropped = 0
+    for _ in range(600):
+        n, p, d = int(rng.integers(5, 300)), int(rng.choice([16, 32, 96])), int(rng.choice([1, 2, 8]))
+        overlap = float(rng.choice([0.0, 8 / 96, 0.25, 0.5, 0.7]))
+        start = int(rng.integers(0, n))
+        stop = int(rng.integers(start + 1, n + 1))
+        (out,) = window_box((slice(start, stop),), (n,), (p,), overlap, d)
+        (aligned,) = align_box((slice(start, stop),), (n,), (p,), d)
+        assert 0 <= out.start <= start and stop <= out.stop <= n
+        here = [out.start + s for s in patch_starts(out.stop - out.start, p, overlap)]
+        whole = patch_starts(n, p, overlap)
+        reaching = [s for s in whole if s < stop and s + p > start] if n > p else [0]
+        own = patch_starts(max(aligned.stop - aligned.start, p), p, overlap)
+        if out == aligned and here != reaching:  # the crop: only where it saves windows
+            cropped += 1
+            assert len(here) < len(reaching)
+        else:  # exactly the whole array's windows that reach the box
+            kept += 1
+            assert here == reaching and len(here) <= len(own)
+    assert kept > 100 and cropped > 100
+
+
+@pytest.mark.parametrize("weighting", ["constant", "gaussian"])
+def test_crop_to_body_computes_the_whole_volume_result_where_it_saves_no_windows(tiny_model, weighting):
+    """A context-dependent network: inside the run's box, the result is the whole volume's.
+    Laying the grid on the body's own box instead (the earlier crop) changes it."""
+    from LiverTumorSegLib import boxes, pipeline
+    from LiverTumorSegLib.model import load_model
+    from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
+
+    model = load_model(tiny_model)  # 32^3 patches, divisor 2; at overlap 0.25 a stride of 24
+    rng = np.random.default_rng(5)
+    hu = np.full((70, 66, 75), -1000.0, dtype=np.float32)
+    hu[3:62, 3:64, 36:75] = rng.uniform(-150.0, 200.0, size=(59, 61, 39))
+    opts = dict(device="cpu", precision="fp32", weighting=weighting, overlap=0.25)
+    whole, _ = Segmenter(model, SegmentOptions(crop_to_body=False, **opts)).infer_logits(hu)
+    logits, box = Segmenter(model, SegmentOptions(crop_to_body=True, **opts)).infer_logits(hu)
+    # x: of the volume's windows at 0, 24 and 43, two reach the body's box (32..75 with
+    # its 4-voxel margin), as many as a grid on that box needs: the run takes those two
+    assert box == (slice(0, 70), slice(0, 66), slice(24, 75))
+    # inside the body's box the same windows add up (between 24 and 32 the volume's window
+    # at 0 adds to the whole run too, but that is air beyond the box)
+    np.testing.assert_allclose(logits[:, :, :, 8:], whole[:, :, :, 32:], atol=2e-5, rtol=0)
+
+    def grid_on_the_body(box, shape, patch_size, overlap, divisor):
+        return boxes.align_box(box, shape, patch_size, divisor)
+
+    pipeline_window_box = pipeline.window_box
+    try:
+        pipeline.window_box = grid_on_the_body
+        moved, moved_box = Segmenter(model, SegmentOptions(crop_to_body=True, **opts)).infer_logits(hu)
+    finally:
+        pipeline.window_box = pipeline_window_box
+    assert moved_box[2] == slice(32, 75)
+    assert np.abs(moved - whole[(slice(None),) + moved_box]).max() > 1e-3
+
+
 class _PoolNet(torch.nn.Module):
     """Depends on nothing but the 4-voxel pooling lattice: no context across blocks."""
 
@@ -207,12 +268,12 @@ class _PoolNet(torch.nn.Module):
 @pytest.mark.parametrize("align", [True, False])
 def test_crop_to_body_keeps_the_pooling_lattice(tiny_model, monkeypatch, align):
     """Cropped and uncropped runs agree exactly where both compute; unaligned they do not."""
-    from LiverTumorSegLib import pipeline
+    from LiverTumorSegLib import boxes
     from LiverTumorSegLib.model import LoadedModel, load_model
     from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
 
     if not align:
-        monkeypatch.setattr(pipeline, "align_box", lambda box, *args: box)
+        monkeypatch.setattr(boxes, "align_box", lambda box, *args: box)
     loaded = load_model(tiny_model)
     model = LoadedModel(card=loaded.card, network=_PoolNet(), folder=loaded.folder)
     rng = np.random.default_rng(3)

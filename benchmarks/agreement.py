@@ -3,8 +3,11 @@
 ``python -m benchmarks.agreement [WEIGHTS] [OVERLAP]`` segments the item-1 input once
 with MONAI's constant-mode fp32 ``sliding_window_inference`` (the Dice reference) and
 once per variant of our engine, printing each variant's label Dice against it:
-the shipped default, constant weighting in bf16 and in fp32, and the same without the
-crop's alignment to the pooling lattice (:func:`LiverTumorSegLib.boxes.align_box`).
+the shipped default, constant weighting in bf16 and in fp32, fp32 without the crop,
+and the earlier crops for comparison: the grid laid on the body's box (grown onto the
+pooling lattice, :func:`LiverTumorSegLib.boxes.align_box`) on every axis, and that
+without the alignment. The shipped crop (:func:`LiverTumorSegLib.boxes.window_box`)
+keeps the whole volume's windows on every axis where the box's own grid saves none.
 One repetition each: this explains the agreement figures of ``bench_inference``; it
 times nothing.
 """
@@ -20,7 +23,7 @@ def main(argv=None) -> None:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from LiverTumorSegLib import pipeline
+    from LiverTumorSegLib import boxes, pipeline
     from LiverTumorSegLib.model import load_model
     from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
     from LiverTumorSegLib.preprocess import scale_intensity
@@ -40,22 +43,28 @@ def main(argv=None) -> None:
                                        model.network.eval(), overlap=overlap, mode="constant")[0]
     ref = ref.argmax(0).numpy().astype(np.uint8)
     print(f"MONAI constant fp32: {time.perf_counter() - t:.0f} s; vs truth {label_dice(ref, truth)}", flush=True)
-    aligned = pipeline.align_box
-    variants = [("default", {}, True), ("default, unaligned crop", {}, False),
-                ("constant bf16", dict(weighting="constant"), True),
-                ("constant fp32", dict(weighting="constant", precision="fp32"), True),
-                ("constant fp32, unaligned crop", dict(weighting="constant", precision="fp32"), False)]
+    shipped = pipeline.window_box
+    crops = {
+        "shipped": shipped,
+        "grid on the body's box": lambda box, shape, patch, overlap, d: boxes.align_box(box, shape, patch, d),
+        "grid on the body's box, unaligned": lambda box, *args: box,
+    }
+    bf16, fp32 = dict(weighting="constant"), dict(weighting="constant", precision="fp32")
+    variants = [("default", {}, "shipped"), ("default", {}, "grid on the body's box"),
+                ("constant bf16", bf16, "shipped"), ("constant fp32", fp32, "shipped"),
+                ("constant fp32", fp32, "grid on the body's box"),
+                ("constant fp32", fp32, "grid on the body's box, unaligned"),
+                ("constant fp32, no crop", dict(fp32, crop_to_body=False), "shipped")]
     try:
-        for name, options, align in variants:
-            pipeline.align_box = aligned if align else (lambda box, *args: box)
+        for name, options, crop in variants:
+            pipeline.window_box = crops[crop]
             seg = Segmenter(model, SegmentOptions(device="cpu", overlap=overlap, batch_size=2, **options))
             logits, box = seg.infer_logits(hu)
             labels = _full_logits(logits, box, hu.shape).argmax(0)
-            print(f"{name}: box {[(s.start, s.stop) for s in box]}, vs MONAI constant {label_dice(labels, ref)}",
-                  flush=True)
+            print(f"{name} ({crop} crop): box {[(s.start, s.stop) for s in box]}, "
+                  f"vs MONAI constant {label_dice(labels, ref)}, vs truth {label_dice(labels, truth)}", flush=True)
     finally:
-        pipeline.align_box = aligned
-
+        pipeline.window_box = shipped
 
 if __name__ == "__main__":
     main()
