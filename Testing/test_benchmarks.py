@@ -75,3 +75,24 @@ def test_cached_weights_of_another_recipe_are_made_again(tmp_path, monkeypatch):
     assert weights.ensure_weights(log=lambda m: None) == folder
     assert len(trained) == 2  # current recipe: reused
     assert weights.ensure_weights(folder, log=lambda m: None) == folder  # --weights: used as given
+
+
+def test_training_patches_of_class_background_are_centred_where_asked():
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+
+    from benchmarks.weights import _Case
+
+    hu = np.full((30, 30, 30), -1000.0, dtype=np.float32)
+    hu[5:25, 5:25, 5:25] = 40.0  # body
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[10:20, 10:20, 10:20] = 1
+    rng = np.random.default_rng(0)
+    body = _Case(hu, labels, hu, background="body")
+    centres = [body.centre(rng, 0) for _ in range(300)]
+    assert all(hu[c] > -500.0 and labels[c] == 0 for c in centres)
+    anywhere = _Case(hu, labels, hu, background="any")
+    centres = [anywhere.centre(rng, 0) for _ in range(300)]
+    assert all(labels[c] == 0 for c in centres)
+    assert sum(hu[c] < -500.0 for c in centres) > 150  # air is most of this volume's background
+    assert all(labels[body.centre(rng, 1)] == 1 for _ in range(50))
