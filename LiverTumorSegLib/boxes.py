@@ -94,7 +94,7 @@ def window_box(box: tuple, shape: tuple, patch_size: tuple, overlap: float, divi
             out.append(slice(0, n))
             continue
         reaching = [s for s in patch_starts(n, p, overlap) if s < sl.stop and s + p > sl.start]
-        own = patch_starts(max(cropped.stop - cropped.start, p), p, overlap)
+        own = patch_starts(cropped.stop - cropped.start, p, overlap)
         if len(reaching) <= len(own):
             out.append(slice(reaching[0], reaching[-1] + p))
         else:

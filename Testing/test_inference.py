@@ -221,7 +221,7 @@ def test_window_box_keeps_the_whole_grid_unless_a_crop_saves_windows():
 
 
 @pytest.mark.parametrize("weighting", ["constant", "gaussian"])
-def test_crop_to_body_computes_the_whole_volume_result_where_it_saves_no_windows(tiny_model, weighting):
+def test_crop_to_body_computes_the_whole_volume_result_where_it_saves_no_windows(tiny_model, weighting, monkeypatch):
     """A context-dependent network: inside the run's box, the result is the whole volume's.
     Laying the grid on the body's own box instead (the earlier crop) changes it."""
     from LiverTumorSegLib import boxes, pipeline
@@ -245,12 +245,8 @@ def test_crop_to_body_computes_the_whole_volume_result_where_it_saves_no_windows
     def grid_on_the_body(box, shape, patch_size, overlap, divisor):
         return boxes.align_box(box, shape, patch_size, divisor)
 
-    pipeline_window_box = pipeline.window_box
-    try:
-        pipeline.window_box = grid_on_the_body
-        moved, moved_box = Segmenter(model, SegmentOptions(crop_to_body=True, **opts)).infer_logits(hu)
-    finally:
-        pipeline.window_box = pipeline_window_box
+    monkeypatch.setattr(pipeline, "window_box", grid_on_the_body)
+    moved, moved_box = Segmenter(model, SegmentOptions(crop_to_body=True, **opts)).infer_logits(hu)
     assert moved_box[2] == slice(32, 75)
     assert np.abs(moved - whole[(slice(None),) + moved_box]).max() > 1e-3
 

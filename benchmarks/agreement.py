@@ -21,7 +21,6 @@ import time
 def main(argv=None) -> None:
     import numpy as np
     import torch
-    from monai.inferers import sliding_window_inference
 
     from LiverTumorSegLib import boxes, pipeline
     from LiverTumorSegLib.model import load_model
@@ -29,7 +28,7 @@ def main(argv=None) -> None:
     from LiverTumorSegLib.preprocess import scale_intensity
 
     from . import inputs, weights
-    from .bench_inference import _full_logits, label_dice
+    from .bench_inference import _full_logits, competitors, label_dice
 
     argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(2)
@@ -38,10 +37,7 @@ def main(argv=None) -> None:
     hu, truth = inputs.model_grid_phantom((256, 256, 200))
     x = scale_intensity(hu, model.card.intensity)
     t = time.perf_counter()
-    with torch.inference_mode():
-        ref = sliding_window_inference(torch.from_numpy(x)[None, None], tuple(model.card.patch_size), 2,
-                                       model.network.eval(), overlap=overlap, mode="constant")[0]
-    ref = ref.argmax(0).numpy().astype(np.uint8)
+    ref = competitors(model, hu, x, overlap, batch=2)["monai_constant"]().argmax(0).astype(np.uint8)
     print(f"MONAI constant fp32: {time.perf_counter() - t:.0f} s; vs truth {label_dice(ref, truth)}", flush=True)
     shipped = pipeline.window_box
     crops = {
@@ -65,6 +61,7 @@ def main(argv=None) -> None:
                   f"vs MONAI constant {label_dice(labels, ref)}, vs truth {label_dice(labels, truth)}", flush=True)
     finally:
         pipeline.window_box = shipped
+
 
 if __name__ == "__main__":
     main()

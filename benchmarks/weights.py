@@ -5,9 +5,9 @@ repository, in ``$LIVERTUMORSEG_BENCH_WEIGHTS`` or ``~/.cache/livertumorseg/benc
 and :func:`ensure_weights` makes them when they are missing.
 
 Why a training loop here and not ``Training/train.py``: the recipe must be affordable
-on 2 CPU cores (231 s on an idle machine, 27 minutes on a shared one) and reproducible without a data set on disk, so it
-renders its phantoms in memory at the model spacing and runs plain Adam steps on
-48-voxel patches with bf16 autocast.
+on 2 CPU cores (231 s on an idle machine, 27 minutes on a shared one) and
+reproducible without a data set on disk, so it renders its phantoms in memory at the
+model spacing and runs plain Adam steps on 48-voxel patches with bf16 autocast.
 
 What 240 steps buy (measured with the engine's default settings): a usable liver on
 body-sized phantoms like the training ones (Dice 0.94 and 0.83 on two held-out
@@ -106,7 +106,6 @@ class _Case:
     def __init__(self, image: np.ndarray, labels: np.ndarray, hu: np.ndarray, background: str) -> None:
         self.image, self.labels = image, labels
         self.where = {c: np.flatnonzero(labels == c).astype(np.int64) for c in (1, 2)}
-        self.background = background
         self.body = hu > -500.0 if background == "body" else None
 
     def centre(self, rng, cls: int) -> tuple:
