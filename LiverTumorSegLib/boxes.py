@@ -75,17 +75,25 @@ def patch_starts(size: int, patch: int, overlap: float) -> list:
     return sorted({min(i * step, size - patch) for i in range(count)})
 
 
-def window_box(box: tuple, shape: tuple, patch_size: tuple, overlap: float, divisor: int) -> tuple:
-    """The part of an array of ``shape`` to run sliding windows on so that they cover
-    ``box`` (the body) with as few windows as a crop would, and wherever possible in the
-    very places the windows on the whole array sit.
+WINDOW_GRIDS = ("body", "volume")
 
-    Per axis, two candidates: the windows of the whole array that reach into ``box``
-    (the box's voxels then get exactly the whole-array result, since a window that
-    misses the box adds nothing inside it), or a grid laid on ``box`` itself, grown onto
-    the network's pooling lattice (:func:`align_box`). The first is taken unless the
-    second needs fewer windows; only then does the crop change where windows sit.
+
+def window_box(box: tuple, shape: tuple, patch_size: tuple, overlap: float, divisor: int,
+               grid: str = "body") -> tuple:
+    """The part of an array of ``shape`` to run sliding windows on so that they cover
+    ``box`` (the body).
+
+    ``grid="volume"``: on every axis, the span of the whole array's windows that reach
+    into ``box``. The box's voxels then get exactly the whole-array result (a window
+    that misses the box adds nothing inside it), whatever the box.
+
+    ``grid="body"`` (the default, fewest windows): per axis, that span unless a grid
+    laid on ``box`` itself, grown onto the network's pooling lattice
+    (:func:`align_box`), needs fewer windows; only then does the crop change where
+    windows sit, and the result inside the box then depends on the box.
     """
+    if grid not in WINDOW_GRIDS:
+        raise ValueError(f"window grid must be one of {WINDOW_GRIDS}, not {grid!r}")
     aligned = align_box(box, shape, patch_size, divisor)
     out = []
     for sl, cropped, n, p in zip(box, aligned, shape, patch_size):
@@ -95,7 +103,7 @@ def window_box(box: tuple, shape: tuple, patch_size: tuple, overlap: float, divi
             continue
         reaching = [s for s in patch_starts(n, p, overlap) if s < sl.stop and s + p > sl.start]
         own = patch_starts(cropped.stop - cropped.start, p, overlap)
-        if len(reaching) <= len(own):
+        if grid == "volume" or len(reaching) <= len(own):
             out.append(slice(reaching[0], reaching[-1] + p))
         else:
             out.append(cropped)

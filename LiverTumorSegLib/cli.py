@@ -63,6 +63,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--weighting", choices=("gaussian", "constant"), default="gaussian")
+    p.add_argument("--window-grid", choices=("body", "volume"), default="body",
+                   help="where the sliding windows sit: 'body' (default) lays them on the body's box "
+                        "where that needs fewer windows; 'volume' keeps the whole volume's grid "
+                        "(MONAI's), reproducing an uncropped run inside the body, with more windows")
     p.add_argument("--min-lesion-ml", type=float, default=0.01, help="drop tumor components below this volume (mL)")
     p.add_argument("--allow-non-ct", action="store_true", help="run even if the intensities do not look like CT HU")
     p.add_argument("--memory-budget-gb", type=float, default=None, help="refuse volumes estimated to need more memory")
@@ -120,7 +124,8 @@ def _options(args):
         raise LiverTumorSegError("--batch-size must be at least 1")
     return SegmentOptions(
         device=args.device, overlap=args.overlap, fast=args.fast, batch_size=args.batch_size,
-        precision=args.precision, weighting=args.weighting, min_lesion_ml=args.min_lesion_ml,
+        precision=args.precision, weighting=args.weighting, window_grid=args.window_grid,
+        min_lesion_ml=args.min_lesion_ml,
         allow_non_ct=args.allow_non_ct, memory_budget_gb=args.memory_budget_gb, threads=args.threads,
     )
 

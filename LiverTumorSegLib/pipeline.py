@@ -13,7 +13,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .boxes import window_box
+from .boxes import WINDOW_GRIDS, window_box
 from .errors import InputError
 from .inference import prepare_network, sliding_window_inference
 from .model import LoadedModel, load_model, resolve_model
@@ -44,8 +44,13 @@ class SegmentOptions:
         min_lesion_ml: tumor components smaller than this (mL) become liver.
         allow_non_ct: run on images whose intensities do not look like HU.
         crop_to_body: run the network only on the windows that reach the body's
-            bounding box; where a grid on the box itself needs fewer windows along an
-            axis, on that grid instead (see :func:`~.boxes.window_box`).
+            bounding box (and skip those with no body voxel).
+        window_grid: with ``crop_to_body``, where those windows sit. ``body`` (fewest
+            windows): along an axis where a grid laid on the body's box needs fewer
+            windows than the whole volume's grid, on that grid. ``volume``: always on
+            the whole volume's grid (MONAI's), so the result inside the body is the
+            uncropped one, at the cost of more windows. See
+            :func:`~.boxes.window_box`.
         memory_budget_gb: refuse jobs estimated above this; None = 85 % of free RAM.
         threads: torch CPU threads; None leaves torch's default.
     """
@@ -59,6 +64,7 @@ class SegmentOptions:
     min_lesion_ml: float = 0.01
     allow_non_ct: bool = False
     crop_to_body: bool = True
+    window_grid: str = "body"
     memory_budget_gb: Optional[float] = None
     threads: Optional[int] = None
 
@@ -135,6 +141,9 @@ class Segmenter:
     def __init__(self, model: Union[LoadedModel, str, Path, None] = None,
                  options: Optional[SegmentOptions] = None) -> None:
         self.options = options or SegmentOptions()
+        if self.options.window_grid not in WINDOW_GRIDS:
+            raise InputError(f"window grid must be one of {', '.join(WINDOW_GRIDS)}, "
+                             f"not {self.options.window_grid!r}")
         self.model = model if isinstance(model, LoadedModel) else load_model(resolve_model(
             None if model is None else str(model)))
         self.device = resolve_device(self.options.device)
@@ -190,7 +199,7 @@ class Segmenter:
             box = tuple(slice(0, n) for n in hu.shape)
         else:  # where the whole volume's windows sit, unless a crop saves windows
             box = window_box(box, hu.shape, self.card.patch_size, self.overlap(),
-                             getattr(self.model.network, "divisor", 1))
+                             getattr(self.model.network, "divisor", 1), grid=self.options.window_grid)
         net_input = scale_intensity(hu[box], self.card.intensity)
         body = hu[box] > -500.0 if self.options.crop_to_body else None
         return net_input, body, box
@@ -265,6 +274,7 @@ class Segmenter:
             "model": self.card.name, "model_version": self.card.version, "device": self.device,
             "precision": str(self.autocast).replace("torch.", "") if self.autocast else "float32",
             "overlap": self.overlap(), "weighting": self.options.weighting,
+            "window_grid": self.options.window_grid if self.options.crop_to_body else "volume, uncropped",
             "model_grid_size_xyz": list(hu.shape_xyz), "small_lesions_dropped": dropped,
         }
         return SegmentationResult(labels=label_volume, stats=stats, timings=timings, info=info)

@@ -210,6 +210,8 @@ def test_window_box_keeps_the_whole_grid_unless_a_crop_saves_windows():
         here = [out.start + s for s in patch_starts(out.stop - out.start, p, overlap)]
         whole = patch_starts(n, p, overlap)
         reaching = [s for s in whole if s < stop and s + p > start] if n > p else [0]
+        (volume,) = window_box((slice(start, stop),), (n,), (p,), overlap, d, grid="volume")
+        assert [volume.start + s for s in patch_starts(volume.stop - volume.start, p, overlap)] == reaching
         own = patch_starts(max(aligned.stop - aligned.start, p), p, overlap)
         if out == aligned and here != reaching:  # the crop: only where it saves windows
             cropped += 1
@@ -242,13 +244,39 @@ def test_crop_to_body_computes_the_whole_volume_result_where_it_saves_no_windows
     # at 0 adds to the whole run too, but that is air beyond the box)
     np.testing.assert_allclose(logits[:, :, :, 8:], whole[:, :, :, 32:], atol=2e-5, rtol=0)
 
-    def grid_on_the_body(box, shape, patch_size, overlap, divisor):
+    def grid_on_the_body(box, shape, patch_size, overlap, divisor, grid="body"):
         return boxes.align_box(box, shape, patch_size, divisor)
 
     monkeypatch.setattr(pipeline, "window_box", grid_on_the_body)
     moved, moved_box = Segmenter(model, SegmentOptions(crop_to_body=True, **opts)).infer_logits(hu)
     assert moved_box[2] == slice(32, 75)
     assert np.abs(moved - whole[(slice(None),) + moved_box]).max() > 1e-3
+
+
+def test_window_grid_volume_reproduces_the_uncropped_run_where_the_body_grid_moves_windows(tiny_model):
+    """Along x a grid on the body's box needs 2 windows, the volume's grid 3: by default
+    the windows move (and a context-dependent network's result with them); with
+    ``window_grid="volume"`` they stay, and inside the body's box the result is the
+    uncropped one."""
+    from LiverTumorSegLib.errors import InputError
+    from LiverTumorSegLib.model import load_model
+    from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
+
+    model = load_model(tiny_model)  # 32^3 patches, divisor 2; at overlap 0.25 windows at 0, 24, 43 of 75
+    rng = np.random.default_rng(6)
+    hu = np.full((40, 40, 75), -1000.0, dtype=np.float32)
+    hu[4:36, 4:36, 30:60] = rng.uniform(-150.0, 200.0, size=(32, 32, 30))
+    opts = dict(device="cpu", precision="fp32", weighting="constant", overlap=0.25)
+    whole, _ = Segmenter(model, SegmentOptions(crop_to_body=False, **opts)).infer_logits(hu)
+    body, body_box = Segmenter(model, SegmentOptions(**opts)).infer_logits(hu)
+    volume, volume_box = Segmenter(model, SegmentOptions(window_grid="volume", **opts)).infer_logits(hu)
+    assert body_box[2] == slice(26, 64)  # the body's box 26..64, on the lattice: 2 windows
+    assert volume_box[2] == slice(0, 75)  # all 3 of the volume's windows reach it
+    inside = (slice(None), slice(0, 40), slice(0, 40), slice(26, 64))
+    np.testing.assert_allclose(volume[inside], whole[inside], atol=2e-5, rtol=0)
+    assert np.abs(body[:, :, :, :] - whole[inside]).max() > 1e-3
+    with pytest.raises(InputError, match="window grid"):
+        Segmenter(model, SegmentOptions(window_grid="moving", **opts))
 
 
 class _PoolNet(torch.nn.Module):

@@ -4,7 +4,8 @@
 with MONAI's constant-mode fp32 ``sliding_window_inference`` (the Dice reference) and
 once per variant of our engine, printing each variant's label Dice against it:
 the shipped default, constant weighting in bf16 and in fp32, fp32 without the crop,
-and the earlier crops for comparison: the grid laid on the body's box (grown onto the
+the whole volume's window grid (``window_grid="volume"``) in the default and in
+constant weighting, and the earlier crops for comparison: the grid laid on the body's box (grown onto the
 pooling lattice, :func:`LiverTumorSegLib.boxes.align_box`) on every axis, and that
 without the alignment. The shipped crop (:func:`LiverTumorSegLib.boxes.window_box`)
 keeps the whole volume's windows on every axis where the box's own grid saves none.
@@ -42,15 +43,17 @@ def main(argv=None) -> None:
     shipped = pipeline.window_box
     crops = {
         "shipped": shipped,
-        "grid on the body's box": lambda box, shape, patch, overlap, d: boxes.align_box(box, shape, patch, d),
-        "grid on the body's box, unaligned": lambda box, *args: box,
+        "grid on the body's box": lambda box, shape, patch, overlap, d, **kw: boxes.align_box(box, shape, patch, d),
+        "grid on the body's box, unaligned": lambda box, *args, **kw: box,
     }
     bf16, fp32 = dict(weighting="constant"), dict(weighting="constant", precision="fp32")
     variants = [("default", {}, "shipped"), ("default", {}, "grid on the body's box"),
                 ("constant bf16", bf16, "shipped"), ("constant fp32", fp32, "shipped"),
                 ("constant fp32", fp32, "grid on the body's box"),
                 ("constant fp32", fp32, "grid on the body's box, unaligned"),
-                ("constant fp32, no crop", dict(fp32, crop_to_body=False), "shipped")]
+                ("constant fp32, no crop", dict(fp32, crop_to_body=False), "shipped"),
+                ("default, --window-grid volume", dict(window_grid="volume"), "shipped"),
+                ("constant bf16, --window-grid volume", dict(bf16, window_grid="volume"), "shipped")]
     try:
         for name, options, crop in variants:
             pipeline.window_box = crops[crop]

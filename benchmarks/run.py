@@ -40,6 +40,8 @@ REQUIRED_KEYS = (
     "machine.cpu_model", "machine.logical_cpus_usable", "machine.versions.torch", "machine.gpu",
     "model.weights", "inference.ratio_vs_monai", "inference.ratio_vs_torchio", "inference.rss_ratio_vs_monai",
     "inference.min_label_dice_vs_monai_constant", "inference.min_label_dice_constant_vs_monai_constant",
+    "inference.volume_grid.ratio_vs_monai", "inference.volume_grid.ratio_vs_torchio",
+    "inference.volume_grid.rss_ratio_vs_monai", "inference.min_label_dice_volume_grid_vs_monai_constant",
     "ablation.rows", "cli.wall_s_median", "cli.peak_rss_mib_median",
     "cli.stages_s_median", "cli.forward_share_of_inference", "cli.gflops_forward", "scaling.exponent_wall",
     "scaling.exponent_inference", "loader.speedup", "gpu.status", "targets",
@@ -118,6 +120,14 @@ def targets(res: dict) -> dict:
             get("inference.min_label_dice_constant_vs_monai_constant"), ">= 0.998", lambda v: v >= 0.998),
         "inference.label Dice vs MONAI constant fp32 (ours, default Gaussian)": t(
             get("inference.min_label_dice_vs_monai_constant"), ">= 0.998", lambda v: v >= 0.998),
+        "inference (--window-grid volume, constant weighting).ratio_vs_monai": t(
+            get("inference.volume_grid.ratio_vs_monai"), "<= 0.5", lambda v: v <= 0.5),
+        "inference (--window-grid volume, constant weighting).ratio_vs_torchio": t(
+            get("inference.volume_grid.ratio_vs_torchio"), "<= 0.5", lambda v: v <= 0.5),
+        "inference (--window-grid volume, constant weighting).rss_ratio_vs_monai": t(
+            get("inference.volume_grid.rss_ratio_vs_monai"), "<= 1 (peak RSS added)", lambda v: v <= 1.0),
+        "inference (--window-grid volume, constant weighting).label Dice vs MONAI constant fp32": t(
+            get("inference.min_label_dice_volume_grid_vs_monai_constant"), ">= 0.998", lambda v: v >= 0.998),
         "cli.wall_s": t(get("cli.wall_s_median"), "<= 60 s", lambda v: v <= 60),
         "cli.peak_rss": t(get("cli.peak_rss_mib_median"), "<= 3 GB (2861 MiB)", lambda v: v <= 3e9 / 2**20),
         "cli.forward_share": t(get("cli.forward_share_of_inference"), ">= 0.90", lambda v: v >= 0.9),
