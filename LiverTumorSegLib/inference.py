@@ -3,8 +3,8 @@
 Patches of ``patch_size`` (z, y, x) voxels are laid on a regular grid whose step is
 ``int(patch * (1 - overlap))`` along each axis, the last patch flush with the far edge
 (the same grid as MONAI's ``sliding_window_inference``). Each patch's logits are
-multiplied by an importance map (a Gaussian with sigma = ``sigma_scale`` x patch size,
-peak 1, or constant 1) and summed into accumulators together with the weights; the
+multiplied by an importance map (MONAI's: a Gaussian with sigma = ``sigma_scale`` x
+patch size, floored at 1e-3, or constant 1) and summed into accumulators together with the weights; the
 result is the weighted mean of the logits. Only one batch of patches is held at a time.
 
 Patches where ``compute_mask`` is all False (outside the body) are skipped; voxels
@@ -34,12 +34,16 @@ CancelFn = Callable[[], bool]
 UNCOVERED_LOGIT = -1.0e4
 
 
-def importance_map(patch_size: Sequence[int], mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
-    """Weights of one patch (float32, peak 1).
+GAUSSIAN_FLOOR = 1e-3
 
-    ``"gaussian"``: separable Gaussian centred on the patch, sigma = sigma_scale x size
-    per axis, clamped below at its smallest positive value so every voxel keeps a
-    non-zero weight. ``"constant"``: all ones (plain averaging).
+
+def importance_map(patch_size: Sequence[int], mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
+    """Weights of one patch (float32), MONAI's ``compute_importance_map``.
+
+    ``"gaussian"``: the product of one 1-D Gaussian per axis, centred on the patch,
+    sigma = sigma_scale x size (peak 1 at odd sizes, a little under it at even ones),
+    raised to at least ``GAUSSIAN_FLOOR`` (1e-3), so the patch's rim keeps a say where
+    patches overlap. ``"constant"``: all ones (plain averaging).
     """
     if mode == "constant":
         return np.ones(tuple(patch_size), dtype=np.float32)
@@ -47,14 +51,11 @@ def importance_map(patch_size: Sequence[int], mode: str = "gaussian", sigma_scal
         raise ValueError(f"weighting must be 'gaussian' or 'constant', not {mode!r}")
     axes = []
     for n in patch_size:
-        centre = (n - 1) / 2.0
         sigma = max(sigma_scale * n, 1e-6)
-        x = np.arange(n, dtype=np.float64)
-        axes.append(np.exp(-0.5 * ((x - centre) / sigma) ** 2))
+        x = np.arange(n, dtype=np.float32) - np.float32((n - 1) / 2.0)
+        axes.append(np.exp(x * x / np.float32(-2.0 * sigma * sigma)).astype(np.float32))
     w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    w /= w.max()
-    w = np.maximum(w, w[w > 0].min()).astype(np.float32)
-    return w
+    return np.maximum(w, max(float(w.min()), GAUSSIAN_FLOOR)).astype(np.float32)
 
 
 @dataclass

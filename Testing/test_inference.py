@@ -45,26 +45,34 @@ def test_constant_weighting_matches_plain_reference():
     np.testing.assert_allclose(ours, _reference(image, net, (16, 16, 16), 0.4), atol=1e-5)
 
 
-def test_constant_weighting_matches_monai():
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+def test_weighting_matches_monai(mode):
     monai_inferers = pytest.importorskip("monai.inferers", reason="MONAI (test extra) is not installed")
+    from monai.data.utils import compute_importance_map
+
+    np.testing.assert_allclose(importance_map((16, 20, 12), mode),
+                               compute_importance_map((16, 20, 12), mode, sigma_scale=0.125).numpy(), rtol=1e-6)
     rng = np.random.default_rng(2)
     image = rng.normal(size=(40, 45, 52)).astype(np.float32)
     net = _net(3)
     ours = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, overlap=0.25,
-                                    batch_size=2, weighting="constant")
+                                    batch_size=2, weighting=mode)
     with torch.no_grad():
         theirs = monai_inferers.sliding_window_inference(
-            torch.from_numpy(image)[None, None], (16, 16, 16), 2, net, overlap=0.25, mode="constant")
+            torch.from_numpy(image)[None, None], (16, 16, 16), 2, net, overlap=0.25, mode=mode, sigma_scale=0.125)
     np.testing.assert_allclose(ours, theirs[0].numpy(), atol=1e-5)
 
 
 def test_gaussian_importance_map_is_as_documented():
     w = importance_map((16, 20, 12), "gaussian", sigma_scale=0.125)
     assert w.shape == (16, 20, 12) and w.dtype == np.float32
-    assert w.max() == pytest.approx(1.0)
-    assert w.min() > 0  # every voxel keeps some weight
-    centre = w[7:9, 9:11, 5:7]
-    assert centre.min() > 0.9 and w[0, 0, 0] < 0.01  # peaked in the middle
+    # even sizes: the peak is half a voxel off every centre line
+    peak = np.exp(-0.5 * ((0.5 / 2.0) ** 2 + (0.5 / 2.5) ** 2 + (0.5 / 1.5) ** 2))
+    assert w.max() == pytest.approx(peak, rel=1e-6)
+    assert w.min() == pytest.approx(1e-3)  # every voxel keeps some weight: MONAI's floor
+    assert np.count_nonzero(w == w.min()) > 100
+    odd = importance_map((9, 9, 9), "gaussian", sigma_scale=0.125)
+    assert odd[4, 4, 4] == pytest.approx(1.0) and odd.min() == pytest.approx(1e-3)
     np.testing.assert_allclose(w, w[::-1, ::-1, ::-1], rtol=1e-6)  # symmetric
     assert np.all(importance_map((8, 8, 8), "constant") == 1)
     with pytest.raises(ValueError):
