@@ -4,8 +4,9 @@ Patches of ``patch_size`` (z, y, x) voxels are laid on a regular grid whose step
 ``int(patch * (1 - overlap))`` along each axis, the last patch flush with the far edge
 (the same grid as MONAI's ``sliding_window_inference``). Each patch's logits are
 multiplied by an importance map (MONAI's: a Gaussian with sigma = ``sigma_scale`` x
-patch size, floored at 1e-3, or constant 1) and summed into accumulators together with the weights; the
-result is the weighted mean of the logits. Only one batch of patches is held at a time.
+patch size, floored at 1e-3, or constant 1) and summed into accumulators together
+with the weights; the result is the weighted mean of the logits. Only one batch of
+patches is held at a time.
 
 Patches where ``compute_mask`` is all False (outside the body) are skipped; voxels
 covered by no computed patch get background (class 0).
