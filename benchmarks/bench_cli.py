@@ -87,18 +87,26 @@ def summarise(runs: List[dict], flops_per_patch: float, peaks: dict) -> dict:
     return out
 
 
+VARIANTS = {"volume_grid": ("--window-grid", "volume")}  # timed beside the default, same reps
+
+
 def run(input_path: Path, model_dir: Path, reps: int, threads: int, flops_per_patch: float,
-        peaks: dict, log=print) -> dict:
-    """Item 2: ``reps`` runs of the CLI on one input."""
-    runs = []
+        peaks: dict, log=print, variants: dict = VARIANTS) -> dict:
+    """Item 2: ``reps`` runs of the CLI on one input, each followed by one run per
+    option variant (``name -> extra arguments``), reported under ``variants``."""
+    runs: List[dict] = []
+    extra_runs: dict = {name: [] for name in variants}
     for rep in range(reps):
-        r = run_once(input_path, model_dir, threads)
-        log(f"  cli rep {rep + 1}/{reps}: {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
-            f"probe {r['probe_bf16_gflops']:.0f} GFLOP/s, "
-            + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items()))
-        runs.append(r)
+        for name, extra in [(None, ())] + list(variants.items()):
+            r = run_once(input_path, model_dir, threads, extra)
+            (runs if name is None else extra_runs[name]).append(r)
+            log(f"  cli rep {rep + 1}/{reps}{' ' + name if name else ''}: {r['wall_s']:.1f} s, "
+                f"peak RSS {r['peak_rss_mib']:.0f} MiB, probe {r['probe_bf16_gflops']:.0f} GFLOP/s, "
+                + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items()))
     out = summarise(runs, flops_per_patch, peaks)
     out["input"] = str(input_path)
+    out["variants"] = {name: dict(summarise(rs, flops_per_patch, peaks), arguments=list(variants[name]))
+                       for name, rs in extra_runs.items()}
     return out
 
 

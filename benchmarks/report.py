@@ -96,6 +96,11 @@ def cli(s: dict) -> str:
     for k, v in s.items():
         if k.startswith("fraction_of_"):
             text += f"; {100 * v:.0f} % of {k[len('fraction_of_'):].replace('_', ' ')}"
+    for name, v in s.get("variants", {}).items():
+        text += (f"\n\n{name} (`{' '.join(v['arguments'])}`): {_f(v['wall_s_median'], 1)} s median ("
+                 + " / ".join(_f(w, 1) for w in v["wall_s_all"]) + f"), inference "
+                 f"{_f(v['stages_s_median'].get('inference'), 2)} s, {v['patches']} patches, peak RSS "
+                 f"{v['peak_rss_mib_median']:.0f} MiB")
     return text
 
 
