@@ -94,7 +94,7 @@ def window_box(box: tuple, shape: tuple, patch_size: tuple, overlap: float, divi
     """
     if grid not in WINDOW_GRIDS:
         raise ValueError(f"window grid must be one of {WINDOW_GRIDS}, not {grid!r}")
-    aligned = align_box(box, shape, patch_size, divisor)
+    aligned = align_box(box, shape, patch_size, divisor) if grid == "body" else box
     out = []
     for sl, cropped, n, p in zip(box, aligned, shape, patch_size):
         p = int(p)
@@ -102,9 +102,8 @@ def window_box(box: tuple, shape: tuple, patch_size: tuple, overlap: float, divi
             out.append(slice(0, n))
             continue
         reaching = [s for s in patch_starts(n, p, overlap) if s < sl.stop and s + p > sl.start]
-        own = patch_starts(cropped.stop - cropped.start, p, overlap)
-        if grid == "volume" or len(reaching) <= len(own):
-            out.append(slice(reaching[0], reaching[-1] + p))
+        if grid == "body" and len(patch_starts(cropped.stop - cropped.start, p, overlap)) < len(reaching):
+            out.append(cropped)  # the box's own grid saves windows along this axis
         else:
-            out.append(cropped)
+            out.append(slice(reaching[0], reaching[-1] + p))
     return tuple(out)

@@ -63,7 +63,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--weighting", choices=("gaussian", "constant"), default="gaussian")
-    p.add_argument("--window-grid", choices=("body", "volume"), default="body",
+    from .boxes import WINDOW_GRIDS
+
+    p.add_argument("--window-grid", choices=WINDOW_GRIDS, default=WINDOW_GRIDS[0],
                    help="where the sliding windows sit: 'body' (default) lays them on the body's box "
                         "where that needs fewer windows; 'volume' keeps the whole volume's grid "
                         "(MONAI's), reproducing an uncropped run inside the body, with more windows")

@@ -5,9 +5,9 @@ with MONAI's constant-mode fp32 ``sliding_window_inference`` (the Dice reference
 once per variant of our engine, printing each variant's label Dice against it:
 the shipped default, constant weighting in bf16 and in fp32, fp32 without the crop,
 the whole volume's window grid (``window_grid="volume"``) in the default and in
-constant weighting, and the earlier crops for comparison: the grid laid on the body's box (grown onto the
-pooling lattice, :func:`LiverTumorSegLib.boxes.align_box`) on every axis, and that
-without the alignment. The shipped crop (:func:`LiverTumorSegLib.boxes.window_box`)
+constant weighting, and the earlier crops for comparison: the grid laid on the body's
+box (grown onto the pooling lattice, :func:`LiverTumorSegLib.boxes.align_box`) on every
+axis, and that without the alignment. The shipped crop (:func:`LiverTumorSegLib.boxes.window_box`)
 keeps the whole volume's windows on every axis where the box's own grid saves none.
 One repetition each: this explains the agreement figures of ``bench_inference``; it
 times nothing.

@@ -94,19 +94,18 @@ def run(input_path: Path, model_dir: Path, reps: int, threads: int, flops_per_pa
         peaks: dict, log=print, variants: dict = VARIANTS) -> dict:
     """Item 2: ``reps`` runs of the CLI on one input, each followed by one run per
     option variant (``name -> extra arguments``), reported under ``variants``."""
-    runs: List[dict] = []
-    extra_runs: dict = {name: [] for name in variants}
+    by_name: dict = {None: [], **{name: [] for name in variants}}  # None: the default command line
     for rep in range(reps):
         for name, extra in [(None, ())] + list(variants.items()):
             r = run_once(input_path, model_dir, threads, extra)
-            (runs if name is None else extra_runs[name]).append(r)
+            by_name[name].append(r)
             log(f"  cli rep {rep + 1}/{reps}{' ' + name if name else ''}: {r['wall_s']:.1f} s, "
                 f"peak RSS {r['peak_rss_mib']:.0f} MiB, probe {r['probe_bf16_gflops']:.0f} GFLOP/s, "
                 + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items()))
-    out = summarise(runs, flops_per_patch, peaks)
+    out = summarise(by_name.pop(None), flops_per_patch, peaks)
     out["input"] = str(input_path)
     out["variants"] = {name: dict(summarise(rs, flops_per_patch, peaks), arguments=list(variants[name]))
-                       for name, rs in extra_runs.items()}
+                       for name, rs in by_name.items()}
     return out
 
 
