@@ -96,3 +96,11 @@ def test_training_patches_of_class_background_are_centred_where_asked():
     assert all(labels[c] == 0 for c in centres)
     assert sum(hu[c] < -500.0 for c in centres) > 150  # air is most of this volume's background
     assert all(labels[body.centre(rng, 1)] == 1 for _ in range(50))
+
+
+def test_bench_recipe_refuses_an_unknown_initialisation(tmp_path):
+    from benchmarks import weights
+
+    with pytest.raises(ValueError, match="init"):
+        weights.train_bench_model(tmp_path / "m", {"init": "xavier"}, log=lambda m: None)
+    assert not (tmp_path / "m").exists()  # refused before any work or any file
