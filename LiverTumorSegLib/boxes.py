@@ -75,19 +75,19 @@ def patch_starts(size: int, patch: int, overlap: float) -> list:
     return sorted({min(i * step, size - patch) for i in range(count)})
 
 
-WINDOW_GRIDS = ("body", "volume")
+WINDOW_GRIDS = ("volume", "body")  # the first is the default
 
 
 def window_box(box: tuple, shape: tuple, patch_size: tuple, overlap: float, divisor: int,
-               grid: str = "body") -> tuple:
+               grid: str = "volume") -> tuple:
     """The part of an array of ``shape`` to run sliding windows on so that they cover
     ``box`` (the body).
 
-    ``grid="volume"``: on every axis, the span of the whole array's windows that reach
-    into ``box``. The box's voxels then get exactly the whole-array result (a window
-    that misses the box adds nothing inside it), whatever the box.
+    ``grid="volume"`` (the default): on every axis, the span of the whole array's
+    windows that reach into ``box``. The box's voxels then get exactly the whole-array
+    result (a window that misses the box adds nothing inside it), whatever the box.
 
-    ``grid="body"`` (the default, fewest windows): per axis, that span unless a grid
+    ``grid="body"`` (fewest windows): per axis, that span unless a grid
     laid on ``box`` itself, grown onto the network's pooling lattice
     (:func:`align_box`), needs fewer windows; only then does the crop change where
     windows sit, and the result inside the box then depends on the box.

@@ -66,9 +66,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     from .boxes import WINDOW_GRIDS
 
     p.add_argument("--window-grid", choices=WINDOW_GRIDS, default=WINDOW_GRIDS[0],
-                   help="where the sliding windows sit: 'body' (default) lays them on the body's box "
-                        "where that needs fewer windows; 'volume' keeps the whole volume's grid "
-                        "(MONAI's), reproducing an uncropped run inside the body, with more windows")
+                   help="where the sliding windows sit: 'volume' (default) keeps the whole volume's "
+                        "grid (MONAI's), reproducing an uncropped run inside the body; 'body' lays "
+                        "them on the body's box where that needs fewer windows (faster; the labels "
+                        "can differ slightly)")
     p.add_argument("--min-lesion-ml", type=float, default=0.01, help="drop tumor components below this volume (mL)")
     p.add_argument("--allow-non-ct", action="store_true", help="run even if the intensities do not look like CT HU")
     p.add_argument("--memory-budget-gb", type=float, default=None, help="refuse volumes estimated to need more memory")

@@ -61,10 +61,10 @@ def test_json_progress_lines(tmp_path, tiny_model, capsys):
     ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
     write_volume(ct, tmp_path / "ct.nrrd")
     code = main(["segment", str(tmp_path / "ct.nrrd"), "-o", str(tmp_path / "o"), "--model", str(tiny_model),
-                 "--progress", "json", "--no-surfaces", "--fast", "--window-grid", "volume"])
+                 "--progress", "json", "--no-surfaces", "--fast", "--window-grid", "body"])
     assert code == 0
     run = json.loads((tmp_path / "o" / "stats.json").read_text(encoding="utf-8"))["run"]
-    assert run["window_grid"] == "volume"
+    assert run["window_grid"] == "body"
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     progress = [e["progress"] for e in events if e["event"] == "progress"]
     assert progress == sorted(progress) and progress[-1] == pytest.approx(1.0)

@@ -212,13 +212,14 @@ def test_window_box_keeps_the_whole_grid_unless_a_crop_saves_windows():
         overlap = float(rng.choice([0.0, 8 / 96, 0.25, 0.5, 0.7]))
         start = int(rng.integers(0, n))
         stop = int(rng.integers(start + 1, n + 1))
-        (out,) = window_box((slice(start, stop),), (n,), (p,), overlap, d)
+        (out,) = window_box((slice(start, stop),), (n,), (p,), overlap, d, grid="body")
         (aligned,) = align_box((slice(start, stop),), (n,), (p,), d)
         assert 0 <= out.start <= start and stop <= out.stop <= n
         here = [out.start + s for s in patch_starts(out.stop - out.start, p, overlap)]
         whole = patch_starts(n, p, overlap)
         reaching = [s for s in whole if s < stop and s + p > start] if n > p else [0]
         (volume,) = window_box((slice(start, stop),), (n,), (p,), overlap, d, grid="volume")
+        assert window_box((slice(start, stop),), (n,), (p,), overlap, d) == (volume,)  # the default
         assert [volume.start + s for s in patch_starts(volume.stop - volume.start, p, overlap)] == reaching
         own = patch_starts(max(aligned.stop - aligned.start, p), p, overlap)
         if out == aligned and here != reaching:  # the crop: only where it saves windows
@@ -232,8 +233,9 @@ def test_window_box_keeps_the_whole_grid_unless_a_crop_saves_windows():
 
 @pytest.mark.parametrize("weighting", ["constant", "gaussian"])
 def test_crop_to_body_computes_the_whole_volume_result_where_it_saves_no_windows(tiny_model, weighting, monkeypatch):
-    """A context-dependent network: inside the run's box, the result is the whole volume's.
-    Laying the grid on the body's own box instead (the earlier crop) changes it."""
+    """A context-dependent network, ``window_grid="body"``: where a grid on the body's box
+    saves no windows, the result inside the run's box is the whole volume's. Laying the
+    grid on the body's own box on every axis (the earlier crop) changes it."""
     from LiverTumorSegLib import boxes, pipeline
     from LiverTumorSegLib.model import load_model
     from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
@@ -244,7 +246,7 @@ def test_crop_to_body_computes_the_whole_volume_result_where_it_saves_no_windows
     hu[3:62, 3:64, 36:75] = rng.uniform(-150.0, 200.0, size=(59, 61, 39))
     opts = dict(device="cpu", precision="fp32", weighting=weighting, overlap=0.25)
     whole, _ = Segmenter(model, SegmentOptions(crop_to_body=False, **opts)).infer_logits(hu)
-    logits, box = Segmenter(model, SegmentOptions(crop_to_body=True, **opts)).infer_logits(hu)
+    logits, box = Segmenter(model, SegmentOptions(crop_to_body=True, window_grid="body", **opts)).infer_logits(hu)
     # x: of the volume's windows at 0, 24 and 43, two reach the body's box (32..75 with
     # its 4-voxel margin), as many as a grid on that box needs: the run takes those two
     assert box == (slice(0, 70), slice(0, 66), slice(24, 75))
@@ -262,10 +264,10 @@ def test_crop_to_body_computes_the_whole_volume_result_where_it_saves_no_windows
 
 
 def test_window_grid_volume_reproduces_the_uncropped_run_where_the_body_grid_moves_windows(tiny_model):
-    """Along x a grid on the body's box needs 2 windows, the volume's grid 3: by default
-    the windows move (and a context-dependent network's result with them); with
-    ``window_grid="volume"`` they stay, and inside the body's box the result is the
-    uncropped one."""
+    """Along x a grid on the body's box needs 2 windows, the volume's grid 3: with
+    ``window_grid="body"`` the windows move (and a context-dependent network's result
+    with them); with ``window_grid="volume"``, the default, they stay, and inside the
+    body's box the result is the uncropped one."""
     from LiverTumorSegLib.errors import InputError
     from LiverTumorSegLib.model import load_model
     from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
@@ -276,8 +278,9 @@ def test_window_grid_volume_reproduces_the_uncropped_run_where_the_body_grid_mov
     hu[4:36, 4:36, 30:60] = rng.uniform(-150.0, 200.0, size=(32, 32, 30))
     opts = dict(device="cpu", precision="fp32", weighting="constant", overlap=0.25)
     whole, _ = Segmenter(model, SegmentOptions(crop_to_body=False, **opts)).infer_logits(hu)
-    body, body_box = Segmenter(model, SegmentOptions(**opts)).infer_logits(hu)
-    volume, volume_box = Segmenter(model, SegmentOptions(window_grid="volume", **opts)).infer_logits(hu)
+    body, body_box = Segmenter(model, SegmentOptions(window_grid="body", **opts)).infer_logits(hu)
+    volume, volume_box = Segmenter(model, SegmentOptions(**opts)).infer_logits(hu)
+    assert SegmentOptions().window_grid == "volume"
     assert body_box[2] == slice(26, 64)  # the body's box 26..64, on the lattice: 2 windows
     assert volume_box[2] == slice(0, 75)  # all 3 of the volume's windows reach it
     inside = (slice(None), slice(0, 40), slice(0, 40), slice(26, 64))
@@ -299,7 +302,8 @@ class _PoolNet(torch.nn.Module):
 
 @pytest.mark.parametrize("align", [True, False])
 def test_crop_to_body_keeps_the_pooling_lattice(tiny_model, monkeypatch, align):
-    """Cropped and uncropped runs agree exactly where both compute; unaligned they do not."""
+    """On the body grid, cropped and uncropped runs agree exactly where both compute;
+    unaligned they do not."""
     from LiverTumorSegLib import boxes
     from LiverTumorSegLib.model import LoadedModel, load_model
     from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
@@ -312,7 +316,7 @@ def test_crop_to_body_keeps_the_pooling_lattice(tiny_model, monkeypatch, align):
     hu = np.full((52, 60, 72), -1000.0, dtype=np.float32)
     hu[5:37, 9:50, 13:63] = rng.uniform(-150.0, 200.0, size=(32, 41, 50))  # body off the lattice
     opts = dict(device="cpu", precision="fp32", weighting="constant", overlap=0.25)
-    logits, box = Segmenter(model, SegmentOptions(crop_to_body=True, **opts)).infer_logits(hu)
+    logits, box = Segmenter(model, SegmentOptions(crop_to_body=True, window_grid="body", **opts)).infer_logits(hu)
     whole, _ = Segmenter(model, SegmentOptions(crop_to_body=False, **opts)).infer_logits(hu)
     computed = logits[1] > -1e3
     assert computed.mean() > 0.9

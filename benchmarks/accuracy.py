@@ -10,10 +10,14 @@ tumor = label 2) and against the reference configuration's labels.
 Configurations, in the order the optimisations were added:
 
 * ``fp32_nocrop``: full precision on the whole grid (the MONAI-equivalent reference);
-* ``fp32_crop``: + crop to the body and skip air patches (kept from the seed engine);
+* ``fp32_crop``: + crop to the body and skip air patches (kept from the seed engine), on
+  the default window grid (the whole volume's);
 * ``bf16_autocast``: + bf16 autocast, network in its loaded layout (the engine before
   this work's changes);
-* ``default``: the engine as shipped (channels-last-3d copy with bf16 weights).
+* ``default``: the engine as shipped (channels-last-3d copy with bf16 weights; the
+  whole volume's window grid);
+* ``body_grid``: the default with ``window_grid="body"`` (``--window-grid body``): the
+  grid laid on the body's box along axes where that saves windows.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def segmenters(model) -> dict:
     before._prepared = (model.network.eval(), torch.bfloat16)  # pre-optimisation path
     configs["bf16_autocast"] = before
     configs["default"] = make()
+    configs["body_grid"] = make(window_grid="body")
     return configs
 
 

@@ -87,7 +87,7 @@ def summarise(runs: List[dict], flops_per_patch: float, peaks: dict) -> dict:
     return out
 
 
-VARIANTS = {"volume_grid": ("--window-grid", "volume")}  # timed beside the default, same reps
+VARIANTS = {"body_grid": ("--window-grid", "body")}  # timed beside the default, same reps
 
 
 def run(input_path: Path, model_dir: Path, reps: int, threads: int, flops_per_patch: float,

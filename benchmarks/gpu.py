@@ -87,7 +87,7 @@ def inference(model, hu: np.ndarray, overlaps: Sequence[float], reps: int, batch
         reference = kept["monai_constant"].argmax(0)
         row = {name: dict(summary(samples), gpu_peak_mib=statistics.median(gpu_peaks[name][1:] or gpu_peaks[name]))
                for name, samples in runs.items()}
-        for name in ("ours", "ours_constant", "ours_volume_grid", "monai_gaussian", "monai_gaussian_fp16"):
+        for name in ("ours", "ours_constant", "ours_body_grid", "monai_gaussian", "monai_gaussian_fp16"):
             row[name]["dice_vs_monai_constant_fp32"] = label_dice(kept[name].argmax(0), reference)
         t = {name: row[name]["seconds_median"] for name in runs}
         row["ratio_vs_monai"] = t["ours"] / min(t["monai_gaussian"], t["monai_constant"])

@@ -40,7 +40,7 @@ def inference(s: dict) -> str:
     out = []
     for overlap, row in s["by_overlap"].items():
         rows = []
-        for name in ("ours", "ours_constant", "ours_volume_grid", "monai_gaussian", "monai_constant", "torchio"):
+        for name in ("ours", "ours_constant", "ours_body_grid", "monai_gaussian", "monai_constant", "torchio"):
             if name not in row:
                 continue
             r = row[name]
@@ -51,7 +51,7 @@ def inference(s: dict) -> str:
                          _f(dice.get("liver"), 4), _f(dice.get("tumor"), 4)])
         patches = row.get("patches", {})
         out.append(f"Overlap {float(overlap):.4f} ({patches.get('total', '?')} patches on the grid; ours "
-                   f"computed {patches.get('ours', '?')}, ours_volume_grid {patches.get('ours_volume_grid', '?')})\n")
+                   f"computed {patches.get('ours', '?')}, ours_body_grid {patches.get('ours_body_grid', '?')})\n")
         out.append(_t(rows, ["competitor", "median s", "all reps s", "peak RSS added MiB", "peak RSS MiB",
                              "label Dice vs MONAI const fp32", "liver", "tumor"]))
         d = row["max_abs_diff"]
@@ -59,9 +59,9 @@ def inference(s: dict) -> str:
                    "peak RSS added vs MONAI {}".format(
                        _f(row["ratio_vs_monai_gaussian"], 3), _f(row["ratio_vs_monai_constant"], 3),
                        _f(row["ratio_vs_torchio"], 3), _f(row["rss_ratio_vs_monai"], 3)))
-        if "volume_grid" in row:
-            v = row["volume_grid"]
-            out.append("ours_volume_grid (--window-grid volume, constant weighting): MONAI {}, TorchIO {}; peak RSS "
+        if "body_grid" in row:
+            v = row["body_grid"]
+            out.append("ours_body_grid (--window-grid body): MONAI {}, TorchIO {}; peak RSS "
                        "added vs MONAI {}".format(_f(v["ratio_vs_monai"], 3), _f(v["ratio_vs_torchio"], 3),
                                                   _f(v["rss_ratio_vs_monai"], 3)))
         out.append("max |logit difference|: " + ", ".join(f"{k} {_f(v, 6) if isinstance(v, float) else v}"
@@ -179,7 +179,7 @@ def gpu(s: dict) -> str:
     if "by_overlap" in i:
         for overlap, row in i["by_overlap"].items():
             rows = []
-            for name in ("ours", "ours_constant", "ours_volume_grid", "monai_gaussian", "monai_constant",
+            for name in ("ours", "ours_constant", "ours_body_grid", "monai_gaussian", "monai_constant",
                          "monai_gaussian_fp16"):
                 if name not in row:
                     continue
