@@ -140,7 +140,7 @@ def train_bench_model(out_dir: Path, recipe: Optional[dict] = None,
     from LiverTumorSegLib.preprocess import scale_intensity
 
     r = dict(RECIPE, **(recipe or {}))
-    if r.get("init", "default") not in ("default", "kaiming"):
+    if r["init"] not in ("default", "kaiming"):
         raise ValueError(f"recipe init must be 'default' or 'kaiming', not {r['init']!r}")
     torch.manual_seed(int(r["seed"]))
     torch.set_num_threads(int(r["threads"]))
@@ -150,20 +150,28 @@ def train_bench_model(out_dir: Path, recipe: Optional[dict] = None,
     data = []
     for i in range(int(r["cases"])):
         hu, lab = phantom_on_model_grid(TRAIN_SEED_BASE + i, preset=r["preset"])
-        data.append(_Case(scale_intensity(hu, card.intensity), lab, hu, r.get("background", "any")))
+        data.append(_Case(scale_intensity(hu, card.intensity), lab, hu, r["background"]))
         del hu
     log(f"rendered {len(data)} training phantoms in {time.perf_counter() - t0:.0f} s")
     net = UNet3D(widths=WIDTHS)
-    if r.get("init", "default") == "kaiming":  # He-normal convolutions keep activations' scale without norm layers
+    if r["init"] == "kaiming":  # He-normal convolutions keep activations' scale without norm layers
         for module in net.modules():
             if isinstance(module, torch.nn.Conv3d):
                 torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 torch.nn.init.zeros_(module.bias)
     net = net.to(memory_format=torch.channels_last_3d)
     opt = torch.optim.Adam(net.parameters(), lr=float(r["lr"]))
-    clip = r.get("clip_grad_norm")
     steps, batch, patch = int(r["steps"]), int(r["batch"]), int(r["patch"])
     t1 = time.perf_counter()
+
+    def save(folder: Path, recipe: dict) -> Path:  # an eval-mode, contiguous copy of the network as it is now
+        card.provenance = {
+            "made_by": "benchmarks/weights.py train_bench_model", "recipe": recipe,
+            "training_phantom_seeds": [TRAIN_SEED_BASE + i for i in range(int(r["cases"]))],
+            "train_seconds": round(time.perf_counter() - t1, 1), "torch": torch.__version__,
+        }
+        return save_model(folder, copy.deepcopy(net).to(memory_format=torch.contiguous_format).eval(), card)
+
     for step in range(steps):
         pairs = [_sample_patch(rng, data[int(rng.integers(len(data)))], patch, r["label_probabilities"])
                  for _ in range(batch)]
@@ -183,24 +191,15 @@ def train_bench_model(out_dir: Path, recipe: Optional[dict] = None,
         loss = F.cross_entropy(logits, y) + (1 - dice[1:].mean())
         opt.zero_grad()
         loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), float(clip))
+        if r["clip_grad_norm"]:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), float(r["clip_grad_norm"]))
         opt.step()
         if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
-            snapshot = copy.deepcopy(net).to(memory_format=torch.contiguous_format).eval()
-            card.provenance = {"made_by": "benchmarks/weights.py train_bench_model (snapshot)",
-                               "recipe": dict(r, steps=step + 1, snapshot_of_steps=steps)}
-            save_model(Path(out_dir) / f"step-{step + 1}", snapshot, card)
+            save(Path(out_dir) / f"step-{step + 1}", dict(r, steps=step + 1, snapshot_of_steps=steps))
         if step % 20 == 0 or step == steps - 1:
             log(f"step {step + 1}/{steps} loss {loss.item():.3f} lr {lr:.2e} "
                 f"({time.perf_counter() - t1:.0f} s)")
-    net = net.to(memory_format=torch.contiguous_format).eval()
-    card.provenance = {
-        "made_by": "benchmarks/weights.py train_bench_model", "recipe": r,
-        "training_phantom_seeds": [TRAIN_SEED_BASE + i for i in range(int(r["cases"]))],
-        "train_seconds": round(time.perf_counter() - t1, 1), "torch": torch.__version__,
-    }
-    return save_model(Path(out_dir), net, card)
+    return save(Path(out_dir), r)
 
 
 def ensure_weights(path: Optional[Path] = None, log: Callable[[str], None] = print) -> Path:
