@@ -20,8 +20,9 @@ and lr 1e-3, the same data collapsed to background everywhere after 800 steps.
 What it buys on the item-1 input (256 x 256 x 200 on the 1.5 mm grid, the seed's
 overlap, MONAI's constant-mode fp32 sliding window): liver Dice 0.888 and tumour Dice
 0.553 against the phantom's truth, with 2.4 % of the body's voxels at a top class
-probability below 0.9. Snapshots of the same run gave liver Dice 0.540 after 250 steps
-and 0.731 after 500 (``--snapshot-every 250``). The previous benchmark model (12
+probability below 0.9 (``python -m benchmarks.agreement``, first line). Snapshots of
+the same run (``--snapshot-every 250``; ``python -m benchmarks.agreement DIR/step-250``)
+gave liver Dice 0.540 after 250 steps and 0.731 after 500. The previous benchmark model (12
 liver-height "coarse" phantoms, 48-voxel patches, 240 steps at lr 1e-3, default
 initialisation) gave 0.51 on this input, most of it false liver in the soft tissue
 below the liver, and no tumour at all. The outputs are organ-sized and include lesions,
