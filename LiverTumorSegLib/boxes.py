@@ -76,6 +76,7 @@ def patch_starts(size: int, patch: int, overlap: float) -> list:
 
 
 WINDOW_GRIDS = ("volume", "body")  # the first is the default
+WEIGHTINGS = ("gaussian", "constant")  # how overlapping windows blend; the first is the default
 
 
 def window_box(box: tuple, shape: tuple, patch_size: tuple, overlap: float, divisor: int,

@@ -62,8 +62,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="progress as a bar on stderr, JSON lines on stdout, or nothing")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--weighting", choices=("gaussian", "constant"), default="gaussian")
-    from .boxes import WINDOW_GRIDS
+    from .boxes import WEIGHTINGS, WINDOW_GRIDS
+
+    p.add_argument("--weighting", choices=WEIGHTINGS, default=WEIGHTINGS[0],
+                   help="how overlapping windows blend: 'gaussian' (default; the centre of a window "
+                        "counts most, as in nnU-Net) or 'constant' (plain averaging, MONAI's default)")
 
     p.add_argument("--window-grid", choices=WINDOW_GRIDS, default=WINDOW_GRIDS[0],
                    help="where the sliding windows sit: 'volume' (default) keeps the whole volume's "

@@ -95,8 +95,9 @@ def test_export_cli_and_the_command_line_segment(smoke_run, phantoms, tmp_path):
 def test_evaluate_writes_metrics_plots_and_overlays(smoke_run, phantoms, tmp_path):
     out = tmp_path / "eval"
     _run("evaluate.py", "--model", smoke_run / "model", "--data-dir", phantoms, "--split", "all", "--out", out,
-         "--device", "cpu")
+         "--device", "cpu", "--weighting", "constant", "--window-grid", "body")
     metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["options"]["weighting"], metrics["options"]["window_grid"]) == ("constant", "body")
     assert sorted(metrics["cases"]) == [f"liver_{i}" for i in range(5)]
     for region in ("liver", "tumor"):
         for key in ("dice", "iou", "hd95_mm", "assd_mm", "sensitivity", "specificity"):

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
+from LiverTumorSegLib.boxes import WEIGHTINGS, WINDOW_GRIDS
+
 from .dataset import Case, case_id_of, split_cases, test_cases, training_cases
 from .errors import ConfigError
 
@@ -28,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--overlap", type=float, default=None, help="patch overlap (default: the model's)")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default=WEIGHTINGS[0],
+                   help="how overlapping windows blend, as in 'livertumorseg segment' (default: %(default)s)")
+    p.add_argument("--window-grid", choices=WINDOW_GRIDS, default=WINDOW_GRIDS[0],
+                   help="where the sliding windows sit, as in 'livertumorseg segment' (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     p.add_argument("--no-figures", action="store_true", help="metrics only, no plots or overlays")
     return p
@@ -70,7 +76,8 @@ def run(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     loaded = load_model(resolve_model(args.model))
     cases = select_cases(args, loaded.card)
-    options = SegmentOptions(device=args.device, precision=args.precision, overlap=args.overlap, threads=args.threads)
+    options = SegmentOptions(device=args.device, precision=args.precision, overlap=args.overlap, threads=args.threads,
+                             weighting=args.weighting, window_grid=args.window_grid)
     report = evaluate_cases(loaded, cases, args.out, options=options, liver_only=args.liver_only,
                             iou_threshold=args.detection_iou, logs_dir=args.logs, visuals=not args.no_figures)
     summary = {region: {k: (None if v is None else round(v, 4)) for k, v in values.items()}
