@@ -45,15 +45,18 @@ def inference(s: dict) -> str:
                 continue
             r = row[name]
             dice = r.get("dice_vs_monai_constant_fp32", {})
+            same = r.get("dice_vs_monai_same_weighting_fp32", {}).get("labels")
             rows.append([name, _f(r["seconds_median"], 1), " / ".join(_f(v, 1) for v in r["seconds_all"]),
                          _f(r["peak_rss_added_mib"], 0), _f(r["peak_rss_mib"], 0),
                          _f(dice.get("labels"), 4) if name != "monai_constant" else "(reference)",
-                         _f(dice.get("liver"), 4), _f(dice.get("tumor"), 4)])
+                         _f(dice.get("liver"), 4), _f(dice.get("tumor"), 4),
+                         _f(same, 4) if same is not None else "–"])
         patches = row.get("patches", {})
         out.append(f"Overlap {float(overlap):.4f} ({patches.get('total', '?')} patches on the grid; ours "
                    f"computed {patches.get('ours', '?')}, ours_body_grid {patches.get('ours_body_grid', '?')})\n")
         out.append(_t(rows, ["competitor", "median s", "all reps s", "peak RSS added MiB", "peak RSS MiB",
-                             "label Dice vs MONAI const fp32", "liver", "tumor"]))
+                             "label Dice vs MONAI const fp32", "liver", "tumor",
+                             "label Dice vs MONAI gaussian fp32 (same weighting)"]))
         d = row["max_abs_diff"]
         out.append("\nratios (ours / theirs): MONAI gaussian {}, MONAI constant {}, TorchIO {}; "
                    "peak RSS added vs MONAI {}".format(

@@ -40,6 +40,7 @@ REQUIRED_KEYS = (
     "machine.cpu_model", "machine.logical_cpus_usable", "machine.versions.torch", "machine.gpu",
     "model.weights", "inference.ratio_vs_monai", "inference.ratio_vs_torchio", "inference.rss_ratio_vs_monai",
     "inference.min_label_dice_vs_monai_constant", "inference.min_label_dice_constant_vs_monai_constant",
+    "inference.min_label_dice_vs_monai_same_weighting",
     "inference.body_grid.ratio_vs_monai", "inference.body_grid.ratio_vs_torchio",
     "inference.body_grid.rss_ratio_vs_monai", "inference.min_label_dice_body_grid_vs_monai_constant",
     "ablation.rows", "cli.wall_s_median", "cli.peak_rss_mib_median",
@@ -121,6 +122,8 @@ def targets(res: dict) -> dict:
             get("inference.min_label_dice_constant_vs_monai_constant"), ">= 0.998", lambda v: v >= 0.998),
         "inference.label Dice vs MONAI constant fp32 (ours, default Gaussian)": t(
             get("inference.min_label_dice_vs_monai_constant"), ">= 0.998", lambda v: v >= 0.998),
+        "inference.label Dice vs MONAI Gaussian fp32 (ours, default Gaussian: same weighting)": t(
+            get("inference.min_label_dice_vs_monai_same_weighting"), ">= 0.998", lambda v: v >= 0.998),
         "inference (--window-grid body).ratio_vs_monai": t(
             get("inference.body_grid.ratio_vs_monai"), "<= 0.5", lambda v: v <= 0.5),
         "inference (--window-grid body).ratio_vs_torchio": t(
