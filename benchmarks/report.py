@@ -158,7 +158,10 @@ def accuracy(s: dict) -> str:
 
 
 def targets(t: dict) -> str:
-    rows = [[name, _f(v["value"], 3) if isinstance(v["value"], (int, float)) else v["value"], v["target"],
+    def value(v):  # four decimals below 1, so that e.g. a Dice move of 0.0023 does not read as 0.002
+        return _f(v, 4 if abs(v) < 1 else 3) if isinstance(v, (int, float)) else v
+
+    rows = [[name, value(v["value"]), v["target"],
              {True: "met", False: "**missed**", None: "n/a"}[v["met"]]] for name, v in t.items()]
     return _t(rows, ["target", "measured", "goal", ""])
 
