@@ -80,7 +80,7 @@ WEIGHTINGS = ("gaussian", "constant")  # how overlapping windows blend; the firs
 
 
 def window_box(box: tuple, shape: tuple, patch_size: tuple, overlap: float, divisor: int,
-               grid: str = "volume") -> tuple:
+               grid: str = WINDOW_GRIDS[0]) -> tuple:
     """The part of an array of ``shape`` to run sliding windows on so that they cover
     ``box`` (the body).
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .boxes import WINDOW_GRIDS, window_box
+from .boxes import WEIGHTINGS, WINDOW_GRIDS, window_box
 from .errors import InputError
 from .inference import prepare_network, sliding_window_inference
 from .model import LoadedModel, load_model, resolve_model
@@ -61,11 +61,11 @@ class SegmentOptions:
     fast: bool = False
     batch_size: int = 2
     precision: str = "auto"
-    weighting: str = "gaussian"
+    weighting: str = WEIGHTINGS[0]
     min_lesion_ml: float = 0.01
     allow_non_ct: bool = False
     crop_to_body: bool = True
-    window_grid: str = "volume"
+    window_grid: str = WINDOW_GRIDS[0]
     memory_budget_gb: Optional[float] = None
     threads: Optional[int] = None
 

@@ -43,8 +43,8 @@ def main(argv=None) -> None:
     ref = ref_logits.argmax(0).astype(np.uint8)
     top = torch.softmax(torch.from_numpy(ref_logits), 0).amax(0).numpy()
     del ref_logits
-    body = hu > -500.0
-    unsure = np.count_nonzero((top < 0.9) & body) / max(np.count_nonzero(body), 1)
+    in_body = hu > -500.0
+    unsure = np.count_nonzero((top < 0.9) & in_body) / max(np.count_nonzero(in_body), 1)
     print(f"MONAI constant fp32: {time.perf_counter() - t:.0f} s; vs truth {label_dice(ref, truth)}; "
           f"body voxels (HU > -500) with a top class probability below 0.9: {unsure:.4f}", flush=True)
     shipped = pipeline.window_box

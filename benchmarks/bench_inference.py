@@ -36,9 +36,7 @@ import numpy as np
 from .measure import interleaved, summary
 
 
-# The MONAI fp32 run with the same weighting as each of our Gaussian variants: their label
-# agreement isolates what the engine's own choices (bf16, skipped air, window grid) move.
-SAME_WEIGHTING = {"ours": "monai_gaussian", "ours_body_grid": "monai_gaussian"}
+GAUSSIAN_VARIANTS = ("ours", "ours_body_grid")  # our runs weighted as MONAI's Gaussian mode
 
 
 def label_dice(a: np.ndarray, b: np.ndarray) -> dict:
@@ -55,6 +53,22 @@ def label_dice(a: np.ndarray, b: np.ndarray) -> dict:
         den += int(np.count_nonzero(ma) + np.count_nonzero(mb))
     out["labels"] = 1.0 if den == 0 else num / den
     return out
+
+
+def add_label_agreement(row: dict, kept: dict, names: Sequence[str]) -> None:
+    """Into ``row[name]`` for each of ``names`` that ran: label Dice against MONAI's
+    constant-mode fp32 labels and, for our Gaussian variants, against its Gaussian-mode
+    fp32 labels (the same weighting: what the engine's own choices, bf16, skipped air and
+    the window grid, move)."""
+    constant = kept["monai_constant"].argmax(0).astype(np.uint8)
+    gaussian = kept["monai_gaussian"].argmax(0).astype(np.uint8)
+    for name in names:
+        if name not in kept:
+            continue
+        labels = kept[name].argmax(0)
+        row[name]["dice_vs_monai_constant_fp32"] = label_dice(labels, constant)
+        if name in GAUSSIAN_VARIANTS:
+            row[name]["dice_vs_monai_same_weighting_fp32"] = label_dice(labels, gaussian)
 
 
 def _full_logits(logits: np.ndarray, box: tuple, shape: tuple) -> np.ndarray:
@@ -164,16 +178,8 @@ def run(model, hu: np.ndarray, overlaps: Sequence[float], reps: int, batch: int 
                 kept[name] = logits
 
         runs = interleaved(competitors(model, hu, x, overlap, batch), reps, keep, log)
-        reference = kept["monai_constant"].argmax(0).astype(np.uint8)
         row = {name: summary(samples) for name, samples in runs.items()}
-        same = {ref: kept[ref].argmax(0).astype(np.uint8) for ref in set(SAME_WEIGHTING.values())}
-        for name in ("ours", "ours_constant", "ours_body_grid", "torchio", "monai_gaussian"):
-            if name not in kept:
-                continue
-            labels = kept[name].argmax(0)
-            row[name]["dice_vs_monai_constant_fp32"] = label_dice(labels, reference)
-            if name in SAME_WEIGHTING:
-                row[name]["dice_vs_monai_same_weighting_fp32"] = label_dice(labels, same[SAME_WEIGHTING[name]])
+        add_label_agreement(row, kept, ("ours", "ours_constant", "ours_body_grid", "torchio", "monai_gaussian"))
         computed = kept["ours"][1] > -1e3  # voxels our engine computed (not skipped as air)
         row["max_abs_diff"] = {
             "torchio_average_vs_monai_constant": float(np.abs(kept["torchio"] - kept["monai_constant"]).max()),

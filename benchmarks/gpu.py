@@ -64,8 +64,8 @@ def inference(model, hu: np.ndarray, overlaps: Sequence[float], reps: int, batch
     """Ours against MONAI on the GPU, interleaved, at each overlap."""
     from LiverTumorSegLib.preprocess import scale_intensity
 
+    from .bench_inference import add_label_agreement
     from .bench_inference import competitors as make_competitors
-    from .bench_inference import label_dice
 
     x = scale_intensity(hu, model.card.intensity)
     patch = tuple(model.card.patch_size)
@@ -84,11 +84,10 @@ def inference(model, hu: np.ndarray, overlaps: Sequence[float], reps: int, batch
 
         log(f"gpu inference: overlap {overlap:.4f} on {x.shape[::-1]} (x, y, z), {reps} reps")
         runs = interleaved(competitors, reps, keep, log)
-        reference = kept["monai_constant"].argmax(0)
         row = {name: dict(summary(samples), gpu_peak_mib=statistics.median(gpu_peaks[name][1:] or gpu_peaks[name]))
                for name, samples in runs.items()}
-        for name in ("ours", "ours_constant", "ours_body_grid", "monai_gaussian", "monai_gaussian_fp16"):
-            row[name]["dice_vs_monai_constant_fp32"] = label_dice(kept[name].argmax(0), reference)
+        add_label_agreement(row, kept, ("ours", "ours_constant", "ours_body_grid", "monai_gaussian",
+                                        "monai_gaussian_fp16"))
         t = {name: row[name]["seconds_median"] for name in runs}
         row["ratio_vs_monai"] = t["ours"] / min(t["monai_gaussian"], t["monai_constant"])
         row["ratio_vs_monai_fp16"] = t["ours"] / t["monai_gaussian_fp16"]

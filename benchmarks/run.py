@@ -110,37 +110,39 @@ def targets(res: dict) -> dict:
             node = node[key]
         return node
 
-    def t(value, goal, ok):
+    def t(path, goal, ok):
+        value = get(path)
         return {"value": value, "target": goal, "met": None if value is None else bool(ok(value))}
 
+    def most(path, bound, goal=None):
+        return t(path, goal or f"<= {bound:g}", lambda v: v <= bound)
+
+    def least(path, bound, goal=None):
+        return t(path, goal or f">= {bound:g}", lambda v: v >= bound)
+
+    rss = "<= 1 (peak RSS added)"
     return {
-        "inference.ratio_vs_monai": t(get("inference.ratio_vs_monai"), "<= 0.5", lambda v: v <= 0.5),
-        "inference.ratio_vs_torchio": t(get("inference.ratio_vs_torchio"), "<= 0.5", lambda v: v <= 0.5),
-        "inference.rss_ratio_vs_monai": t(get("inference.rss_ratio_vs_monai"), "<= 1 (peak RSS added)",
-                                          lambda v: v <= 1.0),
-        "inference.label Dice vs MONAI constant fp32 (ours, constant weighting)": t(
-            get("inference.min_label_dice_constant_vs_monai_constant"), ">= 0.998", lambda v: v >= 0.998),
-        "inference.label Dice vs MONAI constant fp32 (ours, default Gaussian)": t(
-            get("inference.min_label_dice_vs_monai_constant"), ">= 0.998", lambda v: v >= 0.998),
-        "inference.label Dice vs MONAI Gaussian fp32 (ours, default Gaussian: same weighting)": t(
-            get("inference.min_label_dice_vs_monai_same_weighting"), ">= 0.998", lambda v: v >= 0.998),
-        "inference (--window-grid body).ratio_vs_monai": t(
-            get("inference.body_grid.ratio_vs_monai"), "<= 0.5", lambda v: v <= 0.5),
-        "inference (--window-grid body).ratio_vs_torchio": t(
-            get("inference.body_grid.ratio_vs_torchio"), "<= 0.5", lambda v: v <= 0.5),
-        "inference (--window-grid body).rss_ratio_vs_monai": t(
-            get("inference.body_grid.rss_ratio_vs_monai"), "<= 1 (peak RSS added)", lambda v: v <= 1.0),
-        "inference (--window-grid body).label Dice vs MONAI constant fp32": t(
-            get("inference.min_label_dice_body_grid_vs_monai_constant"), ">= 0.998", lambda v: v >= 0.998),
-        "cli.wall_s": t(get("cli.wall_s_median"), "<= 60 s", lambda v: v <= 60),
-        "cli.wall_s (--window-grid body)": t(get("cli.variants.body_grid.wall_s_median"), "<= 60 s",
-                                               lambda v: v <= 60),
-        "cli.peak_rss": t(get("cli.peak_rss_mib_median"), "<= 3 GB (2861 MiB)", lambda v: v <= 3e9 / 2**20),
-        "cli.forward_share": t(get("cli.forward_share_of_inference"), ">= 0.90", lambda v: v >= 0.9),
-        "scaling.exponent_wall": t(get("scaling.exponent_wall"), "about 1 (linear)", lambda v: v <= 1.1),
-        "loader.speedup": t(get("loader.speedup"), ">= 5", lambda v: v >= 5),
-        "accuracy.max Dice move (default)": t(get("accuracy.max_dice_move_vs_fp32_nocrop.default"), "<= 0.002",
-                                              lambda v: v <= 0.002),
+        "inference.ratio_vs_monai": most("inference.ratio_vs_monai", 0.5),
+        "inference.ratio_vs_torchio": most("inference.ratio_vs_torchio", 0.5),
+        "inference.rss_ratio_vs_monai": most("inference.rss_ratio_vs_monai", 1.0, rss),
+        "inference.label Dice vs MONAI constant fp32 (ours, constant weighting)": least(
+            "inference.min_label_dice_constant_vs_monai_constant", 0.998),
+        "inference.label Dice vs MONAI constant fp32 (ours, default Gaussian)": least(
+            "inference.min_label_dice_vs_monai_constant", 0.998),
+        "inference.label Dice vs MONAI Gaussian fp32 (ours, default Gaussian: same weighting)": least(
+            "inference.min_label_dice_vs_monai_same_weighting", 0.998),
+        "inference (--window-grid body).ratio_vs_monai": most("inference.body_grid.ratio_vs_monai", 0.5),
+        "inference (--window-grid body).ratio_vs_torchio": most("inference.body_grid.ratio_vs_torchio", 0.5),
+        "inference (--window-grid body).rss_ratio_vs_monai": most("inference.body_grid.rss_ratio_vs_monai", 1.0, rss),
+        "inference (--window-grid body).label Dice vs MONAI constant fp32": least(
+            "inference.min_label_dice_body_grid_vs_monai_constant", 0.998),
+        "cli.wall_s": most("cli.wall_s_median", 60, "<= 60 s"),
+        "cli.wall_s (--window-grid body)": most("cli.variants.body_grid.wall_s_median", 60, "<= 60 s"),
+        "cli.peak_rss": most("cli.peak_rss_mib_median", 3e9 / 2**20, "<= 3 GB (2861 MiB)"),
+        "cli.forward_share": least("cli.forward_share_of_inference", 0.9, ">= 0.90"),
+        "scaling.exponent_wall": most("scaling.exponent_wall", 1.1, "about 1 (linear)"),
+        "loader.speedup": least("loader.speedup", 5),
+        "accuracy.max Dice move (default)": most("accuracy.max_dice_move_vs_fp32_nocrop.default", 0.002),
     }
 
 
