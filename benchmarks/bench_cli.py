@@ -17,13 +17,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 STAGES = ("read", "preprocess", "inference", "postprocess", "statistics", "surfaces", "write")
 CHILD = Path(__file__).resolve().parent / "cli_child.py"
 
 
-def run_once(input_path: Path, model_dir: Path, threads: int, extra: Sequence[str] = (), probe: bool = True) -> dict:
+def run_once(input_path: Path, model_dir: Path, threads: int, extra: Sequence[str] = (), probe: bool = True,
+             env_extra: Optional[dict] = None) -> dict:
     """One ``livertumorseg segment`` run: wall time, peak RSS and the child's stage report.
 
     ``probe_bf16_gflops``: a 1024-cube bf16 matrix product timed just before the run, a
@@ -39,7 +40,7 @@ def run_once(input_path: Path, model_dir: Path, threads: int, extra: Sequence[st
         report = work / "report.json"
         cmd = [sys.executable, str(CHILD), str(report), "segment", str(input_path), "-o", str(work / "out"),
                "--model", str(model_dir), "--progress", "none", "--threads", str(threads), *extra]
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env_extra or {}))
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t
@@ -87,24 +88,27 @@ def summarise(runs: List[dict], flops_per_patch: float, peaks: dict) -> dict:
     return out
 
 
-VARIANTS = {"body_grid": ("--window-grid", "body")}  # timed beside the default, same reps
+# Timed beside the default, same reps: name -> (extra CLI arguments, extra environment).
+VARIANTS = {"body_grid": (("--window-grid", "body"), {}),
+            "no_memory_reuse": ((), {"LTSBENCH_REUSE_MEMORY": "0"})}  # ablation of LiverTumorSegLib.allocator
 
 
 def run(input_path: Path, model_dir: Path, reps: int, threads: int, flops_per_patch: float,
         peaks: dict, log=print, variants: dict = VARIANTS) -> dict:
     """Item 2: ``reps`` runs of the CLI on one input, each followed by one run per
-    option variant (``name -> extra arguments``), reported under ``variants``."""
+    variant (``name -> (extra arguments, extra environment)``), reported under ``variants``."""
     by_name: dict = {None: [], **{name: [] for name in variants}}  # None: the default command line
     for rep in range(reps):
-        for name, extra in [(None, ())] + list(variants.items()):
-            r = run_once(input_path, model_dir, threads, extra)
+        for name, (extra, env_extra) in [(None, ((), {}))] + list(variants.items()):
+            r = run_once(input_path, model_dir, threads, extra, env_extra=env_extra)
             by_name[name].append(r)
             log(f"  cli rep {rep + 1}/{reps}{' ' + name if name else ''}: {r['wall_s']:.1f} s, "
                 f"peak RSS {r['peak_rss_mib']:.0f} MiB, probe {r['probe_bf16_gflops']:.0f} GFLOP/s, "
                 + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items()))
     out = summarise(by_name.pop(None), flops_per_patch, peaks)
     out["input"] = str(input_path)
-    out["variants"] = {name: dict(summarise(rs, flops_per_patch, peaks), arguments=list(variants[name]))
+    out["variants"] = {name: dict(summarise(rs, flops_per_patch, peaks), arguments=list(variants[name][0]),
+                                  environment=dict(variants[name][1]))
                        for name, rs in by_name.items()}
     return out
 

@@ -40,7 +40,8 @@ def inference(s: dict) -> str:
     out = []
     for overlap, row in s["by_overlap"].items():
         rows = []
-        for name in ("ours", "ours_constant", "ours_body_grid", "monai_gaussian", "monai_constant", "torchio"):
+        for name in ("ours", "ours_constant", "ours_body_grid", "monai_gaussian", "monai_constant",
+                     "monai_gaussian_reused_memory", "torchio"):
             if name not in row:
                 continue
             r = row[name]
@@ -62,6 +63,9 @@ def inference(s: dict) -> str:
                    "peak RSS added vs MONAI {}".format(
                        _f(row["ratio_vs_monai_gaussian"], 3), _f(row["ratio_vs_monai_constant"], 3),
                        _f(row["ratio_vs_torchio"], 3), _f(row["rss_ratio_vs_monai"], 3)))
+        if "ratio_vs_monai_same_allocator" in row:
+            out.append("against MONAI gaussian with the engine's allocator setting (monai_gaussian_reused_memory): "
+                       "{}".format(_f(row["ratio_vs_monai_same_allocator"], 3)))
         if "body_grid" in row:
             v = row["body_grid"]
             out.append("ours_body_grid (--window-grid body): MONAI {}, TorchIO {}; peak RSS "
@@ -71,6 +75,9 @@ def inference(s: dict) -> str:
                                                           for k, v in d.items()) + "\n")
     out.append(f"**inference.ratio_vs_monai = {s['ratio_vs_monai']:.3f}, inference.ratio_vs_torchio = "
                f"{s['ratio_vs_torchio']:.3f}** ({s['headline']})")
+    if s.get("ratio_vs_monai_same_allocator") is not None:
+        out.append(f"Against MONAI gaussian given the engine's allocator setting: "
+                   f"{s['ratio_vs_monai_same_allocator']:.3f} (worst overlap)")
     return "\n".join(out)
 
 
@@ -100,8 +107,10 @@ def cli(s: dict) -> str:
         if k.startswith("fraction_of_"):
             text += f"; {100 * v:.0f} % of {k[len('fraction_of_'):].replace('_', ' ')}"
     for name, v in s.get("variants", {}).items():
-        text += (f"\n\n{name} (`{' '.join(v['arguments'])}`): {_f(v['wall_s_median'], 1)} s median ("
-                 + " / ".join(_f(w, 1) for w in v["wall_s_all"]) + f"), inference "
+        how = " ".join(list(v["arguments"]) + [f"{k}={x}" for k, x in v.get("environment", {}).items()])
+        text += (f"\n\n{name} (`{how}`): {_f(v['wall_s_median'], 1)} s median ("
+                 + " / ".join(_f(w, 1) for w in v["wall_s_all"]) + f"), forward passes "
+                 f"{_f(v['forward_s_median'], 1)} s, inference "
                  f"{_f(v['stages_s_median'].get('inference'), 2)} s, {v['patches']} patches, peak RSS "
                  f"{v['peak_rss_mib_median']:.0f} MiB")
     return text
