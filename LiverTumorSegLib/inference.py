@@ -153,9 +153,9 @@ def sliding_window_inference(
             falling back to the CPU if the GPU runs out of memory.
         progress: called with (fraction done, message) after every batch.
         cancel: returning True stops the run (raises :class:`Cancelled`).
-        reuse_memory: keep the C allocator from returning each batch's buffers to the
-            kernel while the patches run (:func:`~.allocator.reuse_freed_memory`;
-            same results, fewer page faults).
+        reuse_memory: on the CPU, keep the C allocator from returning each batch's
+            buffers to the kernel while the patches run
+            (:func:`~.allocator.reuse_freed_memory`; same results, fewer page faults).
 
     Returns:
         (K, Z, Y, X) float32 logits on the CPU.
@@ -183,7 +183,8 @@ def sliding_window_inference(
     input_dtype, channels_last = _input_layout(network)
     if input_dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         input_dtype = torch.float32
-    with torch.inference_mode(), reuse_freed_memory(reuse_memory):
+    on_cpu = torch.device(device).type == "cpu"  # elsewhere the activations are not the host's
+    with torch.inference_mode(), reuse_freed_memory(reuse_memory and on_cpu):
         for first in range(0, len(corners), batch_size):
             if cancel is not None and cancel():
                 raise Cancelled("inference cancelled by the user")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-import resource
+import os
 
 import numpy as np
 import pytest
@@ -13,10 +13,58 @@ from LiverTumorSegLib import allocator
 from LiverTumorSegLib.inference import sliding_window_inference
 from LiverTumorSegLib.model.unet import UNet3D
 
-needs_glibc = pytest.mark.skipif(allocator.glibc() is None, reason="mallopt is glibc's; this platform has no glibc")
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
-BLOCK = 64 * 2**20  # well above glibc's largest mmap threshold (32 MiB)
+needs_glibc = pytest.mark.skipif(allocator.glibc() is None or resource is None,
+                                 reason="mallopt is glibc's; this platform has no glibc")
+
+BLOCK = 64 * 2**20  # above glibc's largest mmap threshold (32 MiB)
 WARM_UP = 8  # cycles for the heap to hold a free chunk that fits (aligned requests are a little larger)
+MIB = 2**20
+
+
+@pytest.fixture(autouse=True)
+def _glibc_as_it_comes(monkeypatch):
+    """The tests are about the setting itself: not turned off, not overridden by the user."""
+    monkeypatch.delenv(allocator.ENV_SWITCH, raising=False)
+    for name in allocator.USER_TUNING + ("GLIBC_TUNABLES",):
+        monkeypatch.delenv(name, raising=False)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_sizes = iter(range(300, 100_000, 10))  # MiB; each larger than any block before, so no free chunk fits it
+
+
+def _mmapped_while_holding(nbytes: int) -> int:
+    """Bytes glibc maps with mmap while a block of ``nbytes`` is held (not touched, so
+    nothing is faulted in): about its size when glibc maps it, 0 when it comes from the heap."""
+    lib = allocator.glibc()
+    if not hasattr(lib, "mallinfo2"):
+        pytest.skip("this glibc is older than 2.33 (no mallinfo2)")
+    lib.mallinfo2.restype = _MallInfo2
+    before = lib.mallinfo2().hblkhd
+    block = torch.empty(nbytes, dtype=torch.uint8)
+    mapped = lib.mallinfo2().hblkhd - before
+    del block
+    return mapped
+
+
+def _mmapped_for_a_new_block() -> int:
+    return _mmapped_while_holding(next(_sizes) * MIB)
+
+
+def _maps_large_blocks() -> None:
+    """Precondition: outside any block glibc maps a new large block (not so when another
+    allocator, jemalloc or TCMalloc, is preloaded)."""
+    if _mmapped_for_a_new_block() < 300 * MIB:
+        pytest.skip("malloc here does not map large blocks with mmap (another allocator preloaded?)")
 
 
 def _faults_of_second_touch() -> int:
@@ -31,58 +79,29 @@ def _faults_of_second_touch() -> int:
     return after - before
 
 
-def _faults_as_glibc_comes() -> int:
-    """The second-touch faults with glibc's defaults; skips where there are few to save
-    (a kernel that backs every mapping with 2 MiB pages faults 512 times less)."""
-    faults = _faults_of_second_touch()
-    if faults < BLOCK // resource.getpagesize() // 2:
-        pytest.skip(f"a freed 64 MiB block costs only {faults} page faults here (huge pages?): nothing to save")
-    return faults
-
-
 def _rss_kib() -> int:
     with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * resource.getpagesize() // 1024
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-_sizes = iter(range(300, 10_000, 10))  # MiB; each larger than any block before, so no free chunk fits it
-
-
-def _mmapped_for_a_new_block() -> int:
-    """Bytes glibc maps with mmap while a block larger than any before is held (not
-    touched, so nothing is faulted in): the block's size with glibc's defaults, 0 when
-    large blocks come from the heap."""
-    lib = allocator.glibc()
-    if not hasattr(lib, "mallinfo2"):
-        pytest.skip("this glibc is older than 2.33 (no mallinfo2)")
-    lib.mallinfo2.restype = _MallInfo2
-    before = lib.mallinfo2().hblkhd
-    block = torch.empty(next(_sizes) * 2**20, dtype=torch.uint8)
-    mapped = lib.mallinfo2().hblkhd - before
-    del block
-    return mapped
-
-
 @needs_glibc
 def test_large_blocks_come_from_the_heap_only_inside_the_outermost_block():
-    assert _mmapped_for_a_new_block() >= 300 * 2**20
+    _maps_large_blocks()
     with allocator.reuse_freed_memory() as on:
         assert on is True
         with allocator.reuse_freed_memory():
             assert _mmapped_for_a_new_block() == 0
         assert _mmapped_for_a_new_block() == 0  # the inner block's end restores nothing
-    assert _mmapped_for_a_new_block() >= 300 * 2**20  # glibc's defaults are back
+    assert _mmapped_for_a_new_block() >= 300 * MIB  # large blocks are mapped again
+    assert _mmapped_while_holding(16 * MIB) == 0  # under the 32 MiB threshold a block leaves behind
 
 
 @needs_glibc
 def test_freed_blocks_are_reused_inside_and_returned_after():
     pages = BLOCK // resource.getpagesize()
-    _faults_as_glibc_comes()  # glibc as it comes: the block is mapped anew, a fault per page
+    faults = _faults_of_second_touch()  # glibc as it comes: the block is mapped anew, a fault per page
+    if faults < pages // 2:
+        pytest.skip(f"a freed 64 MiB block costs only {faults} page faults here (huge pages?): nothing to save")
     with allocator.reuse_freed_memory():
         for _ in range(WARM_UP):  # the first cycles may still grow the heap
             _faults_of_second_touch()
@@ -91,16 +110,47 @@ def test_freed_blocks_are_reused_inside_and_returned_after():
     assert _rss_kib() < held - BLOCK // 1024 // 2  # malloc_trim gave the freed blocks back
 
 
-def test_disabled_block_changes_nothing():
-    with allocator.reuse_freed_memory(enabled=False) as on:
+@needs_glibc
+def test_a_child_forked_inside_a_block_starts_outside_it():
+    _maps_large_blocks()
+    with allocator.reuse_freed_memory():
+        pid = os.fork()
+        if pid == 0:  # the child: no block open, large blocks mapped again
+            ok = allocator._depth == 0 and _mmapped_for_a_new_block() >= 300 * MIB
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert _mmapped_for_a_new_block() == 0  # the parent's block is still open
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@needs_glibc
+@pytest.mark.parametrize("how", ["switch", "user tuning", "disabled"])
+def test_the_setting_stays_off_when_asked(monkeypatch, how):
+    _maps_large_blocks()
+    if how == "switch":
+        monkeypatch.setenv(allocator.ENV_SWITCH, "0")
+    elif how == "user tuning":
+        monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    with allocator.reuse_freed_memory(enabled=how != "disabled") as on:
         assert on is False
+        assert _mmapped_for_a_new_block() >= 300 * MIB
 
 
-def test_sliding_window_results_are_identical_with_and_without_reuse():
+def test_sliding_window_runs_its_cpu_patches_inside_a_block_and_the_results_are_identical():
     torch.manual_seed(0)
     net = UNet3D(in_channels=1, num_classes=3, widths=(4, 8), norm="instance").eval()
+    depths = []
+
+    def spy(x):
+        depths.append(allocator._depth)
+        return net(x)
+
     image = np.random.default_rng(1).normal(size=(40, 36, 44)).astype(np.float32)
     kwargs = dict(num_classes=3, overlap=0.25, batch_size=2)
-    a = sliding_window_inference(image, net, (24, 24, 24), reuse_memory=True, **kwargs)
-    b = sliding_window_inference(image, net, (24, 24, 24), reuse_memory=False, **kwargs)
+    a = sliding_window_inference(image, spy, (24, 24, 24), reuse_memory=True, **kwargs)
+    inside, depths[:] = list(depths), []
+    b = sliding_window_inference(image, spy, (24, 24, 24), reuse_memory=False, **kwargs)
     np.testing.assert_array_equal(a, b)
+    assert depths and all(d == 0 for d in depths)
+    if allocator.glibc() is not None:
+        assert inside and all(d == 1 for d in inside)
