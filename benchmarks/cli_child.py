@@ -7,16 +7,11 @@ inserted into the engine: the network (to time the forward passes and count patc
 is its time less the surfaces'). The other stages come from the CLI's own
 ``stats.json`` timings. The report also holds the time spent
 importing the engine and torch before ``main`` ran.
-
-With ``LTSBENCH_REUSE_MEMORY=0`` in its environment the child runs the sliding window
-with ``reuse_memory=False`` (the engine before :mod:`LiverTumorSegLib.allocator`), for
-the benchmark's ablation.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -61,11 +56,7 @@ def _install() -> None:
     original_surfaces = surfaces.surfaces_for_labels
     original_write = outputs.write_outputs
 
-    reuse = os.environ.get("LTSBENCH_REUSE_MEMORY", "1") != "0"
-
     def swi(image, network, *args, **kwargs):
-        if not reuse:
-            kwargs["reuse_memory"] = False
         return original_swi(image, TimedNetwork(network), *args, **kwargs)
 
     def timed_surfaces(*args, **kwargs):

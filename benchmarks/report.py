@@ -77,7 +77,7 @@ def inference(s: dict) -> str:
                f"{s['ratio_vs_torchio']:.3f}** ({s['headline']})")
     if s.get("ratio_vs_monai_same_allocator") is not None:
         out.append(f"Against MONAI gaussian given the engine's allocator setting: "
-                   f"{s['ratio_vs_monai_same_allocator']:.3f} (worst overlap)")
+                   f"{s['ratio_vs_monai_same_allocator']:.3f} (the largest over the overlaps)")
     return "\n".join(out)
 
 

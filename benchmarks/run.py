@@ -166,6 +166,11 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    # Every in-process competitor, before and after the engine's first patch loop, runs
+    # under the glibc settings that loop leaves behind (LiverTumorSegLib.allocator).
+    from LiverTumorSegLib.allocator import outside_settings
+
+    glibc_settled = outside_settings()
     cfg = dict(QUICK if args.quick else FULL)
     if args.overlaps:
         cfg["overlaps"] = tuple(float(v) for v in args.overlaps.split(","))
@@ -173,7 +178,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     res = {"command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_state(),
-           "machine": dict(machine.describe(), gemm_peak=machine.gemm_peak(1024 if args.quick else 2048))}
+           "machine": dict(machine.describe(), gemm_peak=machine.gemm_peak(1024 if args.quick else 2048)),
+           "glibc_malloc_settled": glibc_settled}
     log(machine.one_line(res["machine"]))
     model, cli_dir, what = load_bench_model(args, args.quick, cfg["patch"])
     res["model"] = {"weights": what, "card": model.card.name, "patch_size": list(model.card.patch_size),
