@@ -34,6 +34,7 @@ same either way: only where memory comes from changes.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import threading
@@ -51,28 +52,23 @@ ENV_SWITCH = "LIVERTUMORSEG_REUSE_MEMORY"  # "0" turns reuse off
 USER_TUNING = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 _lock = threading.Lock()
-_depth = 0
-_libc: Optional[ctypes.CDLL] = None
-_looked_up = False
+_depth = 0  # blocks open now
 
 
+@functools.lru_cache(maxsize=None)
 def glibc() -> Optional[ctypes.CDLL]:
     """The process's glibc with ``mallopt`` and ``malloc_trim`` typed, or None elsewhere."""
-    global _libc, _looked_up
-    with _lock:
-        if not _looked_up:
-            lib = None
-            if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-                try:
-                    lib = ctypes.CDLL("libc.so.6")
-                    lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-                    lib.mallopt.restype = ctypes.c_int
-                    lib.malloc_trim.argtypes = [ctypes.c_size_t]
-                    lib.malloc_trim.restype = ctypes.c_int
-                except (OSError, AttributeError):
-                    lib = None
-            _libc, _looked_up = lib, True
-    return _libc
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.mallopt.restype = ctypes.c_int
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+        lib.malloc_trim.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return lib
 
 
 def user_tunes_malloc() -> bool:
@@ -144,8 +140,8 @@ def _after_fork_in_child() -> None:
     """A child forked inside a block (a data-loader worker) starts outside it."""
     global _depth, _lock
     _lock = threading.Lock()  # the parent's may have been held by another thread at the fork
-    if _depth and _libc is not None:
-        _apply_outside(_libc)
+    if _depth:  # a block was open, so glibc() is known
+        _apply_outside(glibc())
     _depth = 0
 
 

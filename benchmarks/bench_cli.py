@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from LiverTumorSegLib.allocator import ENV_SWITCH
+
 STAGES = ("read", "preprocess", "inference", "postprocess", "statistics", "surfaces", "write")
 CHILD = Path(__file__).resolve().parent / "cli_child.py"
 
@@ -40,7 +42,7 @@ def run_once(input_path: Path, model_dir: Path, threads: int, extra: Sequence[st
         report = work / "report.json"
         cmd = [sys.executable, str(CHILD), str(report), "segment", str(input_path), "-o", str(work / "out"),
                "--model", str(model_dir), "--progress", "none", "--threads", str(threads), *extra]
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "LIVERTUMORSEG_REUSE_MEMORY": "1", **(env_extra or {})}
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", ENV_SWITCH: "1", **(env_extra or {})}
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t
@@ -90,7 +92,7 @@ def summarise(runs: List[dict], flops_per_patch: float, peaks: dict) -> dict:
 
 # Timed beside the default, same reps: name -> (extra CLI arguments, extra environment).
 VARIANTS = {"body_grid": (("--window-grid", "body"), {}),
-            "no_memory_reuse": ((), {"LIVERTUMORSEG_REUSE_MEMORY": "0"})}  # ablation of LiverTumorSegLib.allocator
+            "no_memory_reuse": ((), {ENV_SWITCH: "0"})}  # ablation of LiverTumorSegLib.allocator
 
 
 def run(input_path: Path, model_dir: Path, reps: int, threads: int, flops_per_patch: float,

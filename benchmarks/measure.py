@@ -9,26 +9,20 @@ polls the RSS every 5 ms instead.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import statistics
 import threading
 import time
 from typing import Callable, Dict, List, Optional
 
-_LIBC = None
-
-
 def malloc_trim() -> None:
     """Give freed heap memory back to the OS (glibc); a no-op elsewhere."""
-    global _LIBC
+    from LiverTumorSegLib.allocator import glibc
+
     gc.collect()
-    try:
-        if _LIBC is None:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    lib = glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 def _status_kib(key: str) -> Optional[int]:

@@ -139,7 +139,6 @@ def train(argv: Optional[List[str]] = None) -> int:
         raise ConfigError(f"--resume: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist")
 
     import lightning as L
-
     from lightning.pytorch.accelerators import CPUAccelerator
 
     from LiverTumorSegLib.allocator import reuse_freed_memory
