@@ -7,7 +7,7 @@ result nodes with :func:`~LiverTumorSegLib.mrml.import_results`. A cancelled or 
 run leaves the scene exactly as it was. The temporary folder is always removed.
 
 The caller drives it: ``start()``, then ``poll()`` from a timer (or ``wait()``), and
-``cancel()`` whenever the user asks.
+``cancel()`` whenever the user asks; ``stop()`` when nothing will poll again.
 """
 
 from __future__ import annotations
@@ -115,6 +115,16 @@ class SegmentationJob:
         """Stop the child process; the scene stays as it was."""
         if self.run is not None and self.state == RUNNING:
             self.run.cancel()
+
+    def stop(self) -> str:
+        """Cancel and wait (seconds at most) until the child process is gone, then remove
+        the temporary folder; nothing is imported and the scene stays as it was. For when
+        nothing will poll again: module unload, application exit."""
+        if self.run is not None and self.state == RUNNING:
+            self.run.stop()
+            self.state = CANCELLED
+        self._cleanup()
+        return self.state
 
     def wait(self, timeout: Optional[float] = None, on_event: Optional[Callable[[RunEvent], None]] = None) -> str:
         """Block until the job ends (tests, self-tests, scripts); returns the final state."""

@@ -12,7 +12,10 @@ in Slicer, a loop in tests). Nothing here imports Qt or Slicer.
   becomes :attr:`EngineRun.error`.
 * Cancel: :meth:`EngineRun.cancel` sends SIGTERM to the child's whole process group
   (the ``PythonSlicer`` launcher and the Python it starts), then kills it after a grace
-  period; the command line writes nothing when stopped.
+  period; the command line writes nothing when stopped. On Windows the tree is ended at
+  once (``taskkill /T /F``): a console process started without a window cannot be asked
+  to stop. :meth:`EngineRun.stop` does the same and waits until the tree is gone, for
+  when nothing will poll again (module unload, application exit).
 * GPU out of memory: a run on ``auto``/``cuda`` that dies of CUDA out-of-memory is
   started again once with ``--device cpu``, and a ``warning`` event says so.
 """
@@ -264,6 +267,20 @@ class EngineRun:
         _terminate_tree(self._proc)
         self._kill_at = time.monotonic() + self.grace_s
 
+    def stop(self, interval_s: float = 0.05) -> str:
+        """Cancel, then block until the process tree is gone: ``grace_s`` for it to stop,
+        then the hard kill, then a few seconds for it to die. For when nothing will poll
+        again (module unload, application exit), so no child outlives its caller.
+        Returns the final state (``running`` only if even the kill did not end it)."""
+        if self.finished or self._proc is None:
+            return self.state
+        self.cancel()
+        deadline = time.monotonic() + self.grace_s + 10.0
+        while not self.finished and time.monotonic() < deadline:
+            self.poll()  # sends the hard kill once the grace period is over
+            time.sleep(interval_s)
+        return self.state
+
     def wait(self, timeout: Optional[float] = None, on_event: Optional[Callable[[RunEvent], None]] = None,
              interval_s: float = 0.05) -> str:
         """Block until the run ends (tests, self-tests, scripts); returns the final state."""
@@ -282,11 +299,11 @@ class EngineRun:
 
 
 def _terminate_tree(proc) -> None:
+    if os.name == "nt":  # taskkill without /F only asks windows to close; the child has none
+        _kill_tree(proc)
+        return
     try:
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
-        else:
-            os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
     except (OSError, ProcessLookupError):
         proc.terminate()
 

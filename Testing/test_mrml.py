@@ -430,3 +430,49 @@ def test_cancel_through_a_launcher_stops_the_whole_process_tree(oblique_ct, tmp_
     assert run.wait(timeout=30) == "cancelled"
     assert _processes_mentioning(str(out)) == []
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_stop_ends_a_child_that_ignores_the_request_to_stop():
+    """Module unload: stop() returns only once the child is gone, killing it if it must."""
+    ready = json.dumps({"event": "progress", "progress": 0.1, "message": "inference"})
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"print({ready!r}, flush=True); time.sleep(120)")
+    run = EngineRun([sys.executable, "-c", code], grace_s=0.5).start()
+    deadline = time.monotonic() + 30
+    while not any(e.kind == "progress" for e in run.poll()):
+        assert time.monotonic() < deadline and not run.finished, run.error
+        time.sleep(0.02)
+    started = time.monotonic()
+    assert run.stop() == "cancelled"
+    assert run._proc.poll() is not None and time.monotonic() - started < 10
+
+
+def test_on_windows_cancel_ends_the_tree_at_once(monkeypatch):
+    """A console child started without a window ignores taskkill without /F."""
+    import LiverTumorSegLib.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner.os, "name", "nt")
+    monkeypatch.setattr(runner.subprocess, "run", lambda args, **kw: calls.append(args))
+    runner._terminate_tree(type("Proc", (), {"pid": 4321})())
+    assert calls == [["taskkill", "/T", "/F", "/PID", "4321"]]
+
+
+def test_job_stop_without_polling_leaves_nothing_behind(oblique_ct, tmp_path, tiny_model):
+    """What the panel does on module unload or exit: no child process, no temporary folder."""
+    path, _, _ = oblique_ct
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, path)
+    before = scene_snapshot(scene)
+    job = SegmentationJob(node, model=str(tiny_model), workdir=str(tmp_path),
+                          extra_args=["--batch-size", "1", "--overlap", "0.9"]).start()
+    folder = next(tmp_path.glob("LiverTumorSeg-*"))
+    deadline = time.monotonic() + 60
+    while not any(e.kind == "progress" and "inference" in e.message for e in job.poll()):
+        assert time.monotonic() < deadline and job.state == "running", job.error
+        time.sleep(0.02)
+    assert job.stop() == "cancelled"
+    assert job.run._proc.poll() is not None and not folder.exists()
+    assert scene_snapshot(scene) == before and job.segmentation_node is None
+    if os.path.isdir("/proc"):
+        assert _processes_mentioning(str(folder)) == []

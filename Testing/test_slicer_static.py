@@ -72,8 +72,13 @@ def test_ui_declares_its_custom_widgets_and_scene_connections():
     assert custom <= declared, f"undeclared custom widgets: {sorted(custom - declared)}"
     receivers = {c.find("receiver").text for c in tree.iter("connection")
                  if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"}
+    # A qMRMLTableView given a scene but no table view node empties itself at the end of
+    # every batch of scene changes (qMRMLTableView.cxx, updateWidgetFromViewNode): the
+    # panel sets its table node directly and must not connect it to the scene.
+    tables = {name for name, cls in ui_widgets().items() if cls == "qMRMLTableView"}
     mrml_widgets = {name for name, cls in ui_widgets().items() if cls.startswith("qMRML") and cls != "qMRMLWidget"}
-    assert mrml_widgets <= receivers, f"qMRML widgets without the scene: {sorted(mrml_widgets - receivers)}"
+    assert tables and not tables & receivers, f"table views connected to the scene: {sorted(tables & receivers)}"
+    assert mrml_widgets - tables <= receivers, f"qMRML widgets without the scene: {sorted(mrml_widgets - tables - receivers)}"
     button = next(w for w in tree.iter("widget") if w.get("name") == "applyButton")
     text = next(p for p in button.findall("property") if p.get("name") == "text")
     assert text.find("string").text == "Segment liver && tumor"
@@ -98,8 +103,26 @@ def test_cmake_lists_the_module_files_and_resources():
     assert set(cmake_list(text, "LIB_RESOURCES")) == REQUIRED_RESOURCES
     assert re.search(r"slicerMacroBuildScriptedModule\((?:(?!\)).)*WITH_GENERIC_TESTS", text, re.S)
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
-    for match in re.findall(r"slicer_add_python_unittest\(SCRIPT (Testing/\S+)\)", text):
-        assert (MODULE_DIR / match.replace("${MODULE_NAME}", "LiverTumorSeg")).is_file(), match
+
+
+def cmake_folders(folder):
+    """``folder`` and every folder its CMakeLists.txt reaches through add_subdirectory."""
+    yield folder
+    for sub in re.findall(r"add_subdirectory\((\S+)\)", (folder / "CMakeLists.txt").read_text(encoding="utf-8")):
+        yield from cmake_folders(folder / sub)
+
+
+def test_every_python_test_file_is_registered_where_slicer_can_import_it():
+    # slicer_add_python_unittest runs slicer.testing.runUnitTest([build folder, source
+    # folder], name): the script must sit beside the CMakeLists.txt that registers it.
+    registered = {}
+    for folder in cmake_folders(MODULE_DIR):
+        for script in re.findall(r"slicer_add_python_unittest\(SCRIPT (\S+)\)", (folder / "CMakeLists.txt").read_text(encoding="utf-8")):
+            script = script.replace("${MODULE_NAME}", "LiverTumorSeg")
+            assert "/" not in script and (folder / script).is_file(), f"{folder}/CMakeLists.txt registers {script}"
+            registered[folder / script] = True
+    tests = set((MODULE_DIR / "Testing").rglob("*Test.py")) | {MODULE_DIR / "LiverTumorSeg.py"}
+    assert tests == set(registered), f"not registered: {sorted(map(str, tests - set(registered)))}"
 
 
 def test_bundled_resources_exist():
@@ -116,6 +139,8 @@ def test_top_level_cmake_follows_the_extension_template():
                      "EXTENSION_SCREENSHOTURLS"):
         assert re.search(rf"set\({variable}\s+\S", text), variable
     assert re.search(r'set\(EXTENSION_CATEGORY\s+"Segmentation"\)', text)
+    for path in re.findall(r"\$\{LiverTumorSeg_REPOSITORY_URL\}/raw/main/([^\"\s]+)", text):
+        assert (REPO / path).is_file(), f"the extension metadata points at {path}, which is not in the repository"
     assert re.search(r'set\(EXTENSION_DEPENDS\s+"PyTorch"\)', text)
     for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(LiverTumorSeg)",
                  "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):

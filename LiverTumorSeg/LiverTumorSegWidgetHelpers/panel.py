@@ -102,9 +102,10 @@ class Panel(VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def cleanup(self):
-        if self.job is not None:
-            self.job.cancel()
         self.timer.stop()
+        if self.job is not None:  # nothing polls after this: wait (seconds) until the child is gone
+            job, self.job = self.job, None
+            job.stop()
         self.removeObservers()
 
     def onSceneStartClose(self, caller, event):
