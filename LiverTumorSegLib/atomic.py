@@ -2,7 +2,9 @@
 
 Single files are written to a temporary name in the same folder and renamed into
 place. A set of outputs (the command line's output folder) is written into a staging
-folder beside the target and moved in only when every file is complete.
+folder beside the target and moved in only when every file is complete; an earlier
+run's outputs that the new set does not have are removed then, so the folder never
+mixes two runs' results.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import OutputError
 
@@ -74,6 +76,8 @@ def check_writable_dir(folder: Path) -> Path:
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"output path {folder} exists and is not a folder")
     probe_dir = folder if folder.exists() else _existing_parent(folder)
+    if not probe_dir.is_dir():
+        raise OutputError(f"cannot create output folder {folder}: {probe_dir} is a file, not a folder")
     if not os.access(probe_dir, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write to {probe_dir}: permission denied; choose another output folder")
     return folder
@@ -87,16 +91,26 @@ class StagedOutput:
         with StagedOutput(outdir) as stage:
             write(stage.path / "a.json") ...
         # on success every file now lies in outdir; on any exception none does.
+
+    ``replaces``: names of files that an earlier run may have left in the target. Those
+    the new set does not include (a ``tumor.stl`` when no tumor is found this time) are
+    removed when the new files are published; other files in the target are left alone.
     """
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, replaces: Iterable[str] = ()) -> None:
         self.target = check_writable_dir(target)
+        self.replaces = tuple(replaces)
         self.path: Path = Path()
         self.published: list = []
+        self.removed: list = []
 
     def __enter__(self) -> "StagedOutput":
-        parent = self.target if self.target.exists() else self.target.parent
-        base = self.target.parent if os.access(self.target.parent, os.W_OK) else parent
+        # Stage on the target's file system, so publishing is a rename: in its parent, or
+        # in the nearest existing folder above a target whose parent is still to be made
+        # (made only on success), or in the target itself under a read-only parent.
+        base = self.target.parent if self.target.parent.is_dir() else _existing_parent(self.target)
+        if not os.access(base, os.W_OK | os.X_OK) and self.target.is_dir():
+            base = self.target
         try:
             self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=base))
         except OSError as exc:
@@ -113,7 +127,13 @@ class StagedOutput:
     def _publish(self) -> None:
         try:
             self.target.mkdir(parents=True, exist_ok=True)
-            for item in sorted(self.path.iterdir()):
+            items = sorted(self.path.iterdir())
+            for name in sorted(set(self.replaces) - {item.name for item in items}):
+                stale = self.target / name
+                if stale.is_file() or stale.is_symlink():
+                    stale.unlink()
+                    self.removed.append(stale)
+            for item in items:
                 destination = self.target / item.name
                 if destination.is_dir() and not destination.is_symlink():
                     shutil.rmtree(destination)

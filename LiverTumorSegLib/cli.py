@@ -5,13 +5,15 @@ Sub-commands: ``segment`` (a CT in, labels, statistics, surfaces and a preview o
 models and the cache folder) and ``phantom`` (write a synthetic data set).
 
 Exit codes: 0 success, 2 bad input or any other error the user can fix (one line on
-stderr), 130 cancelled (Ctrl-C or SIGTERM).
+stderr), 130 cancelled (Ctrl-C or SIGTERM), 141 standard output closed by its reader
+(``| head``), quietly, as other Unix tools do; outputs written before that stay.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -21,7 +23,7 @@ from typing import Callable, List, Optional
 from . import __version__
 from .errors import Cancelled, LiverTumorSegError
 
-EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED = 0, 2, 130
+EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED, EXIT_BROKEN_PIPE = 0, 2, 130, 141
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,14 +56,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="bundled or registered model name, or a model folder (default: the bundled model)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--overlap", type=float, default=None, help="patch overlap fraction in [0, 1) (default: the model's)")
-    p.add_argument("--fast", action="store_true", help="no patch overlap: faster, slightly rougher")
+    p.add_argument("--fast", action="store_true", help="no patch overlap: faster, and it can cost accuracy (README)")
     p.add_argument("--no-surfaces", action="store_true", help="do not write liver.stl / tumor.stl")
     p.add_argument("--mesh-format", choices=("stl", "obj"), default="stl")
     p.add_argument("--no-preview", action="store_true", help="do not write preview.png")
     p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                    help="progress as a bar on stderr, JSON lines on stdout, or nothing")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=_positive(int), default=2)
     from .boxes import WEIGHTINGS, WINDOW_GRIDS
 
     p.add_argument("--weighting", choices=WEIGHTINGS, default=WEIGHTINGS[0],
@@ -73,10 +75,27 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "grid (MONAI's), reproducing an uncropped run inside the body; 'body' lays "
                         "them on the body's box where that needs fewer windows (faster; the labels "
                         "can differ slightly)")
-    p.add_argument("--min-lesion-ml", type=float, default=0.01, help="drop tumor components below this volume (mL)")
+    p.add_argument("--min-lesion-ml", type=_positive(float, zero=True), default=0.01,
+                   help="drop tumor components below this volume (mL; 0 keeps every one)")
     p.add_argument("--allow-non-ct", action="store_true", help="run even if the intensities do not look like CT HU")
-    p.add_argument("--memory-budget-gb", type=float, default=None, help="refuse volumes estimated to need more memory")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    p.add_argument("--memory-budget-gb", type=_positive(float), default=None,
+                   help="refuse volumes estimated to need more memory (default: 85%% of the free memory)")
+    p.add_argument("--threads", type=_positive(int), default=None, help="CPU threads for PyTorch")
+
+
+def _positive(kind, zero: bool = False):
+    """An argparse type: a number of ``kind`` above 0 (or at least 0 with ``zero``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or value < 0 or (value == 0 and not zero):
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what} {'of 0 or more' if zero else 'above 0'}, not {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 class _Reporter:
@@ -126,8 +145,6 @@ def _options(args):
 
     if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
         raise LiverTumorSegError(f"--overlap {args.overlap} must be in [0, 1)")
-    if args.batch_size < 1:
-        raise LiverTumorSegError("--batch-size must be at least 1")
     return SegmentOptions(
         device=args.device, overlap=args.overlap, fast=args.fast, batch_size=args.batch_size,
         precision=args.precision, weighting=args.weighting, window_grid=args.window_grid,
@@ -233,6 +250,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except LiverTumorSegError as exc:
         print(f"livertumorseg: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # the reader of stdout went away; Python's exit flush must not fail too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -3,7 +3,9 @@
 ``segmentation.nii.gz`` (uint8 labels in the input grid), ``stats.json``,
 ``stats.csv``, ``liver.stl`` and ``tumor.stl`` (or ``.obj``; the tumor file only when a
 tumor was found; coordinates LPS mm, as 3D Slicer writes STL), and ``preview.png``.
-Files are written into a staging folder and moved into the output folder together.
+Files are written into a staging folder and moved into the output folder together;
+any of these files left there by an earlier run and not written by this one are removed
+then (:data:`OUTPUT_NAMES`), and other files are left alone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from .pipeline import SegmentationResult
 from .volume import Volume
 
 SURFACE_CLASSES = {"liver": (1, 2), "tumor": (2,)}
+MESH_FORMATS = ("stl", "obj")
+# Every file a run may write: in an existing output folder, those a new run does not
+# write are an earlier run's, and are removed when the new files are moved in.
+OUTPUT_NAMES = ("segmentation.nii.gz", "stats.json", "stats.csv", "preview.png",
+                *(f"{name}.{ext}" for name in SURFACE_CLASSES for ext in MESH_FORMATS))
 
 
 def write_outputs(result: SegmentationResult, ct: Volume, outdir: Path, *, surfaces: bool = True,
@@ -29,7 +36,7 @@ def write_outputs(result: SegmentationResult, ct: Volume, outdir: Path, *, surfa
     from .surfaces import surfaces_for_labels, write_obj, write_stl
 
     written = {}
-    with StagedOutput(outdir) as stage:
+    with StagedOutput(outdir, replaces=OUTPUT_NAMES) as stage:
         write_volume(result.labels, stage.path / "segmentation.nii.gz")
         written["segmentation"] = "segmentation.nii.gz"
         document = dict(result.stats)

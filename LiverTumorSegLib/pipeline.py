@@ -36,7 +36,7 @@ class SegmentOptions:
     Attributes:
         device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda`` or ``mps``.
         overlap: patch overlap fraction in [0, 1); None takes the model card's.
-        fast: one pass with no overlap (fewer patches, slightly rougher borders).
+        fast: one pass with no overlap (fewer patches; it can cost accuracy: README).
         batch_size: patches per forward pass.
         precision: ``auto`` (bf16 on CPUs that have it, fp16 on CUDA), ``fp32``,
             ``bf16`` or ``fp16``.
@@ -130,6 +130,20 @@ def _prepare_and_warm(network, device: str, autocast, card, batch_size: int) -> 
     return prepared, left
 
 
+def _check_numbers(options: SegmentOptions) -> None:
+    """Refuse (:class:`InputError`) option values no run can use."""
+    o = options
+    for name, value, lowest, allowed in (("batch_size", o.batch_size, 1, False), ("threads", o.threads, 1, True),
+                                         ("min_lesion_ml", o.min_lesion_ml, 0, False),
+                                         ("memory_budget_gb", o.memory_budget_gb, None, True)):
+        if value is None and allowed:
+            continue
+        bad = value is None or value != value or (value <= 0 if lowest is None else value < lowest)
+        if bad:
+            limit = "above 0" if lowest is None else f"at least {lowest}"
+            raise InputError(f"{name} must be {limit}, not {value!r}")
+
+
 class Segmenter:
     """Runs a model on CT volumes. Load once, segment many.
 
@@ -142,6 +156,7 @@ class Segmenter:
     def __init__(self, model: Union[LoadedModel, str, Path, None] = None,
                  options: Optional[SegmentOptions] = None) -> None:
         self.options = options or SegmentOptions()
+        _check_numbers(self.options)
         if self.options.window_grid not in WINDOW_GRIDS:
             raise InputError(f"window grid must be one of {', '.join(WINDOW_GRIDS)}, "
                              f"not {self.options.window_grid!r}")

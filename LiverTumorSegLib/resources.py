@@ -102,7 +102,7 @@ def check_memory(input_size_xyz: Sequence[int], input_spacing: Sequence[float],
     if need > budget:
         raise ResourceError(
             f"this volume ({'x'.join(str(int(s)) for s in input_size_xyz)} voxels) needs about "
-            f"{need / (1 << 30):.1f} GiB of memory, more than the budget of {budget / (1 << 30):.1f} GiB. "
+            f"{need / (1 << 30):.1f} GiB of memory, more than the budget of {budget / (1 << 30):.2f} GiB. "
             "Crop the volume to the abdomen, free memory, or raise --memory-budget-gb."
         )
     return need

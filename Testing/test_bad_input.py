@@ -149,6 +149,9 @@ def test_output_folder_not_writable(capsys, tmp_path, tiny_model, good_ct, monke
     blocker.write_text("x")
     code = main(["segment", str(good_ct), "-o", str(blocker), "--model", str(tiny_model), "--progress", "none"])
     assert code == 2 and "not a folder" in capsys.readouterr().err
+    code = main(["segment", str(good_ct), "-o", str(blocker / "sub"), "--model", str(tiny_model), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{blocker} is a file, not a folder" in err and "permission" not in err
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if "locked" in str(p) else real_access(p, mode))
     locked = tmp_path / "locked"
@@ -172,3 +175,11 @@ def test_failure_while_writing_leaves_nothing(capsys, tmp_path, tiny_model, good
         main(["segment", str(good_ct), "-o", str(out), "--model", str(tiny_model), "--progress", "none"])
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+    nested = tmp_path / "new" / "case"  # folders that do not exist yet are made only on success
+    with pytest.raises(OSError):
+        main(["segment", str(good_ct), "-o", str(nested), "--model", str(tiny_model), "--progress", "none"])
+    assert not (tmp_path / "new").exists() and not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+    monkeypatch.undo()
+    assert main(["segment", str(good_ct), "-o", str(nested), "--model", str(tiny_model), "--progress", "none"]) == 0
+    assert (nested / "segmentation.nii.gz").is_file()
+    assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]

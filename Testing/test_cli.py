@@ -105,3 +105,66 @@ def test_bad_option_values(tmp_path, tiny_model, capsys):
     code = main(["segment", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "o"), "--model", str(tiny_model),
                  "--overlap", "1.2"])
     assert code == 2 and "--overlap" in capsys.readouterr().err
+    for option, value in (("--threads", "-1"), ("--threads", "0"), ("--threads", "1.5"), ("--batch-size", "0"),
+                          ("--min-lesion-ml", "-1"), ("--memory-budget-gb", "0"), ("--memory-budget-gb", "nan")):
+        with pytest.raises(SystemExit) as exited:  # argparse's refusal: exit code 2, one line naming the option
+            main(["segment", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "o"), option, value])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exited.value.code == 2 and f"argument {option}: must be" in err and repr(value) in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_api_refuses_unusable_option_values(tiny_model):
+    from LiverTumorSegLib.errors import InputError
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    for field, value in (("threads", 0), ("batch_size", 0), ("min_lesion_ml", -0.5), ("memory_budget_gb", 0.0),
+                         ("memory_budget_gb", float("nan"))):
+        with pytest.raises(InputError, match=field):
+            Segmenter(tiny_model, SegmentOptions(**{field: value}))
+
+
+def test_a_rerun_into_the_same_folder_leaves_only_its_own_outputs(tmp_path, tiny_model, capsys):
+    """Files an earlier run wrote and this one does not (surfaces, preview, another mesh
+    format) are removed; the user's own files stay."""
+    from LiverTumorSegLib.outputs import MESH_FORMATS, OUTPUT_NAMES
+
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    base = ["segment", str(tmp_path / "ct.nii.gz"), "-o", str(out), "--model", str(tiny_model), "--progress", "none"]
+    assert main(base + ["--mesh-format", "obj"]) == 0
+    first = {p.name for p in out.iterdir()}
+    assert "preview.png" in first and any(name.endswith(".obj") for name in first) and first <= set(OUTPUT_NAMES)
+    (out / "notes.txt").write_text("the user's own file")
+    (out / "tumor.stl").write_text("an earlier run's surface")
+    assert main(base + ["--no-preview"]) == 0
+    second = {p.name for p in out.iterdir()}
+    assert "preview.png" not in second and not any(name.endswith(".obj") for name in second)
+    assert "notes.txt" in second and {"segmentation.nii.gz", "stats.json", "stats.csv"} <= second
+    assert not (out / "tumor.stl").exists() or (out / "tumor.stl").read_bytes() != b"an earlier run's surface"
+    assert main(base + ["--no-surfaces", "--no-preview"]) == 0
+    assert {p.name for p in out.iterdir()} == {"segmentation.nii.gz", "stats.json", "stats.csv", "notes.txt"}
+    import LiverTumorSegLib.cli as cli
+
+    assert cli.build_parser().parse_args(base + ["--mesh-format", "obj"]).mesh_format in MESH_FORMATS
+    capsys.readouterr()
+
+
+def test_output_closed_by_its_reader_ends_quietly_and_keeps_the_outputs(tmp_path):
+    """`livertumorseg segment ... | head -1`: no traceback; the files written stay."""
+    from .helpers import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", widths=(8, 16), patch=(16, 16, 16), spacing=(3.0, 3.0, 3.0))
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is printed
+    proc = subprocess.run(
+        [sys.executable, "-m", "LiverTumorSegLib", "segment", str(tmp_path / "ct.nii.gz"), "-o", str(out),
+         "--model", str(model), "--progress", "none"],
+        stdout=write_end, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    os.close(write_end)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr
+    assert (out / "segmentation.nii.gz").is_file() and (out / "stats.json").is_file()
