@@ -13,13 +13,13 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .boxes import WEIGHTINGS, WINDOW_GRIDS, window_box
+from .boxes import WEIGHTINGS, WINDOW_GRIDS, patch_starts, window_box
 from .errors import InputError
 from .inference import prepare_network, sliding_window_inference
 from .model import LoadedModel, load_model, resolve_model
 from .postprocess import argmax_labels, clean_labels, drop_small_lesions, to_input_grid
 from .preprocess import body_bounding_box, scale_intensity, to_model_grid, validate_ct
-from .resources import check_memory, resolve_device, resolve_precision
+from .resources import batch_activation_bytes, check_memory, resolve_device, resolve_precision
 from .volume import Volume
 
 ProgressFn = Callable[[float, str], None]
@@ -197,8 +197,16 @@ class Segmenter:
 
     def check_memory(self, size_xyz, spacing) -> int:
         """Estimate the peak memory for an input of this size; refuse if over budget."""
+        widths = self.card.architecture.get("widths") or (32,)
+        # A batch never holds more patches than the model grid has windows.
+        extent = np.asarray(size_xyz, dtype=float) * np.asarray(spacing, dtype=float)
+        grid_zyx = (np.ceil(extent / np.asarray(self.card.spacing_mm, dtype=float)) + 1)[::-1]
+        windows = int(np.prod([len(patch_starts(int(n), p, self.overlap()))
+                               for n, p in zip(grid_zyx, self.card.patch_size)]))
+        batch = batch_activation_bytes(self.card.patch_size, int(widths[0]), min(self.options.batch_size, windows),
+                                       half_precision=self.autocast is not None)
         return check_memory(size_xyz, spacing, self.card.spacing_mm, self.options.memory_budget_gb,
-                            self.card.num_classes)
+                            self.card.num_classes, batch)
 
     def overlap(self) -> float:
         if self.options.fast:

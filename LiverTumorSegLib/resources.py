@@ -73,31 +73,51 @@ def available_memory_bytes() -> int:
         return 8 << 30
 
 
+# Python, torch, numpy, SimpleITK and a loaded model, before any volume: 0.46-0.50 GiB
+# measured (peak RSS of command-line runs on a small CT, extrapolated to no batch).
+RUNTIME_BYTES = int(0.5 * (1 << 30))
+# Host memory of one forward pass, per patch voxel and channel of the network's first
+# level, for a batch's patches at once. Measured on the CPU with the seed U-Net (widths
+# 32-256, 96³ patches) and the demo model (8-64, 48³): 16-19 bytes in bf16, 29-43 in
+# fp32, including the freed buffers kept for reuse (:mod:`.allocator`).
+ACTIVATION_BYTES = {"half": 24, "full": 52}
+
+
+def batch_activation_bytes(patch_size: Sequence[int] = (96, 96, 96), first_width: int = 32,
+                           batch_size: int = 2, half_precision: bool = False) -> int:
+    """Host memory a batch's forward pass takes (see :data:`ACTIVATION_BYTES`)."""
+    per = ACTIVATION_BYTES["half" if half_precision else "full"]
+    return int(batch_size * float(np.prod([int(p) for p in patch_size])) * int(first_width) * per)
+
+
 def estimate_peak_bytes(input_size_xyz: Sequence[int], input_spacing: Sequence[float],
-                        model_spacing: Sequence[float], num_classes: int = 3) -> int:
+                        model_spacing: Sequence[float], num_classes: int = 3,
+                        batch_bytes: Optional[int] = None) -> int:
     """A conservative estimate of the engine's peak host memory for one volume.
 
     Input grid: the image (up to 4 bytes/voxel), its float32 copy for resampling, the
-    labels and statistics scratch (~14 bytes/voxel). Model grid: HU, scaled input,
-    logit sums, weights and labels (~(12 + 4K) bytes/voxel). Plus 1.75 GiB for torch,
-    the network and one batch of activations, with the freed buffers the allocator
-    keeps for reuse during the patch loop (:mod:`.allocator`; up to 0.4 GiB measured;
-    the peaks measured from 128³ to 512×512×600 stay 0.4-2.1 GiB under this estimate).
+    labels, masks and statistics scratch (18 bytes/voxel; 16 measured at 512×512×1000).
+    Model grid: HU, scaled input, logit sums, weights and labels (~(12 + 4K)
+    bytes/voxel). Plus :data:`RUNTIME_BYTES` and ``batch_bytes``, one batch's forward
+    pass (:func:`batch_activation_bytes`; default: the seed U-Net, two 96³ patches in
+    fp32). The measured peaks are in BENCHMARKS.md ("Memory estimate").
     """
+    if batch_bytes is None:
+        batch_bytes = batch_activation_bytes()
     n_in = float(np.prod([int(s) for s in input_size_xyz]))
     extent = np.asarray(input_size_xyz, dtype=float) * np.asarray(input_spacing, dtype=float)
     n_model = float(np.prod(np.ceil(extent / np.asarray(model_spacing, dtype=float)) + 1))
-    return int(n_in * 14 + n_model * (12 + 4 * num_classes) + 1.75 * (1 << 30))
+    return int(n_in * 18 + n_model * (12 + 4 * num_classes) + RUNTIME_BYTES + batch_bytes)
 
 
 def check_memory(input_size_xyz: Sequence[int], input_spacing: Sequence[float],
                  model_spacing: Sequence[float], budget_gb: Optional[float] = None,
-                 num_classes: int = 3) -> int:
+                 num_classes: int = 3, batch_bytes: Optional[int] = None) -> int:
     """Refuse (:class:`ResourceError`) a job whose estimate exceeds the budget.
 
     The default budget is 85 % of the memory available now. Returns the estimate.
     """
-    need = estimate_peak_bytes(input_size_xyz, input_spacing, model_spacing, num_classes)
+    need = estimate_peak_bytes(input_size_xyz, input_spacing, model_spacing, num_classes, batch_bytes)
     budget = budget_gb * (1 << 30) if budget_gb else 0.85 * available_memory_bytes()
     if need > budget:
         raise ResourceError(

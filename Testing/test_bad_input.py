@@ -183,3 +183,50 @@ def test_failure_while_writing_leaves_nothing(capsys, tmp_path, tiny_model, good
     assert main(["segment", str(good_ct), "-o", str(nested), "--model", str(tiny_model), "--progress", "none"]) == 0
     assert (nested / "segmentation.nii.gz").is_file()
     assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
+
+
+def test_memory_estimate_follows_the_model_batch_and_precision(tiny_model):
+    """The estimate grows with what a forward pass holds, so a small model on a small CT
+    is not refused on a machine with little free memory (and fp32 is not underestimated)."""
+    from LiverTumorSegLib.model.registry import DEFAULT_MODEL
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+    from LiverTumorSegLib.resources import batch_activation_bytes
+
+    def estimate(model, **kw):
+        return Segmenter(model, SegmentOptions(device="cpu", **kw)).check_memory((256, 256, 128), (0.8, 0.8, 1.5))
+
+    assert batch_activation_bytes((96,) * 3, 32, 2, False) == 2 * batch_activation_bytes((96,) * 3, 32, 1, False)
+    assert batch_activation_bytes((96,) * 3, 32, 2, True) < batch_activation_bytes((96,) * 3, 32, 2, False)
+    assert batch_activation_bytes((48,) * 3, 8, 2, False) * 32 == batch_activation_bytes((96,) * 3, 32, 2, False)
+    assert estimate(DEFAULT_MODEL, precision="fp32") < 1 << 30  # the bundled demo model on a 256x256x128 CT
+    assert estimate(DEFAULT_MODEL, precision="fp32", batch_size=8) > estimate(DEFAULT_MODEL, precision="fp32")
+    # tiny_model: 32^3 patches at 3 mm, so this CT (a 70x70x65 model grid) has 3 x 3 x 3
+    # windows at its 25 % overlap; a batch never holds more
+    batch = {n: estimate(tiny_model, precision="fp32", batch_size=n) for n in (26, 27, 64)}
+    assert batch[26] < batch[27] == batch[64]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak RSS from Linux /proc")
+def test_memory_estimate_is_above_the_measured_peak(tmp_path):
+    """One real run of the command line in a fresh process, with the bundled model in fp32."""
+    import subprocess
+    import sys
+
+    from LiverTumorSegLib.io import read_header
+    from LiverTumorSegLib.model.registry import DEFAULT_MODEL
+    from LiverTumorSegLib.phantom import make_phantom
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    from .helpers import REPO
+
+    path = tmp_path / "ct.nii.gz"
+    write_volume(make_phantom(4, preset="coarse").image, path)
+    code = ("import sys; from LiverTumorSegLib.cli import main; rc = main(sys.argv[1:]); "
+            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "segment", str(path), "-o", str(tmp_path / "out"),
+                           "--progress", "none", "--precision", "fp32", "--device", "cpu"],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stderr.strip().splitlines()[-1]) * 1024
+    estimate = Segmenter(DEFAULT_MODEL, SegmentOptions(device="cpu", precision="fp32")).check_memory(*read_header(path))
+    assert peak < estimate, (peak >> 20, estimate >> 20)
