@@ -41,6 +41,13 @@ def validate_ct(volume: Volume, *, allow_non_ct: bool = False) -> None:
     if min(volume.spacing) < 0.05 or max(volume.spacing) > 50:
         raise InputError(f"voxel spacing {volume.spacing} mm is implausible for a CT")
     if not allow_non_ct:
+        if 0 <= lo and hi < 256 and np.issubdtype(a.dtype, np.integer):
+            values = np.flatnonzero(np.bincount(a.ravel().astype(np.intp, copy=False), minlength=int(hi) + 1))
+            if len(values) <= 16:
+                shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+                raise InputError(
+                    f"this looks like a label map (only {len(values)} distinct values: {shown}), not a CT in "
+                    "Hounsfield units; pass the CT image itself (a label map is the output, not the input)")
         if lo > BODY_THRESHOLD_HU or lo < -3100:
             raise InputError(
                 f"intensities range {lo:g}..{hi:g}, which does not look like a CT in Hounsfield units "

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_DATA = REPO.parent / "shared" / "data" / "real"
+# ../shared/data/real beside the checkout, or $LIVERTUMORSEG_SHARED_DATA/real (as the benchmarks read it)
+REAL_DATA = Path(os.environ.get("LIVERTUMORSEG_SHARED_DATA", REPO.parent / "shared" / "data")) / "real"
 
 
 def real_data(name: str) -> Path:

@@ -109,6 +109,14 @@ def test_mr_like_intensities_refused_unless_overridden(capsys, tmp_path, tiny_mo
     assert "segmentation.nii.gz" in written
 
 
+def test_a_label_map_given_as_the_input_is_named_as_such(capsys, tmp_path, tiny_model):
+    labels = np.zeros((20, 24, 24), np.uint8)
+    labels[5:15, 6:18, 6:18] = 1
+    labels[8:11, 9:12, 9:12] = 2
+    path = _write_array(tmp_path / "segmentation.nii.gz", labels, spacing=(3.0, 3.0, 3.0))
+    _assert_refused(_run(capsys, tmp_path, path, "--model", str(tiny_model)), "label map (only 3 distinct values: 0, 1, 2)")
+
+
 def test_volume_over_the_memory_budget(capsys, tmp_path, tiny_model, good_ct):
     _assert_refused(_run(capsys, tmp_path, good_ct, "--model", str(tiny_model), "--memory-budget-gb", "0.5"),
                     "memory")
