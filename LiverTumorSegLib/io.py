@@ -109,10 +109,14 @@ def _read_dicom_folder(folder: Path):
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found": the error below says it
     try:
         series = reader.GetGDCMSeriesIDs(str(folder))
     except RuntimeError:
         series = ()
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not series:
         raise InputError(f"{folder} is a folder without a readable DICOM series")
     # Several series: take the one with the most slices (the CT, not a scout).

@@ -78,10 +78,11 @@ def test_dicom_series_folder(tmp_path, compressor, syntax):
     np.testing.assert_array_equal(same, v.array)  # both codecs are lossless here
 
 
-def test_folder_without_dicom_is_a_clear_error(tmp_path):
+def test_folder_without_dicom_is_a_clear_error(tmp_path, capfd):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(InputError, match="DICOM"):
         read_volume(tmp_path)
+    assert "WARNING" not in capfd.readouterr().err  # ITK's own warning would precede our one-line reason
 
 
 def test_single_frame_4d_image_is_accepted_as_3d(tmp_path):
