@@ -133,15 +133,17 @@ def _prepare_and_warm(network, device: str, autocast, card, batch_size: int) -> 
 def _check_numbers(options: SegmentOptions) -> None:
     """Refuse (:class:`InputError`) option values no run can use."""
     o = options
-    for name, value, lowest, allowed in (("batch_size", o.batch_size, 1, False), ("threads", o.threads, 1, True),
-                                         ("min_lesion_ml", o.min_lesion_ml, 0, False),
-                                         ("memory_budget_gb", o.memory_budget_gb, None, True)):
-        if value is None and allowed:
-            continue
-        bad = value is None or value != value or (value <= 0 if lowest is None else value < lowest)
-        if bad:
-            limit = "above 0" if lowest is None else f"at least {lowest}"
-            raise InputError(f"{name} must be {limit}, not {value!r}")
+    rules = (("batch_size", o.batch_size, "at least 1", lambda v: v >= 1),
+             ("threads", o.threads, "at least 1, or None", lambda v: v is None or v >= 1),
+             ("min_lesion_ml", o.min_lesion_ml, "0 or more", lambda v: v >= 0),
+             ("memory_budget_gb", o.memory_budget_gb, "above 0, or None", lambda v: v is None or v > 0))
+    for name, value, wanted, ok in rules:
+        try:
+            good = bool(ok(value))  # NaN compares False: refused too
+        except TypeError:
+            good = False
+        if not good:
+            raise InputError(f"{name} must be {wanted}, not {value!r}")
 
 
 class Segmenter:
