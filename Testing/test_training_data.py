@@ -68,6 +68,58 @@ def test_listed_file_missing_names_the_case(tmp_path):
         training_cases(root)
 
 
+def test_every_case_with_missing_files_is_listed_at_once(tmp_path):
+    root = make_dataset(tmp_path / "d", n=4)
+    (root / "labelsTr" / "liver_1.nii.gz").unlink()
+    (root / "imagesTr" / "liver_3.nii.gz").unlink()
+    (root / "labelsTr" / "liver_3.nii.gz").unlink()
+    with pytest.raises(DatasetError, match="2 case") as refused:
+        training_cases(root)
+    message = str(refused.value)
+    assert "case liver_1 (training entry 1): its label file" in message
+    assert "case liver_3 (training entry 3): its image file" in message and "are missing" in message
+    assert "liver_0" not in message and "liver_2" not in message
+
+
+def test_a_fold_without_the_number_of_folds_is_refused(tmp_path):
+    from livertumorseg_training.run import build_parser, resolve_config
+
+    with pytest.raises(ConfigError, match="--fold 2 needs --folds"):
+        resolve_config(build_parser().parse_args(["--data-dir", str(tmp_path), "--config", "smoke", "--fold", "2"]))
+    config = resolve_config(build_parser().parse_args(["--data-dir", str(tmp_path), "--config", "smoke",
+                                                       "--folds", "3", "--fold", "2"]))
+    assert config["data"]["folds"] == 3 and config["data"]["fold"] == 2
+
+
+def test_the_learning_rate_schedule_takes_the_resumed_runs_length():
+    """Resumed with more epochs, the schedule follows the new length from the saved step."""
+    import torch
+
+    from livertumorseg_training.module import LRFactor, keep_new_schedule_length
+
+    def scheduler(total):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor("cosine", total, 2, 0.0))
+
+    first = scheduler(16)
+    for _ in range(16):
+        first.optimizer.step()
+        first.step()
+    assert first.get_last_lr()[0] == pytest.approx(0.0)  # the end of the first run's schedule
+    checkpoint = {"lr_schedulers": [first.state_dict()]}
+    keep_new_schedule_length(checkpoint)
+    resumed = scheduler(32)
+    resumed.load_state_dict(checkpoint["lr_schedulers"][0])
+    assert resumed.last_epoch == 16 and resumed.lr_lambdas[0].total == 32
+    resumed.optimizer.step()
+    resumed.step()  # the first step after resuming sets the next step's rate from the new length
+    assert resumed.get_last_lr()[0] == pytest.approx(LRFactor("cosine", 32, 2, 0.0)(17))
+    assert resumed.get_last_lr()[0] > 0.4
+    plain = scheduler(16)
+    plain.load_state_dict(first.state_dict())  # what happened before: the old length came back
+    assert plain.lr_lambdas[0].total == 16
+
+
 def test_entries_without_label_are_skipped(tmp_path):
     root = make_dataset(tmp_path / "d")
     data = json.loads((root / "dataset.json").read_text())

@@ -109,6 +109,23 @@ def test_evaluate_writes_metrics_plots_and_overlays(smoke_run, phantoms, tmp_pat
         assert (out / metrics["figures"][figure]).is_file(), figure
 
 
+def test_export_refuses_clearly(smoke_run, tmp_path):
+    def export(*args):
+        result = subprocess.run([sys.executable, str(TRAINING / "export.py"), *map(str, args)], cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        return result.stderr
+
+    a_file = tmp_path / "model"
+    a_file.write_text("not a folder")
+    assert "a file of that name exists" in export(smoke_run / "checkpoints" / "last.ckpt", a_file)
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    err = export(text, tmp_path / "out")
+    assert "not a PyTorch checkpoint written by train.py" in err and "weights_only" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_continues_with_the_step_count_intact(smoke_run, phantoms, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(smoke_run, resumed)
@@ -116,6 +133,28 @@ def test_resume_continues_with_the_step_count_intact(smoke_run, phantoms, tmp_pa
          "--no-export", "trainer.max_epochs=3")
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["epochs"] == 3 and summary["global_step"] == 24
+
+
+def test_a_new_run_refuses_a_folder_that_holds_another_run(smoke_run, phantoms):
+    result = subprocess.run([sys.executable, str(TRAINING / "train.py"), "--data-dir", str(phantoms), "--config",
+                             "smoke", "--out", str(smoke_run), "--cache-dir", str(phantoms.parent / "cache")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "already holds a run" in result.stderr and "--resume" in result.stderr
+    assert not list((smoke_run / "checkpoints").glob("last-v*.ckpt"))
+
+
+def test_resumed_with_more_epochs_the_schedule_follows_the_new_length(phantoms, tmp_path):
+    import torch
+
+    run_dir = tmp_path / "cosine"
+    common = ["--data-dir", phantoms, "--out", run_dir, "--cache-dir", phantoms.parent / "cache", "--no-export"]
+    _run("train.py", *common, "--config", "smoke", "schedule.name=cosine", "schedule.min_lr_ratio=0",
+         "trainer.max_epochs=1")
+    _run("train.py", *common, "--resume", "trainer.max_epochs=2")
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # steps 8-15 ran on the resumed run's 16-step schedule (3e-3 x LRFactor("cosine", 16)),
+    # not at the floor of the first run's 8-step one, which the checkpoint used to bring back
+    assert state["global_step"] == 16 and state["lr_schedulers"][0]["lr_lambdas"][0]["total"] == 16
 
 
 def test_ddp_with_two_cpu_processes_runs_an_epoch(phantoms, tmp_path):

@@ -100,8 +100,15 @@ def save_model(folder: Path, network, card: ModelCard, weights_name: str = "weig
 
     from ..atomic import atomic_path
 
+    from ..errors import OutputError
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"cannot write the model folder {folder}: a file of that name exists")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the model folder {folder}: {exc}") from None
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     target = folder / weights_name
     with atomic_path(target) as tmp:

@@ -73,7 +73,7 @@ class LiverDataModule(L.LightningDataModule):
     Args:
         data_dir: the MSD Task03-layout folder holding ``dataset.json``.
         config: the resolved recipe.
-        cache_dir: cache folder; default ``<data_dir>/.livertumorseg-cache/<spacing>``.
+        cache_dir: cache folder; default ``<data_dir>/.livertumorseg-cache/<spacing>-<orientation>``.
     """
 
     def __init__(self, data_dir: Path, config: dict, cache_dir: Optional[Path] = None) -> None:

@@ -70,22 +70,24 @@ def training_cases(data_dir: Path) -> List[Case]:
     entries = data.get("training")
     if not isinstance(entries, list):
         raise DatasetError(f"{data_dir / DATASET_JSON} has no 'training' list")
-    cases, seen = [], set()
+    cases, seen, missing = [], set(), []
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not entry.get("image") or not entry.get("label"):
             continue
         image, label = _resolve(data_dir, entry["image"]), _resolve(data_dir, entry["label"])
         case_id = case_id_of(image)
-        for kind, path in (("image", image), ("label", label)):
-            if not path.is_file():
-                raise DatasetError(
-                    f"case {case_id} (training entry {index} of {DATASET_JSON}): its {kind} file {path} is "
-                    "missing; restore it or remove the entry from dataset.json"
-                )
+        absent = [f"its {kind} file {path}" for kind, path in (("image", image), ("label", label)) if not path.is_file()]
+        if absent:
+            missing.append(f"case {case_id} (training entry {index}): {' and '.join(absent)} "
+                           f"{'is' if len(absent) == 1 else 'are'} missing")
+            continue
         if case_id in seen:
             raise DatasetError(f"case {case_id} is listed twice in {DATASET_JSON}")
         seen.add(case_id)
         cases.append(Case(case_id, image, label))
+    if missing:
+        raise DatasetError(f"{len(missing)} case(s) of {DATASET_JSON} have missing files; restore them or remove "
+                           "their entries from dataset.json:\n  " + "\n  ".join(missing))
     return cases
 
 

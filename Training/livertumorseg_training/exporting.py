@@ -8,6 +8,7 @@ versions; ``metrics`` holds the validation metrics.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -34,7 +35,12 @@ def read_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for unreadable or unsafe files
-        raise ConfigError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:300]}") from None
+        # (torch's own text for a refused unpickle suggests weights_only=False: never shown)
+        detail = "" if isinstance(exc, pickle.UnpicklingError) else f": {(str(exc).splitlines() or [''])[0][:200]}"
+        raise ConfigError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint written by train.py, "
+                          f"or it is damaged ({type(exc).__name__}{detail})") from None
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"{path} is not a LiverTumorSeg training checkpoint (it holds a {type(checkpoint).__name__})")
     if CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise ConfigError(f"{path} is not a LiverTumorSeg training checkpoint (no '{CHECKPOINT_KEY}' section)")
     return checkpoint

@@ -194,6 +194,22 @@ class LiverSegModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY, {})
         self.val_metrics = dict(saved.get("val_metrics", {}))
+        keep_new_schedule_length(checkpoint)
+
+
+def keep_new_schedule_length(checkpoint: dict) -> None:
+    """Let a resumed run keep the schedule length of its own recipe.
+
+    ``LambdaLR`` saves the attributes of a callable-object factor (:class:`LRFactor`:
+    its total steps) and would put them back over the resumed run's, so a run resumed
+    with more epochs would sit at the old schedule's floor for every added step. Lightning
+    calls this hook before it restores the schedulers from the same ``checkpoint``; the
+    step count (``last_epoch``) is still restored, so an interrupted run of the same
+    length continues exactly where it stopped.
+    """
+    for state in checkpoint.get("lr_schedulers", []):
+        if isinstance(state, dict) and isinstance(state.get("lr_lambdas"), list):
+            state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
 
 
 class LRFactor:

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe YAML, or a name in Training/configs (seed, default, smoke, demo)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<recipe name>-<time>)")
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help="preprocessing cache (default: <data-dir>/.livertumorseg-cache/<spacing>)")
+                   help="preprocessing cache (default: <data-dir>/.livertumorseg-cache/<spacing>-<orientation>, e.g. 1.5x1.5x1.5mm-LPS)")
     p.add_argument("--folds", type=int, default=None, help="k-fold cross-validation: number of folds")
     p.add_argument("--fold", type=int, default=None, help="which fold validates (0-based)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoints/last.ckpt")
@@ -66,6 +66,9 @@ def resolve_config(args) -> dict:
     if args.folds is not None:
         config["data"]["folds"] = args.folds
     if args.fold is not None:
+        if config["data"]["folds"] is None:
+            raise ConfigError(f"--fold {args.fold} needs --folds K (the number of folds); without it the split "
+                              "is data.validation_fraction's and no fold is used")
         config["data"]["fold"] = args.fold
     trainer = config["trainer"]
     for key, value in (("devices", _devices(args.devices)), ("num_nodes", args.num_nodes),
@@ -106,6 +109,19 @@ def run_dir_for(args, config: dict) -> Path:
     return run_dir.resolve()
 
 
+def refuse_a_used_run_dir(run_dir: Path) -> None:
+    """A new run must not start in a folder that holds another run's checkpoints or logs:
+    Lightning would save beside them (``last-v1.ckpt``), the logs would mix, and a later
+    ``--resume`` would continue the old run. Every process checks: before ``fit`` starts
+    (and with it DDP's processes and the first writes), the folder is the same for all."""
+    used = sorted(str(p.relative_to(run_dir)) for pattern in ("checkpoints/*.ckpt", "logs/**/events.out.tfevents.*")
+                  for p in run_dir.glob(pattern))
+    if used:
+        shown = ", ".join(used[:3]) + (", ..." if len(used) > 3 else "")
+        raise ConfigError(f"{run_dir} already holds a run ({shown}); continue it with --resume, or choose "
+                          "another --out")
+
+
 def build_trainer(config: dict, run_dir: Path):
     """A Lightning Trainer for the recipe: checkpoints, TensorBoard, LR monitor, progress bar."""
     import lightning as L
@@ -137,6 +153,8 @@ def train(argv: Optional[List[str]] = None) -> int:
     run_dir = run_dir_for(args, config)
     if args.resume and not (run_dir / "checkpoints" / "last.ckpt").is_file():
         raise ConfigError(f"--resume: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist")
+    if not args.resume:
+        refuse_a_used_run_dir(run_dir)
 
     import lightning as L
     from lightning.pytorch.accelerators import CPUAccelerator
