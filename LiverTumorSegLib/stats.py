@@ -1,8 +1,9 @@
 """Liver and tumor statistics: the one implementation every front end uses.
 
-The command line (``stats.json`` / ``stats.csv``), the Slicer table node and the
-training evaluation all call :func:`compute_statistics` and :func:`stats_to_rows`, so
-the numbers a clinician sees are the numbers a researcher measures.
+The command line (``stats.json`` / ``stats.csv``) and the Slicer table node both call
+:func:`compute_statistics` and :func:`stats_to_rows`; the training evaluation measures
+lesions with the same 26-connectivity and :func:`max_diameter_mm`, so the numbers a
+clinician sees are the numbers a researcher measures.
 
 Label convention: 0 background, 1 liver parenchyma, 2 tumor. "Liver" means the whole
 organ (parenchyma + tumor). Volumes are in mL, lengths in mm, intensities in HU, and
@@ -73,7 +74,8 @@ def compute_statistics(labels: Volume, ct: Volume | None = None) -> dict:
             "The CT and the label map are not on the same grid (size, spacing, origin or "
             "direction differ); resample the labels to the CT before computing statistics."
         )
-    if arr.size and (arr.min() < 0 or arr.max() > TUMOR_LABEL):
+    if arr.size and (arr.min() < 0 or arr.max() > TUMOR_LABEL
+                     or (not np.issubdtype(arr.dtype, np.integer) and np.any(arr != np.round(arr)))):
         raise InputError("The label map must hold only 0 (background), 1 (liver) and 2 (tumor).")
 
     voxel_ml = labels.voxel_volume_ml

@@ -221,6 +221,12 @@ def test_grid_mismatch_raises():
         compute_statistics(labels, Volume(np.zeros((4, 5, 6)), spacing=(1.0, 1.0, 2.0)))
     with pytest.raises(InputError):
         compute_statistics(Volume(np.full((2, 2, 2), 3, dtype=np.uint8)))
+    interpolated = np.ones((5, 5, 5), np.float32)
+    interpolated[0, 0, 0], interpolated[4, 4, 4] = 0.5, 1.5  # labels resampled linearly by mistake
+    with pytest.raises(InputError, match="only 0"):
+        compute_statistics(Volume(interpolated))
+    exact = compute_statistics(Volume(np.round(interpolated).astype(np.float32)))  # whole numbers as floats: fine
+    assert exact["liver"]["voxels"] == 124 and exact["tumor"]["voxels"] == 1  # 0.5 rounds to 0, 1.5 to 2
 
 
 def test_rows_csv_and_json_agree(sphere_phantom, tmp_path):
