@@ -2,9 +2,8 @@
 
 Single files are written to a temporary name in the same folder and renamed into
 place. A set of outputs (the command line's output folder) is written into a staging
-folder beside the target and moved in only when every file is complete; an earlier
-run's outputs that the new set does not have are removed then, so the folder never
-mixes two runs' results.
+folder beside the target and moved in only when every file is complete; the files an
+earlier run listed that the new set does not have are removed after that.
 """
 
 from __future__ import annotations
@@ -92,9 +91,9 @@ class StagedOutput:
             write(stage.path / "a.json") ...
         # on success every file now lies in outdir; on any exception none does.
 
-    ``replaces``: names of files that an earlier run may have left in the target. Those
-    the new set does not include (a ``tumor.stl`` when no tumor is found this time) are
-    removed when the new files are published; other files in the target are left alone.
+    ``replaces``: names of files an earlier run wrote into the target (its own record,
+    never a guess). Those the new set does not include (a ``tumor.stl`` when no tumor is
+    found this time) are removed once the new files are in; no other file is touched.
     """
 
     def __init__(self, target: Path, replaces: Iterable[str] = ()) -> None:
@@ -128,19 +127,21 @@ class StagedOutput:
         try:
             self.target.mkdir(parents=True, exist_ok=True)
             items = sorted(self.path.iterdir())
-            for name in sorted(set(self.replaces) - {item.name for item in items}):
-                stale = self.target / name
-                if stale.is_file() or stale.is_symlink():
-                    stale.unlink()
-                    self.removed.append(stale)
             for item in items:
                 destination = self.target / item.name
                 if destination.is_dir() and not destination.is_symlink():
                     shutil.rmtree(destination)
                 os.replace(item, destination)
                 self.published.append(destination)
+            for name in sorted(set(self.replaces) - {item.name for item in items}):
+                stale = self.target / name
+                if stale.is_file() or stale.is_symlink():
+                    stale.unlink()
+                    self.removed.append(stale)
         except OSError as exc:
-            raise OutputError(f"cannot move results into {self.target}: {exc}") from None
+            moved = f" ({len(self.published)} of the new files were moved in)" if self.published else ""
+            raise OutputError(f"cannot move results into {self.target}: {exc}; the folder may now be "
+                              f"incomplete{moved}, so run again") from None
 
 
 def _umask() -> int:

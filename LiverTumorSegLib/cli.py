@@ -225,6 +225,18 @@ def run_phantom(args) -> int:
     return EXIT_OK
 
 
+def _run_command(args, cancel: Callable[[], bool]) -> int:
+    if args.command == "segment":
+        return run_segment(args.input, args, cancel)
+    if args.command == "demo":
+        from .samples import sample_ct_path
+
+        return run_segment(sample_ct_path(), args, cancel)
+    if args.command == "models":
+        return run_models()
+    return run_phantom(args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     stop = {"requested": False}
@@ -235,15 +247,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_signal)
     try:
-        if args.command == "segment":
-            return run_segment(args.input, args, lambda: stop["requested"])
-        if args.command == "demo":
-            from .samples import sample_ct_path
-
-            return run_segment(sample_ct_path(), args, lambda: stop["requested"])
-        if args.command == "models":
-            return run_models()
-        return run_phantom(args)
+        code = _run_command(args, lambda: stop["requested"])
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
+        return code
     except (Cancelled, KeyboardInterrupt):
         print("livertumorseg: cancelled; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
@@ -251,9 +257,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"livertumorseg: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # the reader of stdout went away; Python's exit flush must not fail too
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no real file descriptor behind sys.stdout
+            pass
         return EXIT_BROKEN_PIPE
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -3,16 +3,17 @@
 ``segmentation.nii.gz`` (uint8 labels in the input grid), ``stats.json``,
 ``stats.csv``, ``liver.stl`` and ``tumor.stl`` (or ``.obj``; the tumor file only when a
 tumor was found; coordinates LPS mm, as 3D Slicer writes STL), and ``preview.png``.
-Files are written into a staging folder and moved into the output folder together;
-any of these files left there by an earlier run and not written by this one are removed
-then (:data:`OUTPUT_NAMES`), and other files are left alone.
+Files are written into a staging folder and moved into the output folder together.
+``stats.json`` lists the files of its run (``run.outputs``); when the folder holds an
+earlier run's ``stats.json``, the files that run listed and this one does not write are
+removed once the new files are in, and no other file is touched.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from .atomic import StagedOutput, atomic_write_text
 from .io import write_volume
@@ -21,10 +22,21 @@ from .volume import Volume
 
 SURFACE_CLASSES = {"liver": (1, 2), "tumor": (2,)}
 MESH_FORMATS = ("stl", "obj")
-# Every file a run may write: in an existing output folder, those a new run does not
-# write are an earlier run's, and are removed when the new files are moved in.
+# Every file a run may write; an earlier run's list is trusted only within these names.
 OUTPUT_NAMES = ("segmentation.nii.gz", "stats.json", "stats.csv", "preview.png",
                 *(f"{name}.{ext}" for name in SURFACE_CLASSES for ext in MESH_FORMATS))
+
+
+def earlier_outputs(outdir: Path) -> List[str]:
+    """The files an earlier run in ``outdir`` wrote, from its ``stats.json``
+    (``run.outputs``); [] when there is none, or it is not one of ours."""
+    try:
+        listed = json.loads((Path(outdir) / "stats.json").read_text(encoding="utf-8"))["run"]["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not isinstance(listed, list):
+        return []
+    return [name for name in listed if isinstance(name, str) and name in OUTPUT_NAMES]
 
 
 def write_outputs(result: SegmentationResult, ct: Volume, outdir: Path, *, surfaces: bool = True,
@@ -36,15 +48,11 @@ def write_outputs(result: SegmentationResult, ct: Volume, outdir: Path, *, surfa
     from .surfaces import surfaces_for_labels, write_obj, write_stl
 
     written = {}
-    with StagedOutput(outdir, replaces=OUTPUT_NAMES) as stage:
+    with StagedOutput(outdir, replaces=earlier_outputs(outdir)) as stage:
         write_volume(result.labels, stage.path / "segmentation.nii.gz")
         written["segmentation"] = "segmentation.nii.gz"
-        document = dict(result.stats)
-        document["run"] = dict(result.info, timings_s={k: round(v, 3) for k, v in result.timings.items()},
-                               **(extra or {}))
-        atomic_write_text(stage.path / "stats.json", json.dumps(document, indent=2) + "\n")
         write_stats_csv(result.stats, stage.path / "stats.csv")
-        written["stats_json"], written["stats_csv"] = "stats.json", "stats.csv"
+        written["stats_csv"] = "stats.csv"
         if surfaces:
             meshes = surfaces_for_labels(result.labels, SURFACE_CLASSES, smoothing_iterations=smoothing_iterations)
             writer = write_stl if mesh_format == "stl" else write_obj
@@ -57,4 +65,9 @@ def write_outputs(result: SegmentationResult, ct: Volume, outdir: Path, *, surfa
         if preview:
             write_preview_png(ct, result.labels, stage.path / "preview.png")
             written["preview"] = "preview.png"
+        written["stats_json"] = "stats.json"  # last: it lists every file of the run
+        document = dict(result.stats)
+        document["run"] = dict(result.info, timings_s={k: round(v, 3) for k, v in result.timings.items()},
+                               **(extra or {}), outputs=sorted(written.values()))
+        atomic_write_text(stage.path / "stats.json", json.dumps(document, indent=2) + "\n")
     return {kind: str(stage.target / name) for kind, name in written.items()}

@@ -125,29 +125,32 @@ def test_python_api_refuses_unusable_option_values(tiny_model):
 
 
 def test_a_rerun_into_the_same_folder_leaves_only_its_own_outputs(tmp_path, tiny_model, capsys):
-    """Files an earlier run wrote and this one does not (surfaces, preview, another mesh
-    format) are removed; the user's own files stay."""
-    from LiverTumorSegLib.outputs import MESH_FORMATS, OUTPUT_NAMES
-
+    """Files the earlier run listed in its stats.json and this one does not write
+    (another mesh format, the preview, surfaces) are removed; no other file is, even one
+    named like an output."""
     ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
     write_volume(ct, tmp_path / "ct.nii.gz")
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "preview.png").write_bytes(b"the user's own picture")  # there before any run of ours
     base = ["segment", str(tmp_path / "ct.nii.gz"), "-o", str(out), "--model", str(tiny_model), "--progress", "none"]
+    assert main(base + ["--no-preview"]) == 0
+    assert (out / "preview.png").read_bytes() == b"the user's own picture"
+    (out / "preview.png").unlink()
     assert main(base + ["--mesh-format", "obj"]) == 0
-    first = {p.name for p in out.iterdir()}
-    assert "preview.png" in first and any(name.endswith(".obj") for name in first) and first <= set(OUTPUT_NAMES)
+    first = json.loads((out / "stats.json").read_text())["run"]["outputs"]
+    assert first == sorted(p.name for p in out.iterdir()) and "liver.obj" in first and "preview.png" in first
     (out / "notes.txt").write_text("the user's own file")
-    (out / "tumor.stl").write_text("an earlier run's surface")
+    if "tumor.obj" not in first:  # a user file with an output's name, not listed by the earlier run
+        (out / "tumor.obj").write_text("the user's own mesh")
     assert main(base + ["--no-preview"]) == 0
     second = {p.name for p in out.iterdir()}
-    assert "preview.png" not in second and not any(name.endswith(".obj") for name in second)
-    assert "notes.txt" in second and {"segmentation.nii.gz", "stats.json", "stats.csv"} <= second
-    assert not (out / "tumor.stl").exists() or (out / "tumor.stl").read_bytes() != b"an earlier run's surface"
+    assert "preview.png" not in second and "liver.obj" not in second and "liver.stl" in second
+    assert "notes.txt" in second and ("tumor.obj" in second) == ("tumor.obj" not in first)
     assert main(base + ["--no-surfaces", "--no-preview"]) == 0
-    assert {p.name for p in out.iterdir()} == {"segmentation.nii.gz", "stats.json", "stats.csv", "notes.txt"}
-    import LiverTumorSegLib.cli as cli
-
-    assert cli.build_parser().parse_args(base + ["--mesh-format", "obj"]).mesh_format in MESH_FORMATS
+    third = {p.name for p in out.iterdir()} - {"notes.txt", "tumor.obj"}
+    assert third == {"segmentation.nii.gz", "stats.json", "stats.csv"}
+    assert json.loads((out / "stats.json").read_text())["run"]["outputs"] == sorted(third)
     capsys.readouterr()
 
 
@@ -164,7 +167,8 @@ def test_output_closed_by_its_reader_ends_quietly_and_keeps_the_outputs(tmp_path
     proc = subprocess.run(
         [sys.executable, "-m", "LiverTumorSegLib", "segment", str(tmp_path / "ct.nii.gz"), "-o", str(out),
          "--model", str(model), "--progress", "none"],
-        stdout=write_end, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+        stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300,
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "PYTHONPATH": str(REPO)})
     os.close(write_end)
     assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr
     assert (out / "segmentation.nii.gz").is_file() and (out / "stats.json").is_file()
