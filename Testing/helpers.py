@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from benchmarks.accuracy import REAL_DIR as REAL_DATA  # ../shared/data/real, or $LIVERTUMORSEG_SHARED_DATA/real
+
 REPO = Path(__file__).resolve().parents[1]
-# ../shared/data/real beside the checkout, or $LIVERTUMORSEG_SHARED_DATA/real (as the benchmarks read it)
-REAL_DATA = Path(os.environ.get("LIVERTUMORSEG_SHARED_DATA", REPO.parent / "shared" / "data")) / "real"
 
 
 def real_data(name: str) -> Path:

@@ -120,6 +120,52 @@ def test_the_learning_rate_schedule_takes_the_resumed_runs_length():
     assert plain.lr_lambdas[0].total == 16
 
 
+def test_run_folder_rules(tmp_path, monkeypatch):
+    from livertumorseg_training.run import RUN_DIR_ENV, build_parser, refuse_a_used_run_dir, run_dir_for
+
+    run = tmp_path / "run"
+    refuse_a_used_run_dir(run)  # a folder still to be made
+    (run / "logs").mkdir(parents=True)
+    (run / "logs" / "events.out.tfevents.1.host").write_text("")
+    with pytest.raises(ConfigError, match="no checkpoints/last.ckpt to resume from"):
+        refuse_a_used_run_dir(run)  # a crash before the first checkpoint: --resume would not help
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_text("")
+    with pytest.raises(ConfigError, match="continue it with --resume"):
+        refuse_a_used_run_dir(run)
+    (run / "hpc_ckpt_1.ckpt").write_text("")
+    refuse_a_used_run_dir(run)  # a SLURM requeue: Lightning resumes from its own checkpoint
+
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun, no --out: every rank would name its own folder
+    args = build_parser().parse_args(["--data-dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match="give --out"):
+        run_dir_for(args, {"name": "smoke"})
+    args = build_parser().parse_args(["--data-dir", str(tmp_path), "--out", str(run)])
+    assert run_dir_for(args, {"name": "smoke"}) == run.resolve()
+
+
+def test_demo_recipe_is_the_bundled_models():
+    """`--config demo` resolves to the recipe stored in the bundled card; keys added to
+    the training code since then must be set to what their absence meant (off)."""
+    recipe = json.loads((REPO / "LiverTumorSegLib" / "models" / "demo-phantom" / "model.json").read_text())
+    stored = recipe["provenance"]["recipe"]
+    current = json.loads(json.dumps(load_config("demo")))  # the card's JSON form (string keys)
+    differences = []
+
+    def compare(now, then, where):
+        if isinstance(now, dict) and isinstance(then, dict):
+            for key in sorted(set(now) | set(then)):
+                if key not in then and now.get(key) in (None, False):
+                    continue  # added later; off, as its absence meant
+                compare(now.get(key, "<absent>"), then.get(key, "<absent>"), f"{where}.{key}")
+        elif now != then:
+            differences.append(f"{where}: {now!r} now, {then!r} in the card")
+
+    compare(current, stored, "recipe")
+    assert differences == []
+
+
 def test_entries_without_label_are_skipped(tmp_path):
     root = make_dataset(tmp_path / "d")
     data = json.loads((root / "dataset.json").read_text())

@@ -70,7 +70,8 @@ def _row(name: str, model: Path, shape, spacing, extra, threads: int) -> dict:
 
     path = phantom_file(shape, spacing)
     batch = int(extra[extra.index("--batch-size") + 1]) if "--batch-size" in extra else 2
-    options = SegmentOptions(device="cpu", precision="fp32" if "fp32" in extra else "auto", batch_size=batch)
+    options = SegmentOptions(device="cpu", precision="fp32" if "fp32" in extra else "auto", batch_size=batch,
+                             fast="--fast" in extra)
     estimate = Segmenter(model, options).check_memory(*read_header(path)) / 2**20
     run = run_once(path, model, threads, ["--device", "cpu", *extra], probe=False)
     row = {"configuration": name, "input_xyz": list(shape), "spacing_mm": list(spacing), "args": list(extra),

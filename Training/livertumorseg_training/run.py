@@ -95,6 +95,18 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if accelerator in ("auto", "cpu") and cpu_supports_bf16() else "32-true"
 
 
+def _started_as_one_of_many() -> bool:
+    """True when a launcher other than Lightning's own started several processes at once
+    (torchrun sets WORLD_SIZE; SLURM sets SLURM_NTASKS)."""
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        try:
+            if int(os.environ.get(name, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
 def run_dir_for(args, config: dict) -> Path:
     """The run folder; fixed once per launch so DDP children (re-run by Lightning) agree."""
     if args.out is not None:
@@ -104,6 +116,9 @@ def run_dir_for(args, config: dict) -> Path:
     else:
         if args.resume:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        if _started_as_one_of_many():
+            raise ConfigError("give --out RUN_DIR when torchrun or SLURM starts the processes: each would "
+                              "otherwise name its own time-stamped run folder")
         run_dir = Path("runs") / f"{config['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     return run_dir.resolve()
@@ -112,14 +127,19 @@ def run_dir_for(args, config: dict) -> Path:
 def refuse_a_used_run_dir(run_dir: Path) -> None:
     """A new run must not start in a folder that holds another run's checkpoints or logs:
     Lightning would save beside them (``last-v1.ckpt``), the logs would mix, and a later
-    ``--resume`` would continue the old run. Every process checks: before ``fit`` starts
-    (and with it DDP's processes and the first writes), the folder is the same for all."""
+    ``--resume`` would continue the old run. Every process checks, before ``fit``: DDP's
+    processes start and nothing is written there but ``config.yaml`` until all have
+    joined. A SLURM job requeued by Lightning (which saved ``hpc_ckpt_*.ckpt`` there and
+    resumes from it by itself) is let through."""
+    if any(run_dir.glob("hpc_ckpt_*.ckpt")):
+        return
     used = sorted(str(p.relative_to(run_dir)) for pattern in ("checkpoints/*.ckpt", "logs/**/events.out.tfevents.*")
                   for p in run_dir.glob(pattern))
     if used:
         shown = ", ".join(used[:3]) + (", ..." if len(used) > 3 else "")
-        raise ConfigError(f"{run_dir} already holds a run ({shown}); continue it with --resume, or choose "
-                          "another --out")
+        advice = ("continue it with --resume, or choose another --out" if (run_dir / "checkpoints" / "last.ckpt").is_file()
+                  else "it has no checkpoints/last.ckpt to resume from; choose another --out, or delete the folder")
+        raise ConfigError(f"{run_dir} already holds a run ({shown}); {advice}")
 
 
 def build_trainer(config: dict, run_dir: Path):
