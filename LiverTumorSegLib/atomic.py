@@ -14,7 +14,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 from .errors import OutputError
 
@@ -94,11 +94,13 @@ class StagedOutput:
     ``replaces``: names of files an earlier run wrote into the target (its own record,
     never a guess). Those the new set does not include (a ``tumor.stl`` when no tumor is
     found this time) are removed once the new files are in; no other file is touched.
+    ``last``: the name to move in after all the others (the record of the set).
     """
 
-    def __init__(self, target: Path, replaces: Iterable[str] = ()) -> None:
+    def __init__(self, target: Path, replaces: Iterable[str] = (), last: Optional[str] = None) -> None:
         self.target = check_writable_dir(target)
         self.replaces = tuple(replaces)
+        self.last = last
         self.path: Path = Path()
         self.published: list = []
         self.removed: list = []
@@ -124,13 +126,16 @@ class StagedOutput:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def _publish(self) -> None:
+        items = sorted(self.path.iterdir(), key=lambda item: (item.name == self.last, item.name))
+        in_the_way = [self.target / item.name for item in items
+                      if (self.target / item.name).is_dir() and not (self.target / item.name).is_symlink()]
+        if in_the_way:
+            raise OutputError(f"cannot write {in_the_way[0]}: a folder of that name is there; move it away or "
+                              "choose another output folder")
         try:
             self.target.mkdir(parents=True, exist_ok=True)
-            items = sorted(self.path.iterdir())
             for item in items:
                 destination = self.target / item.name
-                if destination.is_dir() and not destination.is_symlink():
-                    shutil.rmtree(destination)
                 os.replace(item, destination)
                 self.published.append(destination)
             for name in sorted(set(self.replaces) - {item.name for item in items}):

@@ -132,7 +132,7 @@ class _Reporter:
 
     def event(self, kind: str, **fields) -> None:
         if self.mode == "json":
-            print(json.dumps({"event": kind, **fields}), flush=True)
+            _out(json.dumps({"event": kind, **fields}), flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -192,11 +192,11 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
                        timings_s={k: round(v, 3) for k, v in result.timings.items()},
                        total_s=round(time.perf_counter() - t0, 3))
     else:
-        print(f"liver {summary['liver_ml']} mL, tumor {summary['tumor_ml']} mL in {summary['lesions']} "
+        _out(f"liver {summary['liver_ml']} mL, tumor {summary['tumor_ml']} mL in {summary['lesions']} "
               f"lesion(s), burden {summary['burden_percent']} %")
-        print(f"wrote {len(written)} files to {Path(args.output).resolve()}:")
+        _out(f"wrote {len(written)} files to {Path(args.output).resolve()}:")
         for path in written.values():
-            print(f"  {path}")
+            _out(f"  {path}")
     return EXIT_OK
 
 
@@ -204,14 +204,14 @@ def run_models() -> int:
     from .model import cache_dir, list_models
 
     entries = list_models()
-    print(f"cache folder: {cache_dir()} (set LIVERTUMORSEG_CACHE to change it)")
+    _out(f"cache folder: {cache_dir()} (set LIVERTUMORSEG_CACHE to change it)")
     if not entries:
-        print("no models installed or registered")
+        _out("no models installed or registered")
     for e in entries:
         where = str(e.path) if e.path else e.url
-        print(f"{e.name:24s} {e.source:10s} {where}")
+        _out(f"{e.name:24s} {e.source:10s} {where}")
         if e.description:
-            print(f"{'':24s} {e.description}")
+            _out(f"{'':24s} {e.description}")
     return EXIT_OK
 
 
@@ -221,8 +221,35 @@ def run_phantom(args) -> int:
     if args.cases < 1:
         raise LiverTumorSegError("--cases must be at least 1")
     out = write_dataset(args.output, args.cases, args.seed, test_cases=args.test_cases, preset=args.preset)
-    print(f"wrote a {args.cases}-case phantom data set to {Path(out).resolve()}")
+    _out(f"wrote a {args.cases}-case phantom data set to {Path(out).resolve()}")
     return EXIT_OK
+
+
+def _out(text: str, flush: bool = False) -> None:
+    """Print to stdout; a failing stdout (a full disk behind a redirection) becomes a
+    one-line error. A closed pipe is left to :func:`main`, which ends quietly."""
+    if sys.stdout is None:  # stdout closed (>&-) or absent (pythonw)
+        return
+    try:
+        print(text, flush=flush)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise LiverTumorSegError(f"cannot write to standard output: {exc}") from None
+
+
+def _flush_stdout(code: int) -> int:
+    """Flush stdout now, so a closed pipe shows here rather than in Python's flush at exit."""
+    if sys.stdout is None:
+        return code
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:  # the outputs are written; only the summary could not be shown
+        print(f"livertumorseg: error: cannot write to standard output: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return code
 
 
 def _run_command(args, cancel: Callable[[], bool]) -> int:
@@ -248,8 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     previous = signal.signal(signal.SIGTERM, on_signal)
     try:
         code = _run_command(args, lambda: stop["requested"])
-        sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
-        return code
+        return _flush_stdout(code)
     except (Cancelled, KeyboardInterrupt):
         print("livertumorseg: cancelled; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED

@@ -4,9 +4,10 @@
 ``stats.csv``, ``liver.stl`` and ``tumor.stl`` (or ``.obj``; the tumor file only when a
 tumor was found; coordinates LPS mm, as 3D Slicer writes STL), and ``preview.png``.
 Files are written into a staging folder and moved into the output folder together.
-``stats.json`` lists the files of its run (``run.outputs``); when the folder holds an
-earlier run's ``stats.json``, the files that run listed and this one does not write are
-removed once the new files are in, and no other file is touched.
+``stats.json`` lists the files of its run (``run.outputs``) and is moved in last; when
+the folder holds an earlier run's ``stats.json`` (not a link), the files that run listed
+and this one does not write are removed once the new files are in, and no other file is
+touched.
 """
 
 from __future__ import annotations
@@ -29,12 +30,18 @@ OUTPUT_NAMES = ("segmentation.nii.gz", "stats.json", "stats.csv", "preview.png",
 
 def earlier_outputs(outdir: Path) -> List[str]:
     """The files an earlier run in ``outdir`` wrote, from its ``stats.json``
-    (``run.outputs``); [] when there is none, or it is not one of ours."""
+    (``run.outputs``); [] when there is none, it is a link, or it is not one of ours. A
+    ``stats.json`` of ours from before that list existed counts as listing every name."""
+    path = Path(outdir) / "stats.json"
+    if path.is_symlink():
+        return []
     try:
-        listed = json.loads((Path(outdir) / "stats.json").read_text(encoding="utf-8"))["run"]["outputs"]
+        document = json.loads(path.read_text(encoding="utf-8"))
+        run = document["run"]
+        listed = run["outputs"] if "outputs" in run else (OUTPUT_NAMES if "schema_version" in document else [])
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    if not isinstance(listed, list):
+    if not isinstance(listed, (list, tuple)):
         return []
     return [name for name in listed if isinstance(name, str) and name in OUTPUT_NAMES]
 
@@ -48,7 +55,7 @@ def write_outputs(result: SegmentationResult, ct: Volume, outdir: Path, *, surfa
     from .surfaces import surfaces_for_labels, write_obj, write_stl
 
     written = {}
-    with StagedOutput(outdir, replaces=earlier_outputs(outdir)) as stage:
+    with StagedOutput(outdir, replaces=earlier_outputs(outdir), last="stats.json") as stage:
         write_volume(result.labels, stage.path / "segmentation.nii.gz")
         written["segmentation"] = "segmentation.nii.gz"
         write_stats_csv(result.stats, stage.path / "stats.csv")

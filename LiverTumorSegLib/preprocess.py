@@ -42,18 +42,33 @@ def validate_ct(volume: Volume, *, allow_non_ct: bool = False) -> None:
         raise InputError(f"voxel spacing {volume.spacing} mm is implausible for a CT")
     if not allow_non_ct:
         if 0 <= lo and hi < 256 and np.issubdtype(a.dtype, np.integer):
-            sample = a.reshape(-1)[:: max(a.size // (1 << 20), 1)]  # about a million voxels: no full-size copy
-            values = np.flatnonzero(np.bincount(sample, minlength=int(hi) + 1))
-            if len(values) <= 16:
+            values = _label_values(a, int(hi))
+            if values is not None:
                 shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if len(values) > 8 else "")
                 raise InputError(
-                    f"this looks like a label map (only {len(values)} distinct values: {shown}), not a CT in "
-                    "Hounsfield units; pass the CT image itself (a label map is the output, not the input)")
+                    f"this looks like a label map ({len(values)} distinct value{'s' if len(values) > 1 else ''}: "
+                    f"{shown}), not a CT in Hounsfield units; pass the CT image itself (a label map is the "
+                    "output, not the input)")
         if lo > BODY_THRESHOLD_HU or lo < -3100:
             raise InputError(
                 f"intensities range {lo:g}..{hi:g}, which does not look like a CT in Hounsfield units "
                 "(no air below -500 HU). Is this an MR or a rescaled image? Use --allow-non-ct to run anyway."
             )
+
+
+def _label_values(a: np.ndarray, hi: int, most: int = 16):
+    """The distinct values of a non-negative integer array below 256 when there are at most
+    ``most`` of them, else None. A random sample of about a million voxels rules most images
+    out at once; otherwise the whole array is counted slab by slab (no full-size copy)."""
+    rng = np.random.default_rng(0)
+    sample = a.flat[rng.integers(0, a.size, size=min(a.size, 1 << 20))]
+    if np.count_nonzero(np.bincount(sample, minlength=hi + 1)) > most:
+        return None
+    counts = np.zeros(hi + 1, dtype=np.int64)
+    for slab in (a if a.ndim > 1 else a[None]):  # one slab at a time: copies stay slab-sized
+        counts += np.bincount(slab.ravel(), minlength=hi + 1)
+    values = np.flatnonzero(counts)
+    return values if len(values) <= most else None
 
 
 def model_grid_for(volume: Volume, card: ModelCard) -> Volume:

@@ -114,7 +114,22 @@ def test_a_label_map_given_as_the_input_is_named_as_such(capsys, tmp_path, tiny_
     labels[5:15, 6:18, 6:18] = 1
     labels[8:11, 9:12, 9:12] = 2
     path = _write_array(tmp_path / "segmentation.nii.gz", labels, spacing=(3.0, 3.0, 3.0))
-    _assert_refused(_run(capsys, tmp_path, path, "--model", str(tiny_model)), "label map (only 3 distinct values: 0, 1, 2)")
+    _assert_refused(_run(capsys, tmp_path, path, "--model", str(tiny_model)), "label map (3 distinct values: 0, 1, 2)")
+
+
+def test_label_map_values_are_counted_exactly_even_when_rare():
+    from LiverTumorSegLib.errors import InputError
+    from LiverTumorSegLib.preprocess import validate_ct
+    from LiverTumorSegLib.volume import Volume
+
+    labels = np.zeros((512, 64, 64), np.uint8)  # 2 M voxels: more than the sample
+    labels[100:200, 10:40, 10:40] = 1
+    labels[300, 30, 30] = 2  # one voxel: almost surely not in the sample
+    with pytest.raises(InputError, match=r"label map \(3 distinct values: 0, 1, 2\)"):
+        validate_ct(Volume(labels))
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 64)).astype(np.uint8)  # an 8-bit picture
+    with pytest.raises(InputError, match="--allow-non-ct"):
+        validate_ct(Volume(image))
 
 
 def test_volume_over_the_memory_budget(capsys, tmp_path, tiny_model, good_ct):

@@ -154,6 +154,59 @@ def test_a_rerun_into_the_same_folder_leaves_only_its_own_outputs(tmp_path, tiny
     capsys.readouterr()
 
 
+def test_earlier_outputs_trusts_only_our_own_record(tmp_path):
+    from LiverTumorSegLib.outputs import OUTPUT_NAMES, earlier_outputs
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert earlier_outputs(folder) == []
+    (folder / "stats.json").write_text('{"run": {"outputs": ["tumor.stl", "notes.txt", "../x"]}}')
+    assert earlier_outputs(folder) == ["tumor.stl"]  # only names a run of ours writes
+    (folder / "stats.json").write_text('{"schema_version": 1, "run": {"model": "m"}}')
+    assert earlier_outputs(folder) == list(OUTPUT_NAMES)  # ours, from before the list existed
+    (folder / "stats.json").write_text('{"someone": "else"}')
+    assert earlier_outputs(folder) == []
+    other = tmp_path / "elsewhere.json"
+    other.write_text('{"run": {"outputs": ["preview.png"]}}')
+    (folder / "stats.json").unlink()
+    (folder / "stats.json").symlink_to(other)
+    assert earlier_outputs(folder) == []  # a linked stats.json is not this folder's record
+
+
+def test_outputs_publish_the_record_last_and_never_replace_a_folder(tmp_path, monkeypatch):
+    import LiverTumorSegLib.atomic as atomic
+    from LiverTumorSegLib.atomic import StagedOutput
+    from LiverTumorSegLib.errors import OutputError
+
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (moved.append(os.path.basename(b)), real_replace(a, b)))
+    out = tmp_path / "out"
+    with StagedOutput(out, last="stats.json") as stage:
+        for name in ("stats.json", "tumor.stl", "a.nii.gz"):
+            (stage.path / name).write_text(name)
+    assert moved == ["a.nii.gz", "tumor.stl", "stats.json"]
+    (out / "preview.png").mkdir()  # a folder of the user's with an output's name
+    with pytest.raises(OutputError, match="a folder of that name"):
+        with StagedOutput(out, last="stats.json") as stage:
+            (stage.path / "preview.png").write_text("new")
+            (stage.path / "stats.json").write_text("new")
+    assert (out / "preview.png").is_dir() and (out / "stats.json").read_text() == "stats.json"
+
+
+def test_a_failing_stdout_is_one_line_and_a_closed_one_is_not_an_error(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "LiverTumorSegLib", "models"]
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+        assert result.returncode == 2 and "cannot write to standard output" in result.stderr
+        assert "Traceback" not in result.stderr
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, timeout=120,
+                            close_fds=True, preexec_fn=lambda: os.close(1) if os.name != "nt" else None)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+
+
 def test_output_closed_by_its_reader_ends_quietly_and_keeps_the_outputs(tmp_path):
     """`livertumorseg segment ... | head -1`: no traceback; the files written stay."""
     from .helpers import make_tiny_model

@@ -134,6 +134,9 @@ def test_run_folder_rules(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="continue it with --resume"):
         refuse_a_used_run_dir(run)
     (run / "hpc_ckpt_1.ckpt").write_text("")
+    with pytest.raises(ConfigError):
+        refuse_a_used_run_dir(run)  # an old requeue checkpoint alone does not make this a requeue
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     refuse_a_used_run_dir(run)  # a SLURM requeue: Lightning resumes from its own checkpoint
 
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)

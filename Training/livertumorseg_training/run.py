@@ -96,15 +96,18 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def _started_as_one_of_many() -> bool:
-    """True when a launcher other than Lightning's own started several processes at once
-    (torchrun sets WORLD_SIZE; SLURM sets SLURM_NTASKS)."""
-    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+    """True when a launcher other than Lightning's own started several processes at once:
+    torchrun (WORLD_SIZE), or srun with several tasks as Lightning detects it (an
+    interactive allocation, job name ``bash`` or ``interactive``, is not)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    def count(name: str) -> int:
         try:
-            if int(os.environ.get(name, "1")) > 1:
-                return True
+            return int(os.environ.get(name, "1"))
         except ValueError:
-            pass
-    return False
+            return 1
+
+    return count("WORLD_SIZE") > 1 or (SLURMEnvironment.detect() and count("SLURM_NTASKS") > 1)
 
 
 def run_dir_for(args, config: dict) -> Path:
@@ -129,9 +132,9 @@ def refuse_a_used_run_dir(run_dir: Path) -> None:
     Lightning would save beside them (``last-v1.ckpt``), the logs would mix, and a later
     ``--resume`` would continue the old run. Every process checks, before ``fit``: DDP's
     processes start and nothing is written there but ``config.yaml`` until all have
-    joined. A SLURM job requeued by Lightning (which saved ``hpc_ckpt_*.ckpt`` there and
-    resumes from it by itself) is let through."""
-    if any(run_dir.glob("hpc_ckpt_*.ckpt")):
+    joined. A SLURM job requeued by Lightning (``SLURM_RESTART_COUNT`` above 0, with the
+    ``hpc_ckpt_*.ckpt`` Lightning saved there and resumes from by itself) is let through."""
+    if os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0") and any(run_dir.glob("hpc_ckpt_*.ckpt")):
         return
     used = sorted(str(p.relative_to(run_dir)) for pattern in ("checkpoints/*.ckpt", "logs/**/events.out.tfevents.*")
                   for p in run_dir.glob(pattern))
