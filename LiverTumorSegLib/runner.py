@@ -318,15 +318,40 @@ def _kill_tree(proc) -> None:
         proc.kill()
 
 
+# The oldest torch the engine accepts: torch.load(weights_only=True), which reads every
+# model's weights, could run code from a crafted file up to 2.5.1 (CVE-2025-32434).
+TORCH_MINIMUM = (2, 6)
+
+
 def missing_dependencies() -> List[dict]:
     """What the engine needs that this Python lacks, without importing anything heavy.
 
-    Returns a list of ``{"module", "pip", "bundled"}`` dicts. ``bundled`` packages come
-    with 3D Slicer (numpy, SimpleITK) and must never be pip-installed there: their absence
-    means a broken installation. torch is the one a user is expected to install.
+    Returns a list of ``{"module", "pip", "bundled"}`` dicts, with ``"found"`` (the
+    installed version) for a torch older than :data:`TORCH_MINIMUM`. ``bundled`` packages
+    come with 3D Slicer (numpy, SimpleITK) and must never be pip-installed there: their
+    absence means a broken installation. torch is the one a user is expected to install.
     """
+    import importlib.metadata
     import importlib.util
 
-    needed = [("torch", "torch>=2.1", False), ("numpy", "numpy", True), ("SimpleITK", "SimpleITK", True)]
-    return [{"module": module, "pip": pip, "bundled": bundled}
-            for module, pip, bundled in needed if importlib.util.find_spec(module) is None]
+    torch_pip = "torch>={}.{}".format(*TORCH_MINIMUM)
+    needed = [("torch", torch_pip, False), ("numpy", "numpy", True), ("SimpleITK", "SimpleITK", True)]
+    missing = [{"module": module, "pip": pip, "bundled": bundled}
+               for module, pip, bundled in needed if importlib.util.find_spec(module) is None]
+    if not any(item["module"] == "torch" for item in missing):
+        try:
+            found = importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            found = None
+        if found is not None and _release(found) < TORCH_MINIMUM:
+            missing.insert(0, {"module": "torch", "pip": torch_pip, "bundled": False, "found": found})
+    return missing
+
+
+def _release(version: str) -> tuple:
+    """(major, minor) of a version string such as ``2.5.1+cu121``."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (2 - len(parts)))

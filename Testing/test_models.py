@@ -72,12 +72,45 @@ class Exploit:
     ("orientation", "LLS", "orientation"),
     ("default_overlap", 1.5, "default_overlap"),
     ("patch_size", [96, 96], "patch_size"),
+    ("spacing_mm", [float("nan")] * 3, "finite"),
+    ("labels", ["background", "liver", "tumor"], "invalid or missing field"),
+    ("intensity", {"mode": "window", "window_hu": [-200.0]}, "two numbers each"),
+    ("architecture", {"type": "unet3d", "widths": [-4, 8], "num_classes": 3}, "widths"),
+    ("architecture", {"type": "unet3d", "widths": [100000, 200000], "num_classes": 3}, "widths"),
+    ("architecture", {"type": "unet3d", "widths": [4, 8, 16, 32, 64, 128, 256], "num_classes": 3}, "divisible"),
+    ("architecture", {"type": "unet3d", "widths": [4, 8], "num_classes": 5}, "num_classes"),
+    ("weights", {"file": "../../elsewhere.pt", "sha256": "0" * 64}, "inside the model folder"),
+    ("weights", {"file": "/etc/passwd", "sha256": "0" * 64}, "inside the model folder"),
 ])
 def test_invalid_cards_name_the_field(tiny_model, field, value, message):
     card = json.loads((tiny_model / "model.json").read_text(encoding="utf-8"))
     card[field] = value
     with pytest.raises(ModelError, match=message):
         ModelCard.from_dict(card)
+
+
+def test_nan_weights_and_weights_outside_the_folder_are_refused(tiny_model, tmp_path):
+    import shutil
+
+    import torch
+
+    broken = tmp_path / "nan"
+    shutil.copytree(tiny_model, broken)
+    state = torch.load(broken / "weights.pt", weights_only=True)
+    next(iter(state.values())).fill_(float("nan"))
+    torch.save(state, broken / "weights.pt")
+    card = json.loads((broken / "model.json").read_text())
+    card["weights"]["sha256"] = sha256_of(broken / "weights.pt")
+    (broken / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="NaN or infinite"):
+        load_model(broken)
+    linked = tmp_path / "linked"
+    shutil.copytree(tiny_model, linked)
+    (tmp_path / "outside.pt").write_bytes((linked / "weights.pt").read_bytes())
+    (linked / "weights.pt").unlink()
+    (linked / "weights.pt").symlink_to(tmp_path / "outside.pt")  # a link out of the folder
+    with pytest.raises(ModelError, match="not inside the model folder"):
+        load_model(linked)
 
 
 def test_missing_card_and_unknown_names(tmp_path):
@@ -110,7 +143,7 @@ def test_registered_model_downloads_once_and_verifies(registry):
     folder = resolve_model("tiny-remote")
     assert folder == cache / "tiny-remote" and load_model(folder).card.name == "tiny-test"
     assert {e.name: e for e in list_models()}["tiny-remote"].source == "cached"
-    assert [p.name for p in cache.iterdir()] == ["tiny-remote"]  # no temporary leftovers
+    assert _left_in(cache) == ["tiny-remote"]  # no temporary leftovers
 
 
 def test_download_with_wrong_checksum_installs_nothing(registry):
@@ -119,7 +152,7 @@ def test_download_with_wrong_checksum_installs_nothing(registry):
     reg.write_text(json.dumps(entries))
     with pytest.raises(ModelError, match="verification"):
         resolve_model("tiny-remote")
-    assert list(cache.iterdir()) == []
+    assert _left_in(cache) == []
 
 
 def test_offline_download_says_so(registry):
@@ -128,7 +161,53 @@ def test_offline_download_says_so(registry):
     reg.write_text(json.dumps(entries))
     with pytest.raises(ModelError, match="offline"):
         resolve_model("tiny-remote")
-    assert list(cache.iterdir()) == []
+    assert _left_in(cache) == []
+
+
+def _left_in(cache):
+    """What the cache holds besides the (empty, reusable) per-model lock files."""
+    return sorted(p.name for p in cache.iterdir() if not (p.name.endswith(".lock") and p.stat().st_size == 0))
+
+
+@pytest.mark.parametrize("name", ["../victim", "./../victim", "a/b", "", ".hidden", "x" * 65])
+def test_registry_names_are_plain_folder_names(registry, name, tmp_path):
+    reg, cache, entries = registry
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep")
+    entries["models"][0]["name"] = name
+    reg.write_text(json.dumps(entries))
+    with pytest.raises(ModelError, match="name"):
+        list_models()
+    assert (victim / "precious.txt").read_text() == "keep"
+
+
+def test_download_and_archive_size_limits(registry, tmp_path):
+    import LiverTumorSegLib.model.registry as registry_module
+
+    reg, cache, entries = registry
+    entries["models"][0]["max_mb"] = 0.001  # about 1 KB: smaller than the archive
+    reg.write_text(json.dumps(entries))
+    with pytest.raises(ModelError, match="limit"):
+        resolve_model("tiny-remote")
+    assert _left_in(cache) == []
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("m/model.json", "{}")
+        zf.writestr("m/zeros.bin", b"\0" * (8 << 20))  # 8 MiB that compress to a few KiB
+    with pytest.raises(ModelError, match="unpacks to"):
+        registry_module._extract(bomb, tmp_path / "out", max_bytes=1 << 20)
+    assert not (tmp_path / "out").exists()
+
+
+def test_concurrent_installs_of_one_model_both_succeed(registry):
+    from concurrent.futures import ThreadPoolExecutor
+
+    reg, cache, _ = registry
+    with ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: resolve_model("tiny-remote"), range(4)))
+    assert folders == [cache / "tiny-remote"] * 4 and load_model(folders[0]).card.name == "tiny-test"
+    assert _left_in(cache) == ["tiny-remote"]
 
 
 def test_models_command_lists_cache_folder(registry, capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import slicer
 
-TORCH_REQUIREMENT = ">=2.1"
+TORCH_REQUIREMENT = ">=2.6"  # LiverTumorSegLib.runner.TORCH_MINIMUM (safe weight loading)
 FOLDER_ITEM = "__folder__"
 
 
@@ -50,9 +50,16 @@ def ensureEngineDependencies():
             f"Slicer's own Python packages {', '.join(bundled)} are missing, so this Slicer installation is "
             "damaged. Reinstall 3D Slicer; do not install these packages with pip.")
         return False
-    message = ("Liver and tumor segmentation needs PyTorch, which is not installed in Slicer yet.\n\n"
-               "Install it now? This downloads up to a few gigabytes and can take several minutes; "
-               "Slicer is busy meanwhile.")
+    old = next((item["found"] for item in missing if item.get("found")), None)
+    if old:
+        message = (f"Liver and tumor segmentation needs PyTorch 2.6 or newer; this Slicer has {old}, whose "
+                   "loading of model weights can be abused by a crafted file.\n\n"
+                   "Upgrade it now? This downloads up to a few gigabytes and can take several minutes; "
+                   "Slicer is busy meanwhile. Other modules that use PyTorch will use the new version too.")
+    else:
+        message = ("Liver and tumor segmentation needs PyTorch, which is not installed in Slicer yet.\n\n"
+                   "Install it now? This downloads up to a few gigabytes and can take several minutes; "
+                   "Slicer is busy meanwhile.")
     if not slicer.util.confirmOkCancelDisplay(message, windowTitle="Install PyTorch"):
         return False
     with slicer.util.tryWithErrorDisplay("PyTorch could not be installed.", waitCursor=True):

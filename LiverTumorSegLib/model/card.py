@@ -11,6 +11,7 @@ Nothing about a model is hard-coded elsewhere in the engine.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ class ModelCard:
             return _parse(d)
         except ModelError as exc:
             raise ModelError(f"{source}: {exc}") from None
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise ModelError(f"{source}: invalid or missing field ({exc!r}); see the README's model card schema") from None
 
     @classmethod
@@ -128,12 +129,20 @@ def _parse(d: dict) -> ModelCard:
     )
     if intensity.mode not in ("window", "minmax"):
         raise ModelError(f"intensity.mode {intensity.mode!r} must be 'window' or 'minmax'")
+    if len(intensity.window_hu) != 2 or len(intensity.output_range) != 2:
+        raise ModelError("intensity.window_hu and intensity.output_range must hold two numbers each")
     if intensity.window_hu[0] >= intensity.window_hu[1]:
         raise ModelError("intensity.window_hu must be (low, high) with low < high")
     overlap = float(d.get("default_overlap", 0.25))
     if not 0.0 <= overlap < 1.0:
         raise ModelError("default_overlap must be in [0, 1)")
+    if not all(math.isfinite(v) for v in (*spacing, *intensity.window_hu, *intensity.output_range)):
+        raise ModelError("spacing_mm, intensity.window_hu and intensity.output_range must be finite numbers")
     labels = {str(k): str(v) for k, v in d["labels"].items()}
+    _check_architecture(dict(d["architecture"]), patch, len(labels))
+    weights_file = Path(str(weights["file"]))
+    if weights_file.is_absolute() or ".." in weights_file.parts or not weights_file.parts:
+        raise ModelError(f"weights.file {str(weights['file'])!r} must be a file name inside the model folder")
     return ModelCard(
         name=str(d["name"]),
         architecture=dict(d["architecture"]),
@@ -153,6 +162,29 @@ def _parse(d: dict) -> ModelCard:
         metrics=dict(d.get("metrics", {})),
         format_version=version,
     )
+
+
+MAX_WIDTH = 1024
+
+
+def _check_architecture(arch: dict, patch: tuple, n_labels: int) -> None:
+    """Refuse, before any network is built, an architecture this engine cannot run."""
+    if arch.get("type", "unet3d") != "unet3d":
+        return  # build_network names the unsupported type
+    widths = arch.get("widths", (32, 64, 128, 256))
+    if not isinstance(widths, (list, tuple)) or len(widths) < 2 or \
+            not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= MAX_WIDTH for w in widths):
+        raise ModelError(f"architecture.widths must be 2 or more whole numbers from 1 to {MAX_WIDTH}, not {widths!r}")
+    divisor = 2 ** (len(widths) - 1)
+    if any(p % divisor for p in patch):
+        raise ModelError(f"patch_size {list(patch)} must be divisible by {divisor} (2 to the number of "
+                         "pooling steps of architecture.widths)")
+    classes = int(arch.get("num_classes", n_labels))
+    if classes < 2 or classes != n_labels:
+        raise ModelError(f"architecture.num_classes ({classes}) must be 2 or more and equal the number of labels "
+                         f"({n_labels})")
+    if int(arch.get("in_channels", 1)) != 1:
+        raise ModelError("architecture.in_channels must be 1 (one CT volume)")
 
 
 def _axis(letter: str) -> int:

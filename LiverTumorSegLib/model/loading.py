@@ -1,14 +1,16 @@
 """Load a model folder safely: card, checksum, then weights without unpickling.
 
-Weights are a PyTorch ``state_dict`` saved with ``torch.save``. Before
-``torch.load(weights_only=True)`` is called (which refuses arbitrary Python objects),
-the file's SHA-256 must equal the one in ``model.json``. ``safetensors`` files are
-read too when that package is installed.
+Weights are a PyTorch ``state_dict`` saved with ``torch.save``. The file is read once;
+those bytes must have the SHA-256 in ``model.json`` before ``torch.load(weights_only=True)``
+(which refuses arbitrary Python objects) reads them, so what is checked is what is
+loaded. The weights file must lie inside the model folder, and every weight must be
+finite. ``safetensors`` files are read too when that package is installed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,11 @@ def load_state_dict(path: Path, expected_sha256: str, fmt: str = "torch-state-di
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"weights file {path} is missing")
-    actual = sha256_of(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read weights {path}: {exc}") from None
+    actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256.lower():
         raise ModelError(
             f"checksum mismatch for {path.name}: model.json says {expected_sha256[:16]}..., "
@@ -49,18 +55,25 @@ def load_state_dict(path: Path, expected_sha256: str, fmt: str = "torch-state-di
         )
     if fmt == "safetensors":
         try:
-            from safetensors.torch import load_file
+            from safetensors.torch import load as load_safetensors
         except ImportError:
             raise ModelError("this model's weights are in safetensors format; install the 'safetensors' package") from None
-        return load_file(str(path))
-    if fmt != "torch-state-dict":
+        try:
+            state = load_safetensors(data)
+        except Exception as exc:  # the package raises its own error types
+            raise ModelError(f"cannot read weights {path.name}: {str(exc)[:300]}") from None
+    elif fmt == "torch-state-dict":
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for bad or unsafe files
+            raise ModelError(f"cannot read weights {path.name}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
+    else:
         raise ModelError(f"unknown weights format {fmt!r} in model.json")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for bad or unsafe files
-        raise ModelError(f"cannot read weights {path.name}: {exc}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path.name} does not hold a plain state_dict of tensors")
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ModelError(f"{path.name} holds NaN or infinite weights ({', '.join(bad[:3])}); the model is broken")
     return state
 
 
@@ -74,7 +87,14 @@ def load_model(folder: Path) -> LoadedModel:
 
     folder = Path(folder)
     card = ModelCard.load(folder)
-    state = load_state_dict(folder / card.weights_file, card.weights_sha256, card.weights_format)
+    weights = folder / card.weights_file
+    try:
+        inside = weights.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if not inside:
+        raise ModelError(f"{folder / 'model.json'}: weights.file {card.weights_file!r} is not inside the model folder")
+    state = load_state_dict(weights, card.weights_sha256, card.weights_format)
     try:
         network = build_network(card.architecture)
     except (ValueError, TypeError) as exc:

@@ -7,7 +7,9 @@
   ``LiverTumorSegLib/models/registry.json`` and, optionally, in the JSON file named by
   ``LIVERTUMORSEG_REGISTRY``. The archive (a ``.zip`` of a model folder) is fetched on
   first use into the cache folder, verified against its SHA-256, extracted and moved
-  into place atomically.
+  into place atomically, one process at a time (a lock file per model). Names are plain
+  file names; downloads and archives have size limits (an entry's ``max_mb``, else
+  :data:`MAX_DOWNLOAD_BYTES`).
 
 The cache folder is ``$LIVERTUMORSEG_CACHE`` if set, else
 ``$XDG_CACHE_HOME/livertumorseg/models`` (``~/.cache/livertumorseg/models``).
@@ -17,14 +19,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from ..errors import ModelError
 from .card import CARD_NAME
@@ -34,6 +39,11 @@ BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = "demo-phantom"
 CACHE_ENV = "LIVERTUMORSEG_CACHE"
 REGISTRY_ENV = "LIVERTUMORSEG_REGISTRY"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a folder name in the cache, nothing more
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+MAX_DOWNLOAD_BYTES = 2 << 30  # an archive larger than this (or than the entry's max_mb) is refused
+MAX_MEMBERS = 1000
+LOCK_WAIT_S = 600.0
 
 
 @dataclass
@@ -46,6 +56,7 @@ class ModelEntry:
     url: str = ""
     sha256: str = ""
     description: str = ""
+    max_bytes: int = MAX_DOWNLOAD_BYTES
 
     @property
     def installed(self) -> bool:
@@ -73,10 +84,19 @@ def _registry_entries() -> list:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             for item in data.get("models", []):
-                entries.append(ModelEntry(
+                entry = ModelEntry(
                     name=str(item["name"]), source="registered", url=str(item["url"]),
                     sha256=str(item["sha256"]).lower(), description=str(item.get("description", "")),
-                ))
+                    max_bytes=int(float(item.get("max_mb", MAX_DOWNLOAD_BYTES / 2**20)) * 2**20),
+                )
+                if not NAME_PATTERN.match(entry.name):
+                    raise ModelError(f"model registry {path}: name {entry.name!r} must be letters, digits, '.', "
+                                     "'_' and '-' (a folder name in the cache, at most 64 characters)")
+                if not SHA256_PATTERN.match(entry.sha256):
+                    raise ModelError(f"model registry {path}: model {entry.name!r} needs a 64-digit hex sha256")
+                entries.append(entry)
+        except ModelError:
+            raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelError(f"model registry {path} is invalid: {exc!r}") from None
     return entries
@@ -137,49 +157,103 @@ def resolve_model(name_or_path: Optional[str] = None, *, download: bool = True,
 
 
 def download_model(entry: ModelEntry, *, progress: Optional[Callable[[float, str], None]] = None) -> Path:
-    """Fetch, verify and unpack a registered model into the cache, atomically."""
+    """Fetch, verify and unpack a registered model into the cache, atomically and one
+    process at a time."""
+    if not NAME_PATTERN.match(entry.name):
+        raise ModelError(f"model name {entry.name!r} is not a plain folder name")
     root = cache_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelError(f"cannot create the model cache {root}: {exc}; set {CACHE_ENV}") from None
     target = root / entry.name
-    work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.download-", dir=root))
+    if target.resolve().parent != root.resolve():
+        raise ModelError(f"model {entry.name!r} would be installed outside the cache {root}")
+    with _install_lock(root / f".{entry.name}.lock"):
+        if (target / CARD_NAME).is_file():
+            return target  # another process installed it while this one waited
+        for leftover in root.glob(f".{entry.name}.download-*"):  # from a killed download; the lock is ours
+            shutil.rmtree(leftover, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.download-", dir=root))
+        try:
+            archive = work / "model.zip"
+            _fetch(entry.url, archive, progress, entry.max_bytes)
+            actual = sha256_of(archive)
+            if actual != entry.sha256:
+                raise ModelError(
+                    f"download of model {entry.name!r} failed verification: expected SHA-256 "
+                    f"{entry.sha256[:16]}..., got {actual[:16]}...; nothing was installed"
+                )
+            unpacked = work / "unpacked"
+            _extract(archive, unpacked, entry.max_bytes)
+            cards = list(unpacked.rglob(CARD_NAME))
+            if len(cards) != 1:
+                raise ModelError(f"the archive of model {entry.name!r} must hold exactly one {CARD_NAME}")
+            try:
+                if target.is_symlink() or target.is_file():
+                    target.unlink()
+                elif target.exists():
+                    shutil.rmtree(target)  # a broken earlier install: it has no model.json
+                os.replace(cards[0].parent, target)
+            except OSError as exc:
+                raise ModelError(f"could not install model {entry.name!r} into {target}: {exc}") from None
+            if not (target / CARD_NAME).is_file():
+                raise ModelError(f"could not install model {entry.name!r} into {target}")
+            return target
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def _install_lock(path: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """An exclusive lock on ``path`` (flock on POSIX, msvcrt on Windows), released on exit
+    and by the system if the process dies."""
     try:
-        archive = work / "model.zip"
-        _fetch(entry.url, archive, progress)
-        actual = sha256_of(archive)
-        if actual != entry.sha256:
-            raise ModelError(
-                f"download of model {entry.name!r} failed verification: expected SHA-256 "
-                f"{entry.sha256[:16]}..., got {actual[:16]}...; nothing was installed"
-            )
-        unpacked = work / "unpacked"
-        _extract(archive, unpacked)
-        cards = list(unpacked.rglob(CARD_NAME))
-        if len(cards) != 1:
-            raise ModelError(f"the archive of model {entry.name!r} must hold exactly one {CARD_NAME}")
-        if target.exists():
-            shutil.rmtree(target)  # a broken earlier install: it has no model.json
-        os.replace(cards[0].parent, target)
-        if not (target / CARD_NAME).is_file():
-            raise ModelError(f"could not install model {entry.name!r} into {target}")
-        return target
+        handle = open(path, "a+b")
+    except OSError as exc:
+        raise ModelError(f"cannot lock {path}: {exc}") from None
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                if os.name == "nt":
+                    import msvcrt
+
+                    handle.seek(0)
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+                else:
+                    import fcntl
+
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ModelError(f"another process has been installing this model for {wait_s:.0f} s "
+                                     f"({path}); try again later") from None
+                time.sleep(0.2)
+        yield
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        handle.close()  # closing releases the lock
 
 
-def _fetch(url: str, dest: Path, progress: Optional[Callable[[float, str], None]]) -> None:
+def _fetch(url: str, dest: Path, progress: Optional[Callable[[float, str], None]],
+           max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
+            if total > max_bytes:
+                raise ModelError(f"the model at {url} is {total >> 20} MiB, over the limit of {max_bytes >> 20} MiB "
+                                 "(a registry entry's max_mb raises it); nothing was installed")
             done = 0
             while True:
                 block = response.read(1 << 20)
                 if not block:
                     break
-                out.write(block)
                 done += len(block)
+                if done > max_bytes:
+                    raise ModelError(f"the download from {url} passed the limit of {max_bytes >> 20} MiB "
+                                     "(a registry entry's max_mb raises it); nothing was installed")
+                out.write(block)
                 if progress and total:
                     progress(done / total, f"downloading model ({done >> 20} MiB)")
     except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -189,13 +263,19 @@ def _fetch(url: str, dest: Path, progress: Optional[Callable[[float, str], None]
         ) from None
 
 
-def _extract(archive: Path, dest: Path) -> None:
+def _extract(archive: Path, dest: Path, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
-            for member in zf.namelist():
-                resolved = (dest / member).resolve()
-                if not str(resolved).startswith(str(dest.resolve())):
-                    raise ModelError(f"refusing archive member outside the target folder: {member}")
+            members = zf.infolist()
+            if len(members) > MAX_MEMBERS:
+                raise ModelError(f"the model archive holds {len(members)} files, more than {MAX_MEMBERS}")
+            unpacked = sum(m.file_size for m in members)
+            if unpacked > 2 * max_bytes:
+                raise ModelError(f"the model archive unpacks to {unpacked >> 20} MiB, over the limit of "
+                                 f"{(2 * max_bytes) >> 20} MiB")
+            for member in members:
+                if not (dest / member.filename).resolve().is_relative_to(dest.resolve()):
+                    raise ModelError(f"refusing archive member outside the target folder: {member.filename}")
             zf.extractall(dest)
     except zipfile.BadZipFile as exc:
         raise ModelError(f"downloaded model archive is not a valid zip file: {exc}") from None
