@@ -79,6 +79,7 @@ class Exploit:
     ("architecture", {"type": "unet3d", "widths": [100000, 200000], "num_classes": 3}, "widths"),
     ("architecture", {"type": "unet3d", "widths": [4, 8, 16, 32, 64, 128, 256], "num_classes": 3}, "divisible"),
     ("architecture", {"type": "unet3d", "widths": [4, 8], "num_classes": 5}, "num_classes"),
+    ("architecture", {"type": "unet3d", "widths": [4, 8], "num_classes": 3, "in_channels": 2}, "in_channels"),
     ("weights", {"file": "../../elsewhere.pt", "sha256": "0" * 64}, "inside the model folder"),
     ("weights", {"file": "/etc/passwd", "sha256": "0" * 64}, "inside the model folder"),
 ])
@@ -89,7 +90,7 @@ def test_invalid_cards_name_the_field(tiny_model, field, value, message):
         ModelCard.from_dict(card)
 
 
-def test_nan_weights_and_weights_outside_the_folder_are_refused(tiny_model, tmp_path):
+def test_nan_weights_are_refused_and_linked_weights_checked(tiny_model, tmp_path):
     import shutil
 
     import torch
@@ -104,12 +105,14 @@ def test_nan_weights_and_weights_outside_the_folder_are_refused(tiny_model, tmp_
     (broken / "model.json").write_text(json.dumps(card))
     with pytest.raises(ModelError, match="NaN or infinite"):
         load_model(broken)
-    linked = tmp_path / "linked"
+    linked = tmp_path / "linked"  # weights behind a link, as in DVC or Hugging Face snapshot folders
     shutil.copytree(tiny_model, linked)
-    (tmp_path / "outside.pt").write_bytes((linked / "weights.pt").read_bytes())
+    (tmp_path / "blob.pt").write_bytes((linked / "weights.pt").read_bytes())
     (linked / "weights.pt").unlink()
-    (linked / "weights.pt").symlink_to(tmp_path / "outside.pt")  # a link out of the folder
-    with pytest.raises(ModelError, match="not inside the model folder"):
+    (linked / "weights.pt").symlink_to(tmp_path / "blob.pt")
+    assert load_model(linked).card.name == "tiny-test"  # the checksum guards the content
+    (tmp_path / "blob.pt").write_bytes(b"something else")
+    with pytest.raises(ModelError, match="checksum mismatch"):
         load_model(linked)
 
 
@@ -179,6 +182,11 @@ def test_registry_names_are_plain_folder_names(registry, name, tmp_path):
     reg.write_text(json.dumps(entries))
     with pytest.raises(ModelError, match="name"):
         list_models()
+    from LiverTumorSegLib.model.registry import ModelEntry, download_model
+
+    entry = ModelEntry(name, "registered", url=entries["models"][0]["url"], sha256=entries["models"][0]["sha256"])
+    with pytest.raises(ModelError, match="name"):  # and the installer itself refuses it, downloading nothing
+        download_model(entry)
     assert (victim / "precious.txt").read_text() == "keep"
 
 
@@ -189,8 +197,39 @@ def test_download_and_archive_size_limits(registry, tmp_path):
     entries["models"][0]["max_mb"] = 0.001  # about 1 KB: smaller than the archive
     reg.write_text(json.dumps(entries))
     with pytest.raises(ModelError, match="limit"):
-        resolve_model("tiny-remote")
+        resolve_model("tiny-remote")  # refused from its Content-Length
     assert _left_in(cache) == []
+
+    class NoLength:  # a server that does not say how much it will send
+        headers = {}
+
+        def __init__(self):
+            self.left = 3
+
+        def read(self, n):
+            self.left -= 1
+            return b"x" * 1000 if self.left >= 0 else b""
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    import urllib.request
+
+    real = urllib.request.urlopen
+    urllib.request.urlopen = lambda url, timeout=None: NoLength()
+    try:
+        with pytest.raises(ModelError, match="passed the limit"):
+            registry_module._fetch("https://example.invalid/m.zip", tmp_path / "m.zip", None, max_bytes=2500)
+    finally:
+        urllib.request.urlopen = real
+    for bad in ("Infinity", -1, "NaN"):
+        entries["models"][0]["max_mb"] = bad
+        reg.write_text(json.dumps(entries).replace('"Infinity"', "Infinity").replace('"NaN"', "NaN"))
+        with pytest.raises(ModelError, match="max_mb"):
+            list_models()
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("m/model.json", "{}")
@@ -198,6 +237,25 @@ def test_download_and_archive_size_limits(registry, tmp_path):
     with pytest.raises(ModelError, match="unpacks to"):
         registry_module._extract(bomb, tmp_path / "out", max_bytes=1 << 20)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_download_is_cleared_and_a_lockless_file_system_still_installs(registry, monkeypatch):
+    import errno
+
+    import LiverTumorSegLib.model.registry as registry_module
+
+    reg, cache, _ = registry
+    cache.mkdir()
+    (cache / ".tiny-remote.download-abcd1234").mkdir()  # a download that was killed
+    (cache / ".tiny-remote.download-x.download-abcd1234").mkdir()  # another model's (a name with a prefix)
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    fcntl = pytest.importorskip("fcntl", reason="POSIX file locks")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert resolve_model("tiny-remote") == cache / "tiny-remote"
+    assert _left_in(cache) == [".tiny-remote.download-x.download-abcd1234", "tiny-remote"]
 
 
 def test_concurrent_installs_of_one_model_both_succeed(registry):

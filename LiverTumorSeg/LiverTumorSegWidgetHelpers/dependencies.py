@@ -55,7 +55,8 @@ def ensureEngineDependencies():
         message = (f"Liver and tumor segmentation needs PyTorch 2.6 or newer; this Slicer has {old}, whose "
                    "loading of model weights can be abused by a crafted file.\n\n"
                    "Upgrade it now? This downloads up to a few gigabytes and can take several minutes; "
-                   "Slicer is busy meanwhile. Other modules that use PyTorch will use the new version too.")
+                   "Slicer is busy meanwhile. Other modules that use PyTorch will use the new version too; "
+                   "restart Slicer afterwards (on Windows, before, if a module has already loaded PyTorch).")
     else:
         message = ("Liver and tumor segmentation needs PyTorch, which is not installed in Slicer yet.\n\n"
                    "Install it now? This downloads up to a few gigabytes and can take several minutes; "

@@ -1,16 +1,17 @@
 """Load a model folder safely: card, checksum, then weights without unpickling.
 
-Weights are a PyTorch ``state_dict`` saved with ``torch.save``. The file is read once;
-those bytes must have the SHA-256 in ``model.json`` before ``torch.load(weights_only=True)``
-(which refuses arbitrary Python objects) reads them, so what is checked is what is
-loaded. The weights file must lie inside the model folder, and every weight must be
-finite. ``safetensors`` files are read too when that package is installed.
+Weights are a PyTorch ``state_dict`` saved with ``torch.save``. The file is opened once;
+through that one handle its SHA-256 is checked against ``model.json`` and then
+``torch.load(weights_only=True)`` (which refuses arbitrary Python objects) reads it, so
+a file swapped in between is not what gets loaded. ``model.json`` names the weights by
+a path inside its folder (a link there may point elsewhere, as in DVC or Hugging Face
+snapshot folders: the checksum guards the content), and every weight must be finite.
+``safetensors`` files are read too when that package is installed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,38 +44,48 @@ def load_state_dict(path: Path, expected_sha256: str, fmt: str = "torch-state-di
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"weights file {path} is missing")
+    if fmt not in ("safetensors", "torch-state-dict"):
+        raise ModelError(f"unknown weights format {fmt!r} in model.json")
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            digest = hashlib.sha256()
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+            actual = digest.hexdigest()
+            if actual != expected_sha256.lower():
+                raise ModelError(
+                    f"checksum mismatch for {path.name}: model.json says {expected_sha256[:16]}..., "
+                    f"the file has {actual[:16]}...; the file is corrupt or was replaced — reinstall the model"
+                )
+            handle.seek(0)
+            state = _read_state(handle, fmt, path.name)
     except OSError as exc:
         raise ModelError(f"cannot read weights {path}: {exc}") from None
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected_sha256.lower():
-        raise ModelError(
-            f"checksum mismatch for {path.name}: model.json says {expected_sha256[:16]}..., "
-            f"the file has {actual[:16]}...; the file is corrupt or was replaced — reinstall the model"
-        )
-    if fmt == "safetensors":
-        try:
-            from safetensors.torch import load as load_safetensors
-        except ImportError:
-            raise ModelError("this model's weights are in safetensors format; install the 'safetensors' package") from None
-        try:
-            state = load_safetensors(data)
-        except Exception as exc:  # the package raises its own error types
-            raise ModelError(f"cannot read weights {path.name}: {str(exc)[:300]}") from None
-    elif fmt == "torch-state-dict":
-        try:
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for bad or unsafe files
-            raise ModelError(f"cannot read weights {path.name}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
-    else:
-        raise ModelError(f"unknown weights format {fmt!r} in model.json")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path.name} does not hold a plain state_dict of tensors")
     bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise ModelError(f"{path.name} holds NaN or infinite weights ({', '.join(bad[:3])}); the model is broken")
     return state
+
+
+def _read_state(handle, fmt: str, name: str) -> dict:
+    import torch
+
+    if fmt == "safetensors":
+        try:
+            from safetensors.torch import load as load_safetensors
+        except ImportError:
+            raise ModelError("this model's weights are in safetensors format; install the 'safetensors' package") from None
+        try:
+            return load_safetensors(handle.read())
+        except Exception as exc:  # the package raises its own error types
+            raise ModelError(f"cannot read weights {name}: {str(exc)[:300]}") from None
+    try:
+        return torch.load(handle, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for bad or unsafe files
+        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot read weights {name}: {text}") from None
 
 
 def load_model(folder: Path) -> LoadedModel:
@@ -87,14 +98,7 @@ def load_model(folder: Path) -> LoadedModel:
 
     folder = Path(folder)
     card = ModelCard.load(folder)
-    weights = folder / card.weights_file
-    try:
-        inside = weights.resolve().is_relative_to(folder.resolve())
-    except (OSError, RuntimeError):  # a symlink loop
-        inside = False
-    if not inside:
-        raise ModelError(f"{folder / 'model.json'}: weights.file {card.weights_file!r} is not inside the model folder")
-    state = load_state_dict(weights, card.weights_sha256, card.weights_format)
+    state = load_state_dict(folder / card.weights_file, card.weights_sha256, card.weights_format)
     try:
         network = build_network(card.architecture)
     except (ValueError, TypeError) as exc:

@@ -17,6 +17,7 @@ The cache folder is ``$LIVERTUMORSEG_CACHE`` if set, else
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -87,7 +88,7 @@ def _registry_entries() -> list:
                 entry = ModelEntry(
                     name=str(item["name"]), source="registered", url=str(item["url"]),
                     sha256=str(item["sha256"]).lower(), description=str(item.get("description", "")),
-                    max_bytes=int(float(item.get("max_mb", MAX_DOWNLOAD_BYTES / 2**20)) * 2**20),
+                    max_bytes=_max_bytes(item.get("max_mb", MAX_DOWNLOAD_BYTES / 2**20), path),
                 )
                 if not NAME_PATTERN.match(entry.name):
                     raise ModelError(f"model registry {path}: name {entry.name!r} must be letters, digits, '.', "
@@ -100,6 +101,13 @@ def _registry_entries() -> list:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelError(f"model registry {path} is invalid: {exc!r}") from None
     return entries
+
+
+def _max_bytes(value, path: Path) -> int:
+    megabytes = float(value)
+    if not (0 < megabytes < 1 << 30):  # refuses NaN and infinity too
+        raise ModelError(f"model registry {path}: max_mb must be a positive number of megabytes, not {value!r}")
+    return int(megabytes * 2**20)
 
 
 def list_models() -> list:
@@ -167,17 +175,20 @@ def download_model(entry: ModelEntry, *, progress: Optional[Callable[[float, str
     except OSError as exc:
         raise ModelError(f"cannot create the model cache {root}: {exc}; set {CACHE_ENV}") from None
     target = root / entry.name
-    if target.resolve().parent != root.resolve():
+    if (target.parent.resolve() != root.resolve()) or target.name != entry.name:
         raise ModelError(f"model {entry.name!r} would be installed outside the cache {root}")
-    with _install_lock(root / f".{entry.name}.lock"):
+    lock = root / f".{entry.name}.lock"
+    with _install_lock(lock, progress):
         if (target / CARD_NAME).is_file():
             return target  # another process installed it while this one waited
-        for leftover in root.glob(f".{entry.name}.download-*"):  # from a killed download; the lock is ours
-            shutil.rmtree(leftover, ignore_errors=True)
+        leftovers = re.compile(rf"^\.{re.escape(entry.name)}\.download-[A-Za-z0-9_]{{8}}$")
+        for leftover in root.iterdir():  # from a killed download of this model; the lock is ours
+            if leftovers.match(leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.download-", dir=root))
         try:
             archive = work / "model.zip"
-            _fetch(entry.url, archive, progress, entry.max_bytes)
+            _fetch(entry.url, archive, progress, entry.max_bytes, heartbeat=lambda: _touch(lock))
             actual = sha256_of(archive)
             if actual != entry.sha256:
                 raise ModelError(
@@ -204,15 +215,29 @@ def download_model(entry: ModelEntry, *, progress: Optional[Callable[[float, str
             shutil.rmtree(work, ignore_errors=True)
 
 
+BUSY_ERRNOS = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
 @contextmanager
-def _install_lock(path: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+def _install_lock(path: Path, progress: Optional[Callable[[float, str], None]] = None,
+                  idle_s: float = LOCK_WAIT_S) -> Iterator[None]:
     """An exclusive lock on ``path`` (flock on POSIX, msvcrt on Windows), released on exit
-    and by the system if the process dies."""
+    and by the system if the process dies. The holder touches the file as its download
+    goes on; a waiter gives up only after ``idle_s`` without a touch. A file system
+    without locks (some cluster mounts) is used unlocked."""
     try:
         handle = open(path, "a+b")
     except OSError as exc:
         raise ModelError(f"cannot lock {path}: {exc}") from None
-    deadline = time.monotonic() + wait_s
+    locked = False
+    told = False
     try:
         while True:
             try:
@@ -225,19 +250,35 @@ def _install_lock(path: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
                     import fcntl
 
                     fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
                 break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise ModelError(f"another process has been installing this model for {wait_s:.0f} s "
-                                     f"({path}); try again later") from None
+            except OSError as exc:
+                if exc.errno not in BUSY_ERRNOS:
+                    break  # no locking on this file system: go on without it
+                idle = time.time() - path.stat().st_mtime
+                if idle > idle_s:
+                    raise ModelError(f"another process has held {path} for {idle:.0f} s without progress; "
+                                     "if none is installing this model, delete that file and try again") from None
+                if progress is not None and not told:
+                    progress(0.0, "waiting for another process to finish downloading this model")
+                    told = True
                 time.sleep(0.2)
+        _touch(path)
         yield
     finally:
-        handle.close()  # closing releases the lock
+        if locked and os.name == "nt":
+            import msvcrt
+
+            try:
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+            except OSError:
+                pass
+        handle.close()  # closing releases a POSIX lock
 
 
 def _fetch(url: str, dest: Path, progress: Optional[Callable[[float, str], None]],
-           max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
+           max_bytes: int = MAX_DOWNLOAD_BYTES, heartbeat: Optional[Callable[[], None]] = None) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
@@ -254,6 +295,8 @@ def _fetch(url: str, dest: Path, progress: Optional[Callable[[float, str], None]
                     raise ModelError(f"the download from {url} passed the limit of {max_bytes >> 20} MiB "
                                      "(a registry entry's max_mb raises it); nothing was installed")
                 out.write(block)
+                if heartbeat is not None:
+                    heartbeat()
                 if progress and total:
                     progress(done / total, f"downloading model ({done >> 20} MiB)")
     except (urllib.error.URLError, OSError, ValueError) as exc:
