@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import zipfile
 
@@ -242,20 +243,55 @@ def test_download_and_archive_size_limits(registry, tmp_path):
 def test_a_killed_download_is_cleared_and_a_lockless_file_system_still_installs(registry, monkeypatch):
     import errno
 
-    import LiverTumorSegLib.model.registry as registry_module
-
     reg, cache, _ = registry
     cache.mkdir()
     (cache / ".tiny-remote.download-abcd1234").mkdir()  # a download that was killed
     (cache / ".tiny-remote.download-x.download-abcd1234").mkdir()  # another model's (a name with a prefix)
+    assert resolve_model("tiny-remote") == cache / "tiny-remote"
+    assert _left_in(cache) == [".tiny-remote.download-x.download-abcd1234", "tiny-remote"]
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
     fcntl = pytest.importorskip("fcntl", reason="POSIX file locks")
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    assert resolve_model("tiny-remote") == cache / "tiny-remote"
-    assert _left_in(cache) == [".tiny-remote.download-x.download-abcd1234", "tiny-remote"]
+    monkeypatch.setenv("LIVERTUMORSEG_CACHE", str(cache.parent / "cache2"))
+    (cache.parent / "cache2").mkdir()
+    (cache.parent / "cache2" / ".tiny-remote.download-abcd1234").mkdir()  # maybe another process's, live
+    assert resolve_model("tiny-remote") == cache.parent / "cache2" / "tiny-remote"  # installs unlocked
+    assert _left_in(cache.parent / "cache2") == [".tiny-remote.download-abcd1234", "tiny-remote"]
+
+
+def test_a_waiter_waits_while_the_holder_makes_progress(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import LiverTumorSegLib.model.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "HEARTBEAT_S", 0.1)
+
+    lock = tmp_path / ".m.lock"
+    lock.write_bytes(b"")
+    os.utime(lock, (0, 0))  # a lock file left from long ago
+    entered, release = threading.Event(), threading.Event()
+
+    def holder():
+        with registry_module._install_lock(lock):
+            entered.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    entered.wait(10)
+    started = time.monotonic()
+    threading.Timer(1.0, release.set).start()
+    with registry_module._install_lock(lock, idle_s=0.5) as locked:  # the holder's beats keep it waiting
+        assert locked
+    assert time.monotonic() - started >= 0.9
+    thread.join()
+    lock.unlink()  # a lock file deleted by hand (as the timeout message suggests) is made again
+    with registry_module._install_lock(lock) as locked:
+        assert locked
 
 
 def test_concurrent_installs_of_one_model_both_succeed(registry):

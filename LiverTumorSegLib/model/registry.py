@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,6 +46,7 @@ SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 MAX_DOWNLOAD_BYTES = 2 << 30  # an archive larger than this (or than the entry's max_mb) is refused
 MAX_MEMBERS = 1000
 LOCK_WAIT_S = 600.0
+HEARTBEAT_S = 5.0
 
 
 @dataclass
@@ -178,17 +180,17 @@ def download_model(entry: ModelEntry, *, progress: Optional[Callable[[float, str
     if (target.parent.resolve() != root.resolve()) or target.name != entry.name:
         raise ModelError(f"model {entry.name!r} would be installed outside the cache {root}")
     lock = root / f".{entry.name}.lock"
-    with _install_lock(lock, progress):
+    with _install_lock(lock, progress) as locked:
         if (target / CARD_NAME).is_file():
             return target  # another process installed it while this one waited
         leftovers = re.compile(rf"^\.{re.escape(entry.name)}\.download-[A-Za-z0-9_]{{8}}$")
-        for leftover in root.iterdir():  # from a killed download of this model; the lock is ours
+        for leftover in root.iterdir() if locked else ():  # from a killed download of this model
             if leftovers.match(leftover.name):
                 shutil.rmtree(leftover, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.download-", dir=root))
         try:
             archive = work / "model.zip"
-            _fetch(entry.url, archive, progress, entry.max_bytes, heartbeat=lambda: _touch(lock))
+            _fetch(entry.url, archive, progress, entry.max_bytes)
             actual = sha256_of(archive)
             if actual != entry.sha256:
                 raise ModelError(
@@ -227,18 +229,20 @@ def _touch(path: Path) -> None:
 
 @contextmanager
 def _install_lock(path: Path, progress: Optional[Callable[[float, str], None]] = None,
-                  idle_s: float = LOCK_WAIT_S) -> Iterator[None]:
+                  idle_s: float = LOCK_WAIT_S) -> Iterator[bool]:
     """An exclusive lock on ``path`` (flock on POSIX, msvcrt on Windows), released on exit
-    and by the system if the process dies. The holder touches the file as its download
-    goes on; a waiter gives up only after ``idle_s`` without a touch. A file system
-    without locks (some cluster mounts) is used unlocked."""
+    and by the system if the process dies; yields whether it is held. The holder touches
+    the file every few seconds from a background thread; a waiter gives up only after
+    ``idle_s`` of its own clock without seeing the file change. A file system without
+    locks (some cluster mounts) is used unlocked, and then yields False."""
     try:
         handle = open(path, "a+b")
     except OSError as exc:
         raise ModelError(f"cannot lock {path}: {exc}") from None
     locked = False
-    told = False
+    stop = threading.Event()
     try:
+        last_seen, since, told = _mtime(path), time.monotonic(), False
         while True:
             try:
                 if os.name == "nt":
@@ -255,17 +259,26 @@ def _install_lock(path: Path, progress: Optional[Callable[[float, str], None]] =
             except OSError as exc:
                 if exc.errno not in BUSY_ERRNOS:
                     break  # no locking on this file system: go on without it
-                idle = time.time() - path.stat().st_mtime
-                if idle > idle_s:
-                    raise ModelError(f"another process has held {path} for {idle:.0f} s without progress; "
+                seen = _mtime(path)
+                if seen != last_seen:
+                    last_seen, since = seen, time.monotonic()
+                elif time.monotonic() - since > idle_s:
+                    raise ModelError(f"another process has held {path} for {idle_s:.0f} s without progress; "
                                      "if none is installing this model, delete that file and try again") from None
                 if progress is not None and not told:
-                    progress(0.0, "waiting for another process to finish downloading this model")
+                    progress(0.0, "waiting for another process to finish installing this model")
                     told = True
                 time.sleep(0.2)
-        _touch(path)
-        yield
+        if locked:
+            def beat() -> None:
+                while not stop.wait(HEARTBEAT_S):
+                    _touch(path)
+
+            _touch(path)
+            threading.Thread(target=beat, name="livertumorseg-install-lock", daemon=True).start()
+        yield locked
     finally:
+        stop.set()
         if locked and os.name == "nt":
             import msvcrt
 
@@ -277,8 +290,15 @@ def _install_lock(path: Path, progress: Optional[Callable[[float, str], None]] =
         handle.close()  # closing releases a POSIX lock
 
 
+def _mtime(path: Path) -> Optional[float]:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # deleted meanwhile: no news
+        return None
+
+
 def _fetch(url: str, dest: Path, progress: Optional[Callable[[float, str], None]],
-           max_bytes: int = MAX_DOWNLOAD_BYTES, heartbeat: Optional[Callable[[], None]] = None) -> None:
+           max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
@@ -295,8 +315,6 @@ def _fetch(url: str, dest: Path, progress: Optional[Callable[[float, str], None]
                     raise ModelError(f"the download from {url} passed the limit of {max_bytes >> 20} MiB "
                                      "(a registry entry's max_mb raises it); nothing was installed")
                 out.write(block)
-                if heartbeat is not None:
-                    heartbeat()
                 if progress and total:
                     progress(done / total, f"downloading model ({done >> 20} MiB)")
     except (urllib.error.URLError, OSError, ValueError) as exc:
