@@ -2,7 +2,8 @@
 
 Single files are written to a temporary name in the same folder and renamed into
 place. A set of outputs (the command line's output folder) is written into a staging
-folder beside the target and moved in only when every file is complete; the files an
+folder beside the target (inside it when only the target is writable) and moved in
+only when every file is complete; the files an
 earlier run listed that the new set does not have are removed after that.
 """
 
@@ -70,7 +71,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def check_writable_dir(folder: Path) -> Path:
-    """Create ``folder`` if needed and make sure we can write in it (or next to it)."""
+    """Check that ``folder`` (made later, on success, if it does not exist) can be
+    written: it or its nearest existing parent must be a writable folder."""
     folder = Path(folder).expanduser().resolve()
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"output path {folder} exists and is not a folder")

@@ -34,7 +34,8 @@ def availableModels():
 
 
 def ensureEngineDependencies():
-    """True when the engine can run; offers to install PyTorch when it is missing.
+    """True when the engine can run; offers to install PyTorch when it is missing, or to
+    upgrade it when it is older than 2.6.
 
     Returns False (after telling the user why) when the user declines or when Slicer's
     own packages are missing. Raises if the installation itself fails.

@@ -39,7 +39,7 @@ class IntensityTransform:
 
 @dataclass
 class ModelCard:
-    """Parsed ``model.json``. See the README's "Model folder" section for the schema."""
+    """Parsed ``model.json``. See the README's "Models" section for the schema."""
 
     name: str
     architecture: dict
