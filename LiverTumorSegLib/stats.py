@@ -176,6 +176,9 @@ def write_stats_json(stats: dict, path: str | os.PathLike) -> None:
 def write_stats_csv(stats: dict, path: str | os.PathLike) -> None:
     """Write :func:`stats_to_rows` as CSV (header line, empty cell for ``None``), atomically.
 
+    Numbers are written with 15 significant digits (``1637.7795``, not the binary
+    artefact ``1637.7794999999999``); ``stats.json`` keeps every digit.
+
     Raises:
         OutputError: if the file cannot be written.
     """
@@ -183,7 +186,8 @@ def write_stats_csv(stats: dict, path: str | os.PathLike) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(ROW_COLUMNS), lineterminator="\n")
     writer.writeheader()
     for row in stats_to_rows(stats):
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        writer.writerow({k: ("" if v is None else format(v, ".15g") if isinstance(v, float) else v)
+                         for k, v in row.items()})
     atomic_write_text(path, buffer.getvalue())
 
 
