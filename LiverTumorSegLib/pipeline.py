@@ -19,7 +19,7 @@ from .inference import prepare_network, sliding_window_inference
 from .model import LoadedModel, load_model, resolve_model
 from .postprocess import argmax_labels, clean_labels, drop_small_lesions, to_input_grid
 from .preprocess import body_bounding_box, scale_intensity, to_model_grid, validate_ct
-from .resources import batch_activation_bytes, check_memory, resolve_device, resolve_precision
+from .resources import batch_activation_bytes, check_memory, model_grid_size, resolve_device, resolve_precision
 from .volume import Volume
 
 ProgressFn = Callable[[float, str], None]
@@ -201,8 +201,7 @@ class Segmenter:
         """Estimate the peak memory for an input of this size; refuse if over budget."""
         widths = self.card.architecture.get("widths") or (32,)
         # A batch never holds more patches than the model grid has windows.
-        extent = np.asarray(size_xyz, dtype=float) * np.asarray(spacing, dtype=float)
-        grid_zyx = (np.ceil(extent / np.asarray(self.card.spacing_mm, dtype=float)) + 1)[::-1]
+        grid_zyx = model_grid_size(size_xyz, spacing, self.card.spacing_mm)[::-1]
         windows = int(np.prod([len(patch_starts(int(n), p, self.overlap()))
                                for n, p in zip(grid_zyx, self.card.patch_size)]))
         batch = batch_activation_bytes(self.card.patch_size, int(widths[0]), min(self.options.batch_size, windows),

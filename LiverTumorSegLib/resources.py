@@ -90,6 +90,13 @@ def batch_activation_bytes(patch_size: Sequence[int] = (96, 96, 96), first_width
     return int(batch_size * float(np.prod([int(p) for p in patch_size])) * int(first_width) * per)
 
 
+def model_grid_size(input_size_xyz: Sequence[int], input_spacing: Sequence[float],
+                    model_spacing: Sequence[float]) -> np.ndarray:
+    """An upper bound of the model grid's size (x, y, z) for an input of this size."""
+    extent = np.asarray(input_size_xyz, dtype=float) * np.asarray(input_spacing, dtype=float)
+    return np.ceil(extent / np.asarray(model_spacing, dtype=float)) + 1
+
+
 def estimate_peak_bytes(input_size_xyz: Sequence[int], input_spacing: Sequence[float],
                         model_spacing: Sequence[float], num_classes: int = 3,
                         batch_bytes: Optional[int] = None) -> int:
@@ -105,8 +112,7 @@ def estimate_peak_bytes(input_size_xyz: Sequence[int], input_spacing: Sequence[f
     if batch_bytes is None:
         batch_bytes = batch_activation_bytes()
     n_in = float(np.prod([int(s) for s in input_size_xyz]))
-    extent = np.asarray(input_size_xyz, dtype=float) * np.asarray(input_spacing, dtype=float)
-    n_model = float(np.prod(np.ceil(extent / np.asarray(model_spacing, dtype=float)) + 1))
+    n_model = float(np.prod(model_grid_size(input_size_xyz, input_spacing, model_spacing)))
     return int(n_in * 18 + n_model * (12 + 4 * num_classes) + RUNTIME_BYTES + batch_bytes)
 
 

@@ -21,10 +21,15 @@ from .card import ModelCard
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
+        return _sha256_of_handle(f, chunk)
+
+
+def _sha256_of_handle(handle, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of what ``handle`` reads from its position to the end."""
+    h = hashlib.sha256()
+    for block in iter(lambda: handle.read(chunk), b""):
+        h.update(block)
     return h.hexdigest()
 
 
@@ -48,10 +53,7 @@ def load_state_dict(path: Path, expected_sha256: str, fmt: str = "torch-state-di
         raise ModelError(f"unknown weights format {fmt!r} in model.json")
     try:
         with open(path, "rb") as handle:
-            digest = hashlib.sha256()
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-            actual = digest.hexdigest()
+            actual = _sha256_of_handle(handle)
             if actual != expected_sha256.lower():
                 raise ModelError(
                     f"checksum mismatch for {path.name}: model.json says {expected_sha256[:16]}..., "

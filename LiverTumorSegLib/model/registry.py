@@ -176,9 +176,7 @@ def download_model(entry: ModelEntry, *, progress: Optional[Callable[[float, str
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelError(f"cannot create the model cache {root}: {exc}; set {CACHE_ENV}") from None
-    target = root / entry.name
-    if (target.parent.resolve() != root.resolve()) or target.name != entry.name:
-        raise ModelError(f"model {entry.name!r} would be installed outside the cache {root}")
+    target = root / entry.name  # a plain name (checked above): always inside the cache
     lock = root / f".{entry.name}.lock"
     with _install_lock(lock, progress) as locked:
         if (target / CARD_NAME).is_file():
