@@ -159,6 +159,7 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
     from .model import resolve_model
     from .outputs import write_outputs
     from .pipeline import Segmenter
+    from .stats import summary, summary_text
 
     t0 = time.perf_counter()
     check_writable_dir(args.output)
@@ -184,16 +185,12 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
         result.timings["surfaces_and_write"] = time.perf_counter() - t
     finally:
         reporter.close()
-    liver, tumor = result.stats["liver"], result.stats["tumor"]
-    summary = {"liver_ml": round(liver["volume_ml"], 1), "tumor_ml": round(tumor["volume_ml"], 2),
-               "lesions": tumor["count"], "burden_percent": round(tumor["burden_percent"], 2)}
     if args.progress == "json":
-        reporter.event("done", outputs=written, summary=summary,
+        reporter.event("done", outputs=written, summary=summary(result.stats),
                        timings_s={k: round(v, 3) for k, v in result.timings.items()},
                        total_s=round(time.perf_counter() - t0, 3))
     else:
-        _out(f"liver {summary['liver_ml']} mL, tumor {summary['tumor_ml']} mL in {summary['lesions']} "
-              f"lesion(s), burden {summary['burden_percent']} %")
+        _out(summary_text(result.stats))
         _out(f"wrote {len(written)} files to {Path(args.output).resolve()}:")
         for path in written.values():
             _out(f"  {path}")

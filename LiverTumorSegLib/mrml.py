@@ -33,13 +33,15 @@ import numpy as np
 
 from .errors import Cancelled, InputError, LiverTumorSegError
 from .mrml_check import assert_results, check_results, segment_array
-from .mrml_nodes import fill_segmentation, fill_table, local_ijk_to_ras, place_beside, table_statistics, \
-    unique_name, world_matrix
+from .mrml_nodes import LABELMAP_REPRESENTATION, SEGMENTS, fill_segmentation, fill_table, local_ijk_to_ras, \
+    place_beside, restore_segmentation, snapshot_segmentation, table_statistics, unique_name, world_matrix
+from .stats import stats_to_rows
 from .volume import Volume
 
 __all__ = [
     "segment_volume_node", "import_results", "results_to_nodes", "volume_from_node", "statistics_table",
     "export_statistics_csv", "export_surfaces", "check_results", "assert_results", "segment_array",
+    "output_for_volume", "output_problem", "results_volume", "table_statistics",
 ]
 
 TABLE_REFERENCE_ROLE = "liverTumorSegStatistics"
@@ -79,6 +81,62 @@ def volume_from_node(volume_node) -> Volume:
     return volume
 
 
+def results_volume(segmentation_node):
+    """The volume whose geometry ``segmentation_node`` was made on (its reference image
+    geometry node), or None (no node, no reference, or that volume was deleted)."""
+    if segmentation_node is None:
+        return None
+    return segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+
+
+def output_for_volume(segmentation_node, volume_node):
+    """The output segmentation to offer when ``volume_node`` is chosen as input: the
+    given one, or None (a new one) when it holds another volume's results. The panel
+    keeps the last run's segmentation as the output; without this, picking the next
+    patient and clicking Segment would overwrite the previous patient's results."""
+    made_for = results_volume(segmentation_node)
+    if made_for is not None and volume_node is not None and made_for.GetID() != volume_node.GetID():
+        return None
+    return segmentation_node
+
+
+def output_problem(segmentation_node, volume_node) -> Optional[str]:
+    """Why the results for ``volume_node`` must not be written into ``segmentation_node``
+    (None: they may, or no node was given and new ones will be made).
+
+    Refused: a node outside the volume's scene; a segmentation made on another volume
+    (another patient's or series' results would be overwritten under its name); one
+    whose segments are stored as closed surfaces (imported models), which switching it
+    to labelmaps would lose.
+    """
+    if segmentation_node is None:
+        return None
+    name = segmentation_node.GetName()
+    if segmentation_node.GetScene() is None or segmentation_node.GetScene() is not volume_node.GetScene():
+        return f"The output segmentation '{name}' is not in the scene of '{volume_node.GetName()}'."
+    reference = results_volume(segmentation_node)
+    if reference is not None and reference.GetID() != volume_node.GetID():
+        return (f"The output segmentation '{name}' belongs to '{reference.GetName()}', not to "
+                f"'{volume_node.GetName()}'; its segments would be replaced. Choose another output "
+                "segmentation, or none to create a new one.")
+    segmentation = segmentation_node.GetSegmentation()
+    source = segmentation.GetSourceRepresentationName() if hasattr(segmentation, "GetSourceRepresentationName") \
+        else segmentation.GetMasterRepresentationName()
+    others = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+              if segmentation.GetNthSegmentID(i) not in SEGMENTS]
+    if others and source != LABELMAP_REPRESENTATION:
+        return (f"The output segmentation '{name}' stores its segments as {source.lower()}s (imported models); "
+                "LiverTumorSeg writes labelmap segments, and switching it would lose them. Choose another "
+                "output segmentation, or none to create a new one.")
+    return None
+
+
+def _check_output(segmentation_node, volume_node) -> None:
+    problem = output_problem(segmentation_node, volume_node)
+    if problem:
+        raise InputError(problem)
+
+
 def segment_volume_node(volume_node, *, model=None, segmentation_node=None, show_3d: bool = True,
                         progress: Optional[Callable[[float, str], None]] = None,
                         cancel: Optional[Callable[[], bool]] = None, **options) -> Tuple[object, object]:
@@ -103,6 +161,7 @@ def segment_volume_node(volume_node, *, model=None, segmentation_node=None, show
     from .pipeline import Segmenter, SegmentOptions
 
     ct = volume_from_node(volume_node)
+    _check_output(segmentation_node, volume_node)
     segmenter = Segmenter(model, SegmentOptions(**options))
     result = segmenter.segment(ct, progress=progress, cancel=cancel)
     if cancel is not None and cancel():
@@ -114,9 +173,12 @@ def segment_volume_node(volume_node, *, model=None, segmentation_node=None, show
                             show_3d=show_3d)
 
 
-def import_results(volume_node, outdir, *, segmentation_node=None, show_3d: bool = True) -> Tuple[object, object]:
+def import_results(volume_node, outdir, *, segmentation_node=None, show_3d: bool = True,
+                   input_name: Optional[str] = None) -> Tuple[object, object]:
     """Nodes from a command-line output folder (``segmentation.nii.gz`` and
     ``stats.json``) made from this volume node; returns (segmentation, table).
+    ``input_name`` replaces the statistics' ``run.input`` (the file the command line
+    read), e.g. by the volume's name when that file was a temporary copy.
 
     Raises:
         InputError: the folder lacks the files, or the labels are not on the volume's grid.
@@ -131,6 +193,8 @@ def import_results(volume_node, outdir, *, segmentation_node=None, show_3d: bool
         stats = json.loads(stats_path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise InputError(f"{stats_path} is not valid JSON: {exc}") from None
+    if input_name is not None and isinstance(stats.get("run"), dict):
+        stats["run"]["input"] = input_name
     labels = read_volume(seg_path)
     ct = volume_from_node(volume_node)
     if not labels.same_grid(ct, tol=GEOMETRY_TOLERANCE_MM):
@@ -149,9 +213,12 @@ def results_to_nodes(volume_node, labels: np.ndarray, stats: dict, *, segmentati
         labels: (z, y, x) uint8 array on the volume's voxel grid (0, 1 liver, 2 tumor).
         stats: :func:`~LiverTumorSegLib.stats.compute_statistics` output (``stats.json``).
         segmentation_node: existing node to update (its previous statistics table is
-            reused), or None for new nodes named after the volume.
+            reused), or None for new nodes named after the volume. Refused when
+            :func:`output_problem` finds one.
 
-    Nodes created here are removed again if anything fails, so the scene is unchanged.
+    If anything fails, nodes created here are removed again and an existing
+    segmentation gets its segments, transform and reference geometry back, so the scene
+    is unchanged.
     """
     scene = volume_node.GetScene()
     if scene is None:
@@ -159,8 +226,14 @@ def results_to_nodes(volume_node, labels: np.ndarray, stats: dict, *, segmentati
     dims = volume_node.GetImageData().GetDimensions()
     if tuple(labels.shape) != tuple(dims[::-1]):
         raise InputError(f"labels of shape {labels.shape} (z, y, x) do not fit the volume's {dims[::-1]}")
+    _check_output(segmentation_node, volume_node)
+    try:
+        stats_to_rows(stats)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"the statistics are incomplete or malformed ({type(exc).__name__}: {exc})") from None
     base = volume_node.GetName() or "Volume"
     created = []
+    snapshot = None if segmentation_node is None else snapshot_segmentation(segmentation_node)
     scene.StartState(scene.BatchProcessState)
     try:
         if segmentation_node is None:
@@ -178,6 +251,8 @@ def results_to_nodes(volume_node, labels: np.ndarray, stats: dict, *, segmentati
     except Exception:
         for node in created:
             scene.RemoveNode(node)
+        if snapshot is not None:
+            restore_segmentation(segmentation_node, snapshot)
         raise
     finally:
         scene.EndState(scene.BatchProcessState)

@@ -62,11 +62,17 @@ class SegmentationJob:
 
         Raises:
             LiverTumorSegError: the volume cannot be segmented (no voxels, a label map,
-                a non-linear transform...) or cannot be written; nothing was started.
+                a non-linear transform...) or cannot be written, or the output
+                segmentation cannot take its results (:func:`~.mrml.output_problem`);
+                nothing was started.
         """
-        from .mrml import volume_from_node
+        from .errors import InputError
+        from .mrml import output_problem, volume_from_node
 
         volume = volume_from_node(self.volume_node)
+        problem = output_problem(self.segmentation_node, self.volume_node)
+        if problem:
+            raise InputError(problem)
         self._folder = Path(tempfile.mkdtemp(prefix="LiverTumorSeg-", dir=self.workdir))
         try:
             input_path = self._folder / "input.nrrd"
@@ -99,14 +105,17 @@ class SegmentationJob:
             self.state, self.error = FAILED, "The input volume was removed from the scene during the segmentation."
             self._cleanup()
             return RunEvent(FAILED, progress=1.0, message=self.error)
+        if self.segmentation_node is not None and self.segmentation_node.GetScene() is None:
+            self.segmentation_node = None  # deleted by the user during the run: the results go into new nodes
         try:
             self.segmentation_node, self.table_node = import_results(
                 self.volume_node, self._folder / "output", segmentation_node=self.segmentation_node,
-                show_3d=self.show_3d)
+                show_3d=self.show_3d, input_name=self.volume_node.GetName())
             self.state = SUCCEEDED
             return RunEvent(SUCCEEDED, progress=1.0, message="done")
-        except LiverTumorSegError as exc:
-            self.state, self.error = FAILED, str(exc)
+        except Exception as exc:  # the scene is unchanged (import_results rolls back); never stay "running"
+            self.state = FAILED
+            self.error = str(exc) if isinstance(exc, LiverTumorSegError) else f"{type(exc).__name__}: {exc}"
             return RunEvent(FAILED, progress=1.0, message=self.error)
         finally:
             self._cleanup()
@@ -127,7 +136,12 @@ class SegmentationJob:
         return self.state
 
     def wait(self, timeout: Optional[float] = None, on_event: Optional[Callable[[RunEvent], None]] = None) -> str:
-        """Block until the job ends (tests, self-tests, scripts); returns the final state."""
+        """Block until the job ends (tests, self-tests, scripts); returns the final state.
+
+        Raises:
+            TimeoutError: not done within ``timeout`` seconds; the child process has then
+                been stopped and the temporary folder removed, as by :meth:`stop`.
+        """
         import time
 
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -136,7 +150,7 @@ class SegmentationJob:
                 if on_event is not None:
                     on_event(event)
             if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
+                self.stop()
                 raise TimeoutError(f"the segmentation did not finish within {timeout} s")
             time.sleep(0.05)
         return self.state

@@ -24,7 +24,7 @@ from typing import Iterable, List, Optional
 import numpy as np
 
 from .boxes import class_mask
-from .errors import InputError
+from .errors import InputError, LiverTumorSegError
 from .stats import ROW_COLUMNS, stats_to_rows
 
 DICOM_CONTEXT = "Segmentation category and type - DICOM master list"
@@ -43,11 +43,14 @@ SEGMENTS = {
 #: their volume in 3D (at 3 mm voxels, 0.5 shrinks a 12 mm lesion to ~16 %).
 SURFACE_SMOOTHING = "0.2"
 STATS_ATTRIBUTE = "LiverTumorSeg.Statistics"
+#: Slicer's name of the labelmap representation (vtkSegmentationConverter's).
+LABELMAP_REPRESENTATION = "Binary labelmap"
 COLUMN_INFO = {  # column -> (title shown in Slicer, unit, description)
     "name": ("Name", "", "Segment or lesion name"),
     "kind": ("Kind", "", "segment or lesion"),
     "volume_ml": ("Volume (mL)", "mL", "Volume"),
     "voxels": ("Voxels", "", "Number of voxels"),
+    "percent_of_liver": ("% of liver", "%", "Share of the whole liver's volume (Tumor row: tumor burden)"),
     "max_diameter_mm": ("Max diameter (mm)", "mm", "Largest distance between two voxel centres of the lesion"),
     "centroid_r_mm": ("Centroid R (mm)", "mm", "Centroid, R coordinate (RAS)"),
     "centroid_a_mm": ("Centroid A (mm)", "mm", "Centroid, A coordinate (RAS)"),
@@ -189,12 +192,32 @@ def fill_segmentation(segmentation_node, volume_node, labels: np.ndarray, *, sho
         segmentation.AddSegment(segment, segment_id)
     segmentation_node.RemoveClosedSurfaceRepresentation()
     if not segmentation_node.CreateClosedSurfaceRepresentation():
-        raise RuntimeError("Slicer could not create the closed-surface representation of the segments")
+        raise LiverTumorSegError("Slicer could not create the closed-surface (3D) representation of the segments.")
     display = segmentation_node.GetDisplayNode()
     display.SetPreferredDisplayRepresentationName3D(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
     for segment_id, (*_, opacity) in SEGMENTS.items():
         display.SetSegmentOpacity3D(segment_id, opacity)
     display.SetVisibility3D(bool(show_3d))
+
+
+def snapshot_segmentation(segmentation_node) -> tuple:
+    """What :func:`fill_segmentation` changes in an existing node: a deep copy of its
+    segments (with their representations and conversion parameters), its parent
+    transform and its reference geometry volume. For :func:`restore_segmentation`."""
+    import slicer
+
+    copy = slicer.vtkSegmentation()
+    copy.DeepCopy(segmentation_node.GetSegmentation())
+    role = segmentation_node.GetReferenceImageGeometryReferenceRole()
+    return copy, segmentation_node.GetTransformNodeID(), segmentation_node.GetNodeReferenceID(role)
+
+
+def restore_segmentation(segmentation_node, snapshot: tuple) -> None:
+    """Put back what :func:`snapshot_segmentation` saved (after a failed update)."""
+    copy, transform_id, reference_id = snapshot
+    segmentation_node.GetSegmentation().DeepCopy(copy)
+    segmentation_node.SetAndObserveTransformNodeID(transform_id)
+    segmentation_node.SetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole(), reference_id)
 
 
 def fill_table(table_node, stats: dict) -> None:

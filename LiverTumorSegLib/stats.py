@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -35,6 +36,7 @@ ROW_COLUMNS = (
     "kind",
     "volume_ml",
     "voxels",
+    "percent_of_liver",
     "max_diameter_mm",
     "centroid_r_mm",
     "centroid_a_mm",
@@ -130,13 +132,19 @@ def stats_to_rows(stats: dict) -> list:
     One row per segment ("Liver", "Liver parenchyma", "Tumor") then one per lesion
     ("Lesion 1", ...). Columns are :data:`ROW_COLUMNS`; volumes in mL, lengths and
     centroids in RAS mm, intensities in HU; missing values are ``None``.
+    ``percent_of_liver`` is the row's share of the whole liver's voxels (the Tumor row's
+    is the tumor burden); ``None`` when no liver was found.
     """
     liver = stats["liver"]
     tumor = stats["tumor"]
+    liver_voxels = liver["voxels"]
+
+    def percent(voxels) -> Optional[float]:
+        return 100.0 * voxels / liver_voxels if liver_voxels and voxels is not None else None
 
     def segment(name: str, volume: float, voxels, hu: dict) -> dict:
         row = dict.fromkeys(ROW_COLUMNS)
-        row.update(name=name, kind="segment", volume_ml=volume, voxels=voxels)
+        row.update(name=name, kind="segment", volume_ml=volume, voxels=voxels, percent_of_liver=percent(voxels))
         row.update(mean_hu=hu.get("mean"), std_hu=hu.get("std"), min_hu=hu.get("min"), max_hu=hu.get("max"))
         return row
 
@@ -154,6 +162,7 @@ def stats_to_rows(stats: dict) -> list:
             kind="lesion",
             volume_ml=lesion["volume_ml"],
             voxels=lesion["voxels"],
+            percent_of_liver=percent(lesion["voxels"]),
             max_diameter_mm=lesion["max_diameter_mm"],
             centroid_r_mm=r,
             centroid_a_mm=a,
@@ -162,6 +171,20 @@ def stats_to_rows(stats: dict) -> list:
         )
         rows.append(row)
     return rows
+
+
+def summary(stats: dict) -> dict:
+    """The headline figures: liver and tumor volume (mL), lesion count, burden (%)."""
+    liver, tumor = stats["liver"], stats["tumor"]
+    return {"liver_ml": round(liver["volume_ml"], 1), "tumor_ml": round(tumor["volume_ml"], 2),
+            "lesions": tumor["count"], "burden_percent": round(tumor["burden_percent"], 2)}
+
+
+def summary_text(stats: dict) -> str:
+    """:func:`summary` as one line, as the command line prints it and Slicer shows it."""
+    s = summary(stats)
+    return (f"liver {s['liver_ml']} mL, tumor {s['tumor_ml']} mL in {s['lesions']} lesion(s), "
+            f"burden {s['burden_percent']} %")
 
 
 def write_stats_json(stats: dict, path: str | os.PathLike) -> None:

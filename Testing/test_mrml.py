@@ -201,6 +201,92 @@ def test_existing_segmentation_is_updated_and_user_segments_kept(tmp_path):
     mrml.assert_results(seg, table, volume_node=node, labels=labels.array)
 
 
+def test_another_volumes_segmentation_is_refused_as_output(tmp_path):
+    """The panel keeps the last result as the output: a run on patient B must not
+    overwrite patient A's segmentation (and table) under A's name."""
+    ct, labels = big_phantom_labels()
+    write_volume(ct, tmp_path / "ct.nrrd")
+    scene = slicer.vtkMRMLScene()
+    patient_a = load_volume(scene, tmp_path / "ct.nrrd", name="Patient A")
+    patient_b = load_volume(scene, tmp_path / "ct.nrrd", name="Patient B")
+    stats = compute_statistics(labels, ct)
+    seg_a, table_a = mrml.results_to_nodes(patient_a, labels.array, stats)
+    assert mrml.results_volume(seg_a) is not None and mrml.results_volume(seg_a).GetID() == patient_a.GetID()
+    assert mrml.output_problem(seg_a, patient_a) is None
+    assert mrml.output_for_volume(seg_a, patient_a) is seg_a  # the panel keeps it for A...
+    assert mrml.output_for_volume(seg_a, patient_b) is None  # ...and offers a new one for B
+    before = (scene_snapshot(scene), table_rows(table_a))
+    other = labels.array.copy()
+    other[other == 2] = 1
+    with pytest.raises(InputError, match="belongs to 'Patient A', not to 'Patient B'"):
+        mrml.results_to_nodes(patient_b, other, compute_statistics(labels.with_array(other), ct),
+                              segmentation_node=seg_a)
+    with pytest.raises(InputError, match="belongs to 'Patient A'"):
+        SegmentationJob(patient_b, segmentation_node=seg_a, workdir=str(tmp_path)).start()
+    assert (scene_snapshot(scene), table_rows(table_a)) == before
+    assert not list(tmp_path.glob("LiverTumorSeg-*"))
+    mrml.assert_results(seg_a, table_a, volume_node=patient_a, labels=labels.array)
+    # a segmentation made on no volume yet (e.g. an empty one the user created) may be used
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Empty")
+    assert mrml.output_problem(empty, patient_b) is None
+    assert mrml.output_problem(slicer.vtkMRMLScene().AddNewNodeByClass("vtkMRMLSegmentationNode"), patient_b) \
+        == "The output segmentation 'Segmentation' is not in the scene of 'Patient B'."
+
+
+def test_a_segmentation_of_imported_surfaces_is_refused_untouched(tmp_path):
+    """Switching a closed-surface segmentation (imported models) to labelmaps would
+    lose the user's segments: refused before anything changes."""
+    import vtk
+
+    ct, labels = big_phantom_labels()
+    write_volume(ct, tmp_path / "ct.nrrd")
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, tmp_path / "ct.nrrd")
+    models = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Models")
+    models.SetSourceRepresentationToClosedSurface()
+    sphere = vtk.vtkSphereSource()
+    sphere.SetRadius(20)
+    sphere.Update()
+    models.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "Gallbladder")
+    points = models.GetSegmentation().GetNthSegment(0).GetRepresentation("Closed surface").GetNumberOfPoints()
+    with pytest.raises(InputError, match="closed surfaces.*would lose them"):
+        mrml.results_to_nodes(node, labels.array, compute_statistics(labels, ct), segmentation_node=models)
+    assert models.GetSegmentation().GetNumberOfSegments() == 1
+    assert models.GetSegmentation().GetSourceRepresentationName() == "Closed surface"
+    assert models.GetSegmentation().GetNthSegment(0).GetRepresentation("Closed surface").GetNumberOfPoints() == points
+
+
+def test_a_failed_update_gives_the_segmentation_back(tmp_path, monkeypatch):
+    """Anything failing after the segments were replaced (here filling the table)
+    restores the user's segmentation: its segments, transform and reference geometry."""
+    from LiverTumorSegLib import mrml_nodes
+
+    ct, labels = big_phantom_labels()
+    write_volume(ct, tmp_path / "ct.nrrd")
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, tmp_path / "ct.nrrd")
+    stats = compute_statistics(labels, ct)
+    seg, table = mrml.results_to_nodes(node, labels.array, stats)
+    seg.GetSegmentation().AddEmptySegment("Note", "Note")
+    liver_before = segment_array(seg, "Liver", node).copy()
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    node.SetAndObserveTransformNodeID(transform.GetID())  # the update would move the segmentation under it
+
+    def fail(*args):
+        raise OSError("no space left")
+
+    monkeypatch.setattr(mrml, "fill_table", fail)
+    with pytest.raises(OSError, match="no space left"):
+        mrml.results_to_nodes(node, np.zeros_like(labels.array), stats, segmentation_node=seg)
+    monkeypatch.undo()
+    assert seg.GetTransformNodeID() is None
+    assert [seg.GetSegmentation().GetNthSegmentID(i) for i in range(3)] == ["Liver", "Tumor", "Note"]
+    assert np.array_equal(segment_array(seg, "Liver", node), liver_before)
+    assert mrml_nodes.table_statistics(table) == stats
+    with pytest.raises(InputError, match="malformed"):  # checked before anything changes
+        mrml.results_to_nodes(node, labels.array, {"liver": {}}, segmentation_node=seg)
+
+
 def test_exports_match_the_command_line_files(tmp_path):
     ct, labels = big_phantom_labels()
     write_volume(ct, tmp_path / "ct.nrrd")
@@ -484,3 +570,37 @@ def test_job_stop_without_polling_leaves_nothing_behind(oblique_ct, tmp_path, ti
     assert scene_snapshot(scene) == before and job.segmentation_node is None
     if os.path.isdir("/proc"):
         assert _processes_mentioning(str(folder)) == []
+
+
+def test_job_output_deleted_during_the_run_gets_new_nodes(oblique_ct, tmp_path, tiny_model):
+    """The user may delete the output segmentation while Slicer stays responsive: the
+    finished run's results then go into new nodes, named after the volume."""
+    from LiverTumorSegLib.mrml_nodes import table_statistics
+
+    path, _, _ = oblique_ct
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, path, name="Liver CT")
+    first, first_table = mrml.segment_volume_node(node, model=str(tiny_model), fast=True)
+    job = SegmentationJob(node, segmentation_node=first, model=str(tiny_model), fast=True,
+                          workdir=str(tmp_path)).start()
+    scene.RemoveNode(first_table)
+    scene.RemoveNode(first)
+    assert job.wait(timeout=120) == "succeeded", job.error
+    assert job.segmentation_node is not first and job.segmentation_node.GetScene() is scene
+    assert job.segmentation_node.GetName() == "Liver CT segmentation"
+    mrml.assert_results(job.segmentation_node, job.table_node, volume_node=node)
+    assert table_statistics(job.table_node)["run"]["input"] == "Liver CT"  # not the deleted temporary copy
+
+
+def test_job_wait_timeout_stops_the_child_and_removes_the_copy(oblique_ct, tmp_path, tiny_model):
+    path, _, _ = oblique_ct
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, path)
+    before = scene_snapshot(scene)
+    job = SegmentationJob(node, model=str(tiny_model), workdir=str(tmp_path),
+                          extra_args=["--batch-size", "1", "--overlap", "0.9"]).start()
+    folder = next(tmp_path.glob("LiverTumorSeg-*"))
+    with pytest.raises(TimeoutError):
+        job.wait(timeout=0.5)
+    assert job.state == "cancelled" and job.run._proc.poll() is not None
+    assert not folder.exists() and scene_snapshot(scene) == before

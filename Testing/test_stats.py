@@ -15,6 +15,7 @@ from LiverTumorSegLib.stats import (
     compute_statistics,
     max_diameter_mm,
     stats_to_rows,
+    summary_text,
     write_stats_csv,
     write_stats_json,
 )
@@ -210,7 +211,9 @@ def test_empty_labels():
     assert stats["liver"]["volume_ml"] == 0.0 and stats["tumor"]["count"] == 0
     assert stats["tumor"]["burden_percent"] == 0.0 and stats["tumor"]["lesions"] == []
     assert stats["liver"]["hu"]["mean"] is None
-    assert len(stats_to_rows(stats)) == 3
+    rows = stats_to_rows(stats)
+    assert len(rows) == 3 and all(row["percent_of_liver"] is None for row in rows)  # no liver: no share
+    assert summary_text(stats) == "liver 0.0 mL, tumor 0.0 mL in 0 lesion(s), burden 0.0 %"
 
 
 def test_grid_mismatch_raises():
@@ -239,6 +242,14 @@ def test_rows_csv_and_json_agree(sphere_phantom, tmp_path):
     assert rows[3]["max_diameter_mm"] == stats["tumor"]["lesions"][0]["max_diameter_mm"]
     assert rows[3]["centroid_s_mm"] == stats["tumor"]["lesions"][0]["centroid_mm"][2]
     assert rows[3]["std_hu"] is None and rows[0]["centroid_r_mm"] is None
+    assert rows[0]["percent_of_liver"] == 100.0
+    assert rows[2]["percent_of_liver"] == pytest.approx(stats["tumor"]["burden_percent"], rel=1e-12)
+    assert rows[1]["percent_of_liver"] + rows[2]["percent_of_liver"] == pytest.approx(100.0)
+    lesion_share = 100.0 * stats["tumor"]["lesions"][0]["voxels"] / stats["liver"]["voxels"]
+    assert rows[3]["percent_of_liver"] == pytest.approx(lesion_share, rel=1e-12)
+    assert summary_text(stats) == (f"liver {round(stats['liver']['volume_ml'], 1)} mL, tumor "
+                                   f"{round(stats['tumor']['volume_ml'], 2)} mL in 2 lesion(s), burden "
+                                   f"{round(stats['tumor']['burden_percent'], 2)} %")
 
     write_stats_json(stats, tmp_path / "stats.json")
     write_stats_csv(stats, tmp_path / "stats.csv")

@@ -15,6 +15,7 @@ from slicer.util import VTKObservationMixin
 
 from LiverTumorSegLib import mrml
 from LiverTumorSegLib.runner import CANCELLED, RUNNING, SUCCEEDED
+from LiverTumorSegLib.stats import summary_text
 
 from . import dependencies
 from .parameters import Quality
@@ -86,6 +87,11 @@ class Panel(VTKObservationMixin):
         params = self._parameterNode
         if params is None:
             return
+        if self.job is None and params.outputSegmentation is not None:
+            output = mrml.output_for_volume(params.outputSegmentation, params.inputVolume)
+            if output is None:  # another volume's results: make a new one instead
+                params.outputSegmentation = output
+                return  # that change calls this again
         if self.job is None:
             self.ui.applyButton.enabled = params.inputVolume is not None
             self.ui.applyButton.toolTip = ("Segment the liver and liver tumors in the input volume."
@@ -217,7 +223,9 @@ class Panel(VTKObservationMixin):
             if self._parameterNode is not None:
                 self._parameterNode.outputSegmentation = job.segmentation_node
             self.showResults()
-            self.ui.statusLabel.text = f"Done. {notes}".strip()
+            stats = mrml.table_statistics(job.table_node)
+            summary = f" {summary_text(stats)[:1].upper()}{summary_text(stats)[1:]}." if stats else ""
+            self.ui.statusLabel.text = f"Done.{summary} {notes}".strip()
         elif job.state == CANCELLED:
             self.ui.statusLabel.text = "Cancelled; the scene was not changed."
         else:
