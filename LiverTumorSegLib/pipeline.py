@@ -18,7 +18,7 @@ from .errors import InputError
 from .inference import prepare_network, sliding_window_inference
 from .model import LoadedModel, load_model, resolve_model
 from .postprocess import argmax_labels, clean_labels, drop_small_lesions, to_input_grid
-from .preprocess import body_bounding_box, scale_intensity, to_model_grid, validate_ct
+from .preprocess import air_value, body_bounding_box, scale_intensity, to_model_grid, validate_ct
 from .resources import batch_activation_bytes, check_memory, model_grid_size, resolve_device, resolve_precision
 from .volume import Volume
 
@@ -197,6 +197,11 @@ class Segmenter:
     def card(self):
         return self.model.card
 
+    @property
+    def precision_name(self) -> str:
+        """The precision the forward passes run in: ``float32``, ``bfloat16`` or ``float16``."""
+        return str(self.autocast).replace("torch.", "") if self.autocast else "float32"
+
     def check_memory(self, size_xyz, spacing) -> int:
         """Estimate the peak memory for an input of this size; refuse if over budget."""
         widths = self.card.architecture.get("widths") or (32,)
@@ -231,7 +236,7 @@ class Segmenter:
 
     def _run_network(self, net_input: np.ndarray, body: Optional[np.ndarray],
                      progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> np.ndarray:
-        pad_value = float(scale_intensity(np.array([-1024.0], np.float32), self.card.intensity)[0])
+        pad_value = air_value(self.card.intensity)
         network, autocast_dtype = self._network_and_autocast()
         return sliding_window_inference(
             net_input, network, self.card.patch_size, num_classes=self.card.num_classes,
@@ -297,7 +302,7 @@ class Segmenter:
         timings["statistics"] = time.perf_counter() - t
         info = {
             "model": self.card.name, "model_version": self.card.version, "device": self.device,
-            "precision": str(self.autocast).replace("torch.", "") if self.autocast else "float32",
+            "precision": self.precision_name,
             "overlap": self.overlap(), "weighting": self.options.weighting,
             "window_grid": self.options.window_grid if self.options.crop_to_body else "volume, uncropped",
             "model_grid_size_xyz": list(hu.shape_xyz), "small_lesions_dropped": dropped,

@@ -139,6 +139,12 @@ def scale_intensity(hu: np.ndarray, transform: IntensityTransform) -> np.ndarray
     return out
 
 
+def air_value(transform: IntensityTransform) -> float:
+    """The network input value of air (-1024 HU), with which patches are padded beyond
+    the image (inference, and validation during training)."""
+    return float(scale_intensity(np.array([-1024.0], np.float32), transform)[0])
+
+
 def body_bounding_box(hu: np.ndarray, margin: int = 4, threshold: float = BODY_THRESHOLD_HU):
     """Slices (z, y, x) of the box around voxels denser than ``threshold`` HU, grown by
     ``margin`` voxels; None when no voxel is that dense (an empty scan)."""

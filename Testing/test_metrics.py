@@ -97,3 +97,26 @@ def test_score_case_liver_is_the_whole_organ():
     liver_only = score_case(Volume(pred, (2.0, 2.0, 2.0)), Volume((ref > 0).astype(np.uint8), (2.0, 2.0, 2.0)),
                             liver_only=True)
     assert set(liver_only) == {"liver"}
+
+
+def test_means_say_which_cases_their_surface_distances_leave_out():
+    """A missed tumour has no HD95; the mean over the others must not pass for all cases."""
+    from livertumorseg_training.evaluation import failed_cases, mean_metrics, score_case
+
+    spacing = (2.0, 2.0, 2.0)
+    ref = np.zeros((20, 20, 20), np.uint8)
+    ref[4:16, 4:16, 4:16] = 1
+    ref[8:12, 8:12, 8:12] = 2
+    found, missed, healthy = ref.copy(), ref.copy(), ref.copy()
+    missed[ref == 2] = 1                     # the tumour called liver: missed
+    healthy_ref = (ref > 0).astype(np.uint8)
+    healthy[5:7, 5:7, 5:7] = 2               # a tumour found in a healthy liver
+    per_case = {"a": score_case(Volume(found, spacing), Volume(ref, spacing)),
+                "b": score_case(Volume(missed, spacing), Volume(ref, spacing)),
+                "c": score_case(Volume(healthy, spacing), Volume(healthy_ref, spacing))}
+    tumor = mean_metrics(per_case)["tumor"]
+    assert tumor["cases"] == 3 and tumor["hd95_mm_cases"] == 1 and tumor["assd_mm_cases"] == 1
+    assert tumor["missed"] == 1 and tumor["false_positive"] == 1
+    assert tumor["hd95_mm"] == 0.0 and tumor["dice"] == pytest.approx(1.0 / 3.0)
+    assert failed_cases(per_case, "tumor") == {"missed": ["b"], "false_positive": ["c"]}
+    assert mean_metrics(per_case)["liver"]["missed"] == 0

@@ -251,9 +251,29 @@ def test_cache_is_memory_mappable_and_rebuilt_when_parameters_change(tmp_path):
     build_cache(cases, _config(), cache, workers=1, progress=False)
     assert (cache / entries["liver_0"]["files"]["ct"]).stat().st_mtime_ns == stamp, "unchanged: no rebuild"
 
+    with pytest.raises(DatasetError, match=r"other preprocessing \(spacing_mm differ\).*another run"):
+        build_cache(cases, _config(spacing_mm=[2.0, 2.0, 2.0]), cache, workers=1, progress=False,
+                    rebuild_stale=False)  # a --cache-dir folder: another run may be reading it
+    assert (cache / entries["liver_0"]["files"]["ct"]).stat().st_mtime_ns == stamp, "refused: nothing touched"
+
     rebuilt = build_cache(cases, _config(spacing_mm=[2.0, 2.0, 2.0]), cache, workers=1, progress=False)
     assert read_manifest(cache)["params"]["spacing_mm"] == [2.0, 2.0, 2.0]
     assert rebuilt["liver_0"]["shape_zyx"] != entries["liver_0"]["shape_zyx"]
+
+
+def test_cache_is_rebuilt_when_the_preprocessing_code_changes(tmp_path, monkeypatch):
+    from livertumorseg_training import cache as cache_module
+
+    root = make_dataset(tmp_path / "d")
+    cases = training_cases(root)
+    entries = build_cache(cases, _config(), tmp_path / "cache", workers=1, progress=False)
+    ct_file = tmp_path / "cache" / entries["liver_0"]["files"]["ct"]
+    assert read_manifest(tmp_path / "cache")["params"]["code"] == cache_module.code_fingerprint()
+    stamp = ct_file.stat().st_mtime_ns
+    monkeypatch.setattr(cache_module, "code_fingerprint", lambda: "edited")  # e.g. to_model_grid changed
+    build_cache(cases, _config(), tmp_path / "cache", workers=1, progress=False)
+    assert read_manifest(tmp_path / "cache")["params"]["code"] == "edited"
+    assert ct_file.stat().st_mtime_ns != stamp
 
 
 def test_cache_rebuilds_a_case_whose_source_changed(tmp_path):
@@ -298,3 +318,31 @@ def test_reader_and_patches_keep_the_engine_axis_order(tmp_path):
     back = patch_to_zyx(tensor)[0, 1:4].numpy()
     assert np.array_equal(back, zyx.astype(np.float32))
     assert torch.equal(patch_to_zyx(torch.zeros(2, 1, 5, 4, 6)), torch.zeros(2, 1, 6, 4, 5))
+
+
+def test_validation_counts_each_case_once_and_pads_with_air():
+    """DDP's sampler repeats cases to even out the ranks; each case must count once in
+    the Dice that picks checkpoints. Validation pads windows with air, as the engine."""
+    from types import SimpleNamespace
+
+    from livertumorseg_training.module import LiverSegModule
+
+    module = LiverSegModule(load_config("smoke"))
+    module._trainer = SimpleNamespace(world_size=1)
+    # what two ranks gather for 3 cases: rank 0 saw cases 0 and 2, rank 1 saw 1 and 0 again
+    module._case_dice = [(0.0, 0.5, 1.0), (2.0, 0.9, 0.0), (1.0, 0.7, 0.5), (0.0, 0.5, 1.0)]
+    assert module._mean_case_dice().tolist() == pytest.approx([0.7, 0.5])
+    module._case_dice = []
+    assert module._mean_case_dice().tolist() == [0.0, 0.0]
+
+    import torch
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            self.lowest = float(x.min())
+            return torch.zeros((x.shape[0], 3) + tuple(x.shape[2:]))
+
+    module.network = Spy()
+    small = torch.zeros((1, 8, 8, 8))  # smaller than the 32^3 patch: padded
+    module._sliding_window({"image": small, "label": torch.zeros((8, 8, 8), dtype=torch.long)})
+    assert module.network.lowest == -1.0  # air in the window's scaling, not 0 (+25 HU, soft tissue)

@@ -7,13 +7,16 @@ the labels) and stores ``<case>_ct.npy`` (int16 HU) and ``<case>_label.npy`` (ui
 Arrays are (z, y, x) in the model orientation, exactly what the engine feeds the
 network before intensity scaling.
 
-``manifest.json`` holds the preprocessing parameters and, per case, the model-grid
-geometry and the source files' size and modification time. Changing a parameter
-rebuilds the whole cache; a changed source file rebuilds that case.
+``manifest.json`` holds the preprocessing parameters (with a fingerprint of the code
+that reads and resamples the data) and, per case, the model-grid geometry and the source
+files' size and modification time. A changed source file rebuilds that case. Changed
+parameters or code rebuild the whole default cache folder; a folder given with
+``--cache-dir`` is refused instead, because another run may be reading it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -32,6 +35,22 @@ CACHE_FORMAT = 1
 ALLOWED_LABELS = (0, 1, 2)
 
 
+#: The modules whose code decides what the cache holds (reading, checks, resampling).
+CODE_MODULES = ("LiverTumorSegLib.io", "LiverTumorSegLib.volume", "LiverTumorSegLib.preprocess",
+                "livertumorseg_training.cache", "livertumorseg_training.dataset")
+
+
+def code_fingerprint() -> str:
+    """SHA-256 (first 16 hex digits) of the source of :data:`CODE_MODULES`: an edit to
+    the preprocessing rebuilds the cache, even without a version change."""
+    import importlib
+
+    digest = hashlib.sha256()
+    for name in CODE_MODULES:
+        digest.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_params(config: dict) -> dict:
     """The preprocessing parameters a cache depends on (its identity)."""
     from LiverTumorSegLib import __version__
@@ -44,6 +63,7 @@ def cache_params(config: dict) -> dict:
         "label_resampling": "nearest, outside = 0",
         "image_dtype": "int16",
         "engine_version": __version__,
+        "code": code_fingerprint(),
     }
 
 
@@ -155,12 +175,14 @@ def _entry_is_fresh(entry: dict, case: Case, cache_dir: Path) -> bool:
 
 
 def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optional[int] = None,
-                progress: bool = True) -> Dict[str, dict]:
+                progress: bool = True, rebuild_stale: bool = True) -> Dict[str, dict]:
     """Make sure every case is in the cache; returns ``{case_id: manifest entry}``.
 
-    Rebuilds everything when the preprocessing parameters differ from the manifest's,
-    and single cases whose source files changed. Raises :class:`DatasetError` listing
-    every bad case (after processing the good ones, so a fixed data set resumes).
+    Rebuilds single cases whose source files changed. When the preprocessing parameters
+    or code differ from the manifest's, rebuilds everything if ``rebuild_stale``, else
+    raises :class:`DatasetError` (a folder the user chose may serve another run). Raises
+    :class:`DatasetError` listing every bad case (after processing the good ones, so a
+    fixed data set resumes).
     """
     from LiverTumorSegLib.atomic import atomic_write_text
 
@@ -168,6 +190,12 @@ def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optio
     params = cache_params(config)
     manifest = read_manifest(cache_dir)
     if manifest is not None and manifest.get("params") != params:
+        old = manifest.get("params") if isinstance(manifest.get("params"), dict) else {}
+        changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+        if not rebuild_stale:
+            raise DatasetError(f"the cache in {cache_dir} was made with other preprocessing ({', '.join(changed)} "
+                               "differ); another run may still be reading it. Choose another --cache-dir, or "
+                               "delete that folder to rebuild it there.")
         shutil.rmtree(cache_dir)
         manifest = None
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -9,12 +9,20 @@ for the engine's sliding window (``validation.mode: sliding_window``).
 
 Under DDP each process gets its own share of the subjects (a ``DistributedSampler``
 drives the queue), so ranks never train on the same patches.
+
+Randomness: the training queue is made anew every epoch (``reload_dataloaders_every_n_epochs``)
+and reseeds torch, numpy, random and its workers from (recipe seed, epoch, rank) when
+the epoch's first patch is asked for. An epoch's patches and augmentation are thus the
+same whether the run went straight through or was resumed from the previous epoch's
+``last.ckpt`` (resuming used to replay the first epoch's stream). A run resumed
+mid-epoch (a SLURM requeue) starts that epoch's stream again.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import lightning as L
 import numpy as np
@@ -39,6 +47,27 @@ def collate_patches(batch: List[tio.Subject]) -> dict:
     return {"image": image, "label": label, "case_id": [s["case_id"] for s in batch]}
 
 
+def reseed(*position: int) -> None:
+    """Seed torch, numpy, random and the data workers from a position in the run (recipe
+    seed, epoch, rank), so the stream depends on where it is, not on how it got there."""
+    digest = hashlib.sha256(":".join(str(v) for v in position).encode()).digest()
+    L.seed_everything(int.from_bytes(digest[:4], "little"), workers=True, verbose=False)
+
+
+class EpochQueue(tio.Queue):
+    """A ``tio.Queue`` for one epoch that calls ``on_epoch_start`` (the reseeding) when
+    its first patch is asked for, after the loaders around it have drawn their seeds."""
+
+    def __init__(self, *args, on_epoch_start: Callable[[], None], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_epoch_start = on_epoch_start
+
+    def __getitem__(self, index):
+        if index == 0:
+            self.on_epoch_start()
+        return super().__getitem__(index)
+
+
 class WholeVolumes(Dataset):
     """Cached cases as whole, intensity-scaled volumes cropped to the body (like the engine)."""
 
@@ -60,7 +89,7 @@ class WholeVolumes(Dataset):
         box = body_bounding_box(hu) or tuple(slice(0, n) for n in hu.shape)
         image = self.scale(torch.from_numpy(np.ascontiguousarray(hu[box])))
         return {"image": image[None], "label": torch.from_numpy(np.asarray(label[box], dtype=np.int64)),
-                "case_id": entry["case_id"], "spacing_mm": list(entry["spacing_mm"])}
+                "case_id": entry["case_id"], "index": index, "spacing_mm": list(entry["spacing_mm"])}
 
 
 def _first(batch: list) -> dict:
@@ -73,7 +102,9 @@ class LiverDataModule(L.LightningDataModule):
     Args:
         data_dir: the MSD Task03-layout folder holding ``dataset.json``.
         config: the resolved recipe.
-        cache_dir: cache folder; default ``<data_dir>/.livertumorseg-cache/<spacing>-<orientation>``.
+        cache_dir: cache folder; default ``<data_dir>/.livertumorseg-cache/<spacing>-<orientation>``,
+            which is rebuilt when stale (a given folder is refused instead: see
+            :func:`~.cache.build_cache`).
     """
 
     def __init__(self, data_dir: Path, config: dict, cache_dir: Optional[Path] = None) -> None:
@@ -81,6 +112,7 @@ class LiverDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.config = config
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(self.data_dir, config)
+        self.rebuild_stale_cache = not cache_dir
         self.train_cases: List[Case] = []
         self.val_cases: List[Case] = []
         self.entries: dict = {}
@@ -99,12 +131,13 @@ class LiverDataModule(L.LightningDataModule):
         """Build the cache (one process per node under DDP)."""
         self.split()
         build_cache(self.train_cases + self.val_cases, self.config, self.cache_dir,
-                    workers=self.config["data"]["cache_workers"])
+                    workers=self.config["data"]["cache_workers"], rebuild_stale=self.rebuild_stale_cache)
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.split()
         self.entries = build_cache(self.train_cases + self.val_cases, self.config, self.cache_dir,
-                                   workers=self.config["data"]["cache_workers"], progress=False)
+                                   workers=self.config["data"]["cache_workers"], progress=False,
+                                   rebuild_stale=self.rebuild_stale_cache)
 
     def data_summary(self) -> dict:
         """What the model saw: the data set, the split and the cache parameters."""
@@ -141,9 +174,11 @@ class LiverDataModule(L.LightningDataModule):
             case_id=case.case_id,
         )
 
+    def _trainer_attached(self) -> bool:
+        return getattr(self, "trainer", None) is not None
+
     def _distributed(self) -> bool:
-        trainer = getattr(self, "trainer", None)
-        return trainer is not None and trainer.world_size > 1
+        return self._trainer_attached() and self.trainer.world_size > 1
 
     def _sampler(self, dataset: Dataset, shuffle: bool):
         if not self._distributed():
@@ -159,13 +194,18 @@ class LiverDataModule(L.LightningDataModule):
         sampler = self._sampler(subjects, shuffle=train)
         patch_xyz = tuple(reversed([int(p) for p in patch_zyx]))
         probabilities = {int(k): float(v) for k, v in sampling["label_probabilities"].items()}
-        queue = tio.Queue(
-            subjects, max_length=int(sampling["queue_length"]), samples_per_volume=int(sampling["samples_per_volume"]),
-            sampler=FastLabelSampler(patch_xyz, label_name="label", label_probabilities=probabilities),
-            subject_sampler=sampler, num_workers=int(sampling["num_workers"]),
-            shuffle_subjects=train and sampler is None, shuffle_patches=train, start_background=False,
-        )
-        return queue, sampler
+        kwargs = dict(max_length=int(sampling["queue_length"]), samples_per_volume=int(sampling["samples_per_volume"]),
+                      sampler=FastLabelSampler(patch_xyz, label_name="label", label_probabilities=probabilities),
+                      subject_sampler=sampler, num_workers=int(sampling["num_workers"]),
+                      shuffle_subjects=train and sampler is None, shuffle_patches=train, start_background=False)
+        if not train:
+            return tio.Queue(subjects, **kwargs), sampler
+        epoch = self.trainer.current_epoch if self._trainer_attached() else 0
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        rank = self.trainer.global_rank if self._trainer_attached() else 0
+        return EpochQueue(subjects, on_epoch_start=lambda: reseed(int(self.config["seed"]), epoch, rank),
+                          **kwargs), sampler
 
     def train_dataloader(self) -> DataLoader:
         queue, self._train_sampler = self._queue(self.train_cases, train=True)
@@ -183,7 +223,3 @@ class LiverDataModule(L.LightningDataModule):
         return DataLoader(queue, batch_size=int(self.config["trainer"]["batch_size"]), num_workers=0,
                           collate_fn=collate_patches)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle the distributed subject order for a new epoch."""
-        if self._train_sampler is not None:
-            self._train_sampler.set_epoch(epoch)

@@ -99,9 +99,12 @@ def evaluate_cases(model, cases: List[Case], out_dir: Path, *, options=None, liv
         "engine_path": "LiverTumorSegLib.io.read_volume -> LiverTumorSegLib.pipeline.Segmenter.segment "
                        "(the code path of 'livertumorseg segment')",
         "options": {k: v for k, v in vars(segmenter.options).items()},
+        "resolved": {"device": str(segmenter.device),  # what "auto" became on this machine
+                     "precision": segmenter.precision_name},
         "liver_only": liver_only,
         "cases": per_case,
         "mean": mean_metrics(per_case),
+        "failures": {region: failed_cases(per_case, region) for region in REGIONS},
         "detection": _detection(lesions, iou_threshold),
         "definitions": {"liver": "labels 1 and 2 (whole organ)", "tumor": "label 2",
                         "hd95_mm": "max of the two directed 95th-percentile surface distances",
@@ -120,7 +123,14 @@ def evaluate_cases(model, cases: List[Case], out_dir: Path, *, options=None, liv
 
 def mean_metrics(per_case: dict) -> dict:
     """``{"liver": {"dice": mean, ...}, "tumor": {...}}`` over the cases where defined,
-    plus ``global_dice`` (voxels pooled over all cases, LiTS "Dice global")."""
+    plus ``global_dice`` (voxels pooled over all cases, LiTS "Dice global").
+
+    Surface distances are undefined when one mask is empty, i.e. for the worst cases (a
+    missed region, or one found where the reference has none), so their means leave
+    those cases out: ``hd95_mm_cases`` and ``assd_mm_cases`` say over how many cases
+    they were taken, and ``missed`` and ``false_positive`` count the cases left out
+    (:func:`failed_cases` names them).
+    """
     out = {}
     for region in REGIONS:
         rows = [case[region] for case in per_case.values() if region in case]
@@ -131,8 +141,20 @@ def mean_metrics(per_case: dict) -> dict:
         total = sum(r["reference_voxels"] + r["predicted_voxels"] for r in rows)
         means["global_dice"] = 2.0 * inter / total if total else 1.0
         means["cases"] = len(rows)
+        for key in ("hd95_mm", "assd_mm"):
+            means[f"{key}_cases"] = sum(1 for row in rows if row[key] is not None)
+        failed = failed_cases(per_case, region)
+        means["missed"], means["false_positive"] = len(failed["missed"]), len(failed["false_positive"])
         out[region] = means
     return out
+
+
+def failed_cases(per_case: dict, region: str) -> dict:
+    """Case ids where ``region`` was missed (in the reference, not predicted) or found
+    where the reference has none."""
+    rows = {cid: case[region] for cid, case in per_case.items() if region in case}
+    return {"missed": [cid for cid, r in rows.items() if r["reference_voxels"] and not r["predicted_voxels"]],
+            "false_positive": [cid for cid, r in rows.items() if r["predicted_voxels"] and not r["reference_voxels"]]}
 
 
 def _detection(lesions: list, iou_threshold: float) -> dict:

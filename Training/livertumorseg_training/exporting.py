@@ -15,12 +15,12 @@ from typing import Optional
 import torch
 
 from LiverTumorSegLib.model import ModelCard, save_model
-from LiverTumorSegLib.model.card import IntensityTransform
 from LiverTumorSegLib.model.unet import build_network
 
 from .errors import ConfigError
 from .module import CHECKPOINT_KEY, architecture_of
 from .provenance import command_line, git_state, now_utc
+from .transforms import intensity_transform
 
 LABELS = {"0": "background", "1": "liver", "2": "tumor"}
 DEFAULT_INTENDED_USE = ("Research use only. Not a medical device; not for diagnosis, treatment planning "
@@ -58,7 +58,7 @@ def network_from_checkpoint(checkpoint: dict) -> torch.nn.Module:
 
 def card_from_config(config: dict, provenance: dict, metrics: dict) -> ModelCard:
     """The model card for a recipe (weights fields are filled in by ``save_model``)."""
-    export, it = config["export"], config["intensity"]
+    export = config["export"]
     return ModelCard(
         name=str(export["name"] or config["name"]),
         architecture=architecture_of(config),
@@ -68,8 +68,7 @@ def card_from_config(config: dict, provenance: dict, metrics: dict) -> ModelCard
         weights_file="weights.pt",
         weights_sha256="",
         orientation=str(config["data"]["orientation"]).upper(),
-        intensity=IntensityTransform(mode=str(it["mode"]), window_hu=tuple(float(v) for v in it["window_hu"]),
-                                     output_range=tuple(float(v) for v in it["output_range"])),
+        intensity=intensity_transform(config),
         default_overlap=float(export["default_overlap"]),
         version=str(export["version"]),
         description=str(config.get("description") or ""),

@@ -1,10 +1,18 @@
 """The LightningModule: the engine's U-Net, the recipe's loss, optimiser and schedule.
 
 Validation either scores patches (the seed) or runs the engine's own sliding window
-(:func:`LiverTumorSegLib.inference.sliding_window_inference`) over whole validation
-volumes, so the Dice that picks checkpoints is the Dice users get. Each checkpoint
-carries what export needs: the recipe, the data summary, provenance and the
-validation metrics of that moment.
+(:func:`LiverTumorSegLib.inference.sliding_window_inference`: its window grid, Gaussian
+weighting and air padding) over each validation volume's body box on the model grid, so
+the Dice that picks checkpoints is close to the Dice users get; ``evaluate.py`` measures
+the engine itself (body-box windows, postprocessing, the CT's own grid). Each case counts
+once, also under DDP, where the distributed sampler repeats cases to even out the ranks.
+
+Randomness: each training epoch's patches and augmentation follow from (recipe seed,
+epoch) alone (:mod:`.data`), so a run resumed from ``last.ckpt`` trains as one that
+went straight through.
+
+Each checkpoint carries what export needs: the recipe, the data summary, provenance and
+the validation metrics of that moment.
 """
 
 from __future__ import annotations
@@ -76,7 +84,7 @@ class LiverSegModule(L.LightningModule):
         self.augmenter = PatchAugmenter.from_config(config)
         self.val_metrics: dict = {}
         self._counts = torch.zeros(2, 2, dtype=torch.float64)
-        self._case_dice = torch.zeros(3, dtype=torch.float64)
+        self._case_dice: list = []  # (case index, liver Dice, tumor Dice) per validation volume
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
@@ -86,11 +94,6 @@ class LiverSegModule(L.LightningModule):
         return segmentation_loss(logits, target, loss["name"], float(loss["dice_weight"]), loss["class_weights"])
 
     # -- training --------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(self.current_epoch)
-
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         """Training patches come with a margin; augment them here, on the training device,
         and crop them to the network's patch (see :mod:`.augment`)."""
@@ -108,7 +111,7 @@ class LiverSegModule(L.LightningModule):
     # -- validation ------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._counts = torch.zeros(2, 2, dtype=torch.float64)
-        self._case_dice = torch.zeros(3, dtype=torch.float64)
+        self._case_dice = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self.config["validation"]["mode"] == "sliding_window":
@@ -123,26 +126,29 @@ class LiverSegModule(L.LightningModule):
         self._counts += counts
         if self.config["validation"]["mode"] == "sliding_window":
             dice = dice_from_counts(counts)
-            self._case_dice += torch.tensor([float(dice[0]), float(dice[1]), 1.0], dtype=torch.float64)
+            self._case_dice.append((float(batch["index"]), float(dice[0]), float(dice[1])))
         if batch_idx < int(self.config["trainer"]["overlay_images"]) and not self.trainer.sanity_checking:
             self._log_overlay(image, prediction, target, batch_idx)
 
     def _sliding_window(self, batch: dict) -> tuple:
         from LiverTumorSegLib.inference import sliding_window_inference
 
+        from LiverTumorSegLib.preprocess import air_value
+
+        from .transforms import intensity_transform
+
         image = batch["image"].numpy()
         logits = sliding_window_inference(
             image, self.network, [int(p) for p in self.config["sampling"]["patch_size"]], num_classes=3,
             overlap=float(self.config["validation"]["overlap"]), batch_size=int(self.config["trainer"]["batch_size"]),
-            device=str(self.device),
+            device=str(self.device), pad_value=air_value(intensity_transform(self.config)),
         )
         return batch["image"][None], torch.from_numpy(logits)[None], batch["label"][None]
 
     def on_validation_epoch_end(self) -> None:
         counts = self.trainer.strategy.reduce(self._counts.to(self.device, torch.float32), reduce_op="sum").cpu()
         if self.config["validation"]["mode"] == "sliding_window":
-            sums = self.trainer.strategy.reduce(self._case_dice.to(self.device, torch.float32), reduce_op="sum").cpu()
-            dice = (sums[:2] / sums[2].clamp(min=1)).double()
+            dice = self._mean_case_dice()
         else:
             dice = dice_from_counts(counts.double())
         metrics = {"val/dice_liver": float(dice[0]), "val/dice_tumor": float(dice[1]),
@@ -156,6 +162,18 @@ class LiverSegModule(L.LightningModule):
                                 "dice_definition": ("mean per-volume Dice, engine sliding window on whole volumes"
                                                     if self.config["validation"]["mode"] == "sliding_window"
                                                     else "Dice pooled over validation patches")}
+
+    def _mean_case_dice(self) -> torch.Tensor:
+        """(liver, tumor) Dice averaged over the validation cases, each counted once: under
+        DDP every rank holds the same number of cases (the sampler pads by repeating some),
+        so the rows are gathered and duplicates dropped by case index."""
+        rows = torch.tensor(self._case_dice, dtype=torch.float64).reshape(-1, 3)
+        if self.trainer.world_size > 1:
+            rows = self.all_gather(rows.to(self.device)).reshape(-1, 3).cpu()
+        per_case = {int(index): (liver, tumor) for index, liver, tumor in rows.tolist()}
+        if not per_case:
+            return torch.zeros(2, dtype=torch.float64)
+        return torch.tensor(list(per_case.values()), dtype=torch.float64).mean(dim=0)
 
     def _log_overlay(self, image: torch.Tensor, prediction: torch.Tensor, target: torch.Tensor, index: int) -> None:
         experiment = getattr(self.logger, "experiment", None)

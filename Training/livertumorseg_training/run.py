@@ -166,6 +166,7 @@ def build_trainer(config: dict, run_dir: Path):
         check_val_every_n_epoch=int(t["check_val_every_n_epoch"]), log_every_n_steps=int(t["log_every_n_steps"]),
         gradient_clip_val=t["gradient_clip_val"], deterministic=t["deterministic"],
         use_distributed_sampler=False, num_sanity_val_steps=0,
+        reload_dataloaders_every_n_epochs=1,  # a fresh, reseeded training queue per epoch (see .data)
     )
 
 

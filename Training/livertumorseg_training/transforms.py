@@ -113,6 +113,15 @@ class CachedLabelMap(_OneFileLoad, tio.LabelMap):
     """``tio.LabelMap`` for a :class:`CachedArrayReader` file (see :class:`_OneFileLoad`)."""
 
 
+def intensity_transform(config: dict):
+    """The model card's intensity transform for a recipe."""
+    from LiverTumorSegLib.model.card import IntensityTransform
+
+    it = config["intensity"]
+    return IntensityTransform(mode=str(it["mode"]), window_hu=tuple(float(v) for v in it["window_hu"]),
+                              output_range=tuple(float(v) for v in it["output_range"]))
+
+
 class EngineIntensity:
     """HU -> network input with the engine's :func:`~LiverTumorSegLib.preprocess.scale_intensity`.
 
