@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser("segment", help="segment a CT volume (NIfTI, NRRD, MHA/MHD or a DICOM folder)")
     seg.add_argument("input", type=Path, help="CT image file or DICOM series folder")
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if needed)")
+    seg.add_argument("--series", default=None, metavar="UID",
+                     help="the Series Instance UID to read, when the DICOM folder holds several CT series")
     _add_run_options(seg)
 
     demo = sub.add_parser("demo", help="segment the bundled sample CT with the bundled model")
@@ -159,6 +161,7 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
     from .model import resolve_model
     from .outputs import write_outputs
     from .pipeline import Segmenter
+    from .preprocess import check_spacing
     from .stats import summary, summary_text
 
     t0 = time.perf_counter()
@@ -171,10 +174,11 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
         segmenter = Segmenter(model_folder, options)
         header = read_header(input_path)
         if header is not None:  # refuse before reading a volume that cannot fit
+            check_spacing(header[1])  # a wrong spacing would be reported as a memory shortage
             segmenter.check_memory(*header)
         reporter(0.0, "reading")
         t = time.perf_counter()
-        ct = read_volume(input_path)
+        ct = read_volume(input_path, series_uid=getattr(args, "series", None))
         read_s = time.perf_counter() - t
         result = segmenter.segment(ct, progress=reporter, cancel=cancel)
         result.timings = {"read": read_s, **result.timings}
@@ -185,6 +189,8 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
         result.timings["surfaces_and_write"] = time.perf_counter() - t
     finally:
         reporter.close()
+    for warning in result.info.get("warnings", []):  # also in stats.json (run.warnings)
+        print(f"livertumorseg: warning: {warning}", file=sys.stderr)
     if args.progress == "json":
         reporter.event("done", outputs=written, summary=summary(result.stats),
                        timings_s={k: round(v, 3) for k, v in result.timings.items()},

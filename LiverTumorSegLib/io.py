@@ -20,11 +20,14 @@ from .volume import Volume
 SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-def read_volume(path: Path) -> Volume:
+def read_volume(path: Path, series_uid: "str | None" = None) -> Volume:
     """Read a 3D scalar image file or a DICOM series folder.
 
+    ``series_uid`` picks one series of a DICOM folder that holds several CT series.
+
     Raises :class:`InputError` for a missing, unreadable, 2D, 4D or multi-component
-    image.
+    image, and for a file or series whose geometry would be read wrongly (see
+    :func:`_check_nifti` and :func:`_check_slices`).
     """
     import SimpleITK as sitk
 
@@ -32,10 +35,12 @@ def read_volume(path: Path) -> Volume:
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if path.is_dir():
-        image = _read_dicom_folder(path)
+        image = _read_dicom_folder(path, series_uid)
+    elif series_uid is not None:
+        raise InputError(f"a series UID picks one series of a DICOM folder; {path.name} is a file")
     else:
         if path.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti_complete(path)
+            _check_nifti(path)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
@@ -47,52 +52,78 @@ def read_volume(path: Path) -> Volume:
     return _to_volume(image, path)
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Refuse a truncated NIfTI file (SimpleITK would silently zero-fill it).
+def _check_nifti(path: Path) -> None:
+    """Refuse what SimpleITK would read wrongly or silently alter in a NIfTI file.
 
-    Reads the header for the expected data size, then counts the bytes actually
-    present (streaming through the gzip data for ``.nii.gz``).
+    * truncated data (SimpleITK zero-fills it): the bytes present are counted,
+      streaming through the gzip data for ``.nii.gz``;
+    * NaN or Inf voxels in float data (SimpleITK turns them into 0, i.e. soft tissue),
+      counted in the same pass;
+    * an ambiguous geometry: no orientation at all (qform and sform codes 0), a sheared
+      sform, or a qform and an sform that place the image differently (readers differ
+      on which one wins, so the labels could be misplaced in another tool);
+    * NIfTI-2, which this SimpleITK build does not read.
     """
     import gzip
-    import struct
     import zlib
 
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    truncated = InputError(f"cannot read {path.name}: the file is truncated or corrupt (its data ends early)")
     try:
         with opener(path, "rb") as f:
-            header = f.read(540)
-            expected = _nifti_expected_bytes(header, struct)
-            if expected is None:
+            raw = f.read(540)
+            header = _nifti_header(raw)
+            if header is None:
                 return  # not a NIfTI header we understand: the reader will judge it
-            total = len(header)
+            if header["version"] == 2:
+                raise InputError(f"cannot read {path.name}: it is a NIfTI-2 file, which this reader does not support; "
+                                 "save it as NIfTI-1 (.nii.gz) or NRRD")
+            _check_nifti_geometry(header, path.name)
+            counter = _DataCounter(header)
+            counter.feed(raw)
             while True:
                 block = f.read(1 << 22)
                 if not block:
                     break
-                total += len(block)
+                counter.feed(block)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise InputError(f"cannot read {path.name}: the compressed data is truncated or corrupt ({exc})") from None
     except OSError as exc:
         raise InputError(f"cannot read {path.name}: {exc}") from None
-    if total < expected:
-        raise truncated
+    if counter.total < header["expected_bytes"]:
+        raise InputError(f"cannot read {path.name}: the file is truncated or corrupt (its data ends early)")
+    if counter.non_finite:
+        raise InputError(f"the volume has {counter.non_finite} NaN or Inf voxels; fix or crop the image before "
+                         "segmenting")
 
 
-def _nifti_expected_bytes(header: bytes, struct) -> "int | None":
-    if len(header) < 348:
+#: NIfTI datatype codes of the float types (NaN and Inf are possible): float32, float64.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_header(raw: bytes) -> "dict | None":
+    """The fields of a NIfTI-1 or -2 header this module checks, or None."""
+    import struct
+
+    if len(raw) < 348:
         return None
     for order in ("<", ">"):
-        size = struct.unpack(order + "i", header[:4])[0]
+        size = struct.unpack(order + "i", raw[:4])[0]
         if size == 348:
-            dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
-            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            dims = struct.unpack(order + "8h", raw[40:56])
+            datatype, bitpix = struct.unpack(order + "2h", raw[70:74])
+            pixdim = struct.unpack(order + "8f", raw[76:108])
+            offset = int(struct.unpack(order + "f", raw[108:112])[0])
+            qform_code, sform_code = struct.unpack(order + "2h", raw[252:256])
+            quatern = struct.unpack(order + "6f", raw[256:280])
+            srow = struct.unpack(order + "12f", raw[280:328])
+            version = 1
             break
-        if size == 540 and len(header) >= 540:
-            dims = struct.unpack(order + "8q", header[16:80])
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
-            offset = struct.unpack(order + "q", header[168:176])[0]
+        if size == 540 and len(raw) >= 540:
+            dims = struct.unpack(order + "8q", raw[16:80])
+            datatype, bitpix = struct.unpack(order + "2h", raw[12:16])
+            offset = struct.unpack(order + "q", raw[168:176])[0]
+            pixdim, qform_code, sform_code, quatern, srow = (), 0, 0, (), ()
+            version = 2
             break
     else:
         return None
@@ -102,10 +133,95 @@ def _nifti_expected_bytes(header: bytes, struct) -> "int | None":
     voxels = 1
     for d in dims[1:ndim + 1]:
         voxels *= max(int(d), 1)
-    return max(offset, 348) + voxels * bitpix // 8
+    offset = max(int(offset), 348)
+    return {"version": version, "order": order, "dims": dims[1:ndim + 1], "datatype": datatype, "pixdim": pixdim,
+            "offset": offset, "expected_bytes": offset + voxels * bitpix // 8, "qform_code": qform_code,
+            "sform_code": sform_code, "quatern": quatern, "srow": srow}
 
 
-def _read_dicom_folder(folder: Path):
+def _qform_matrix(header: dict) -> np.ndarray:
+    """The 3x4 voxel-to-RAS matrix of a NIfTI-1 qform (quaternion, pixdim, offset)."""
+    b, c, d, qx, qy, qz = (float(v) for v in header["quatern"])
+    a = float(np.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d))))
+    rotation = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                         [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                         [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+    qfac = -1.0 if header["pixdim"][0] < 0 else 1.0
+    scales = np.array([header["pixdim"][1], header["pixdim"][2], qfac * header["pixdim"][3]], dtype=np.float64)
+    return np.column_stack([rotation * scales, [qx, qy, qz]])
+
+
+def _check_nifti_geometry(header: dict, name: str) -> None:
+    qcode, scode = header["qform_code"], header["sform_code"]
+    if qcode <= 0 and scode <= 0:
+        raise InputError(f"{name} has no orientation (its NIfTI qform_code and sform_code are both 0), so the "
+                         "patient's left and right cannot be told apart; re-export it with its geometry "
+                         "(e.g. from the DICOM series)")
+    if scode <= 0:
+        return
+    sform = np.array(header["srow"], dtype=np.float64).reshape(3, 4)
+    axes = sform[:, :3]
+    lengths = np.linalg.norm(axes, axis=0)
+    if np.any(lengths == 0) or not np.all(np.isfinite(sform)):
+        raise InputError(f"{name}: its NIfTI sform is degenerate (a zero or non-finite axis); re-export the image")
+    unit = axes / lengths
+    if not np.allclose(unit.T @ unit, np.eye(3), atol=1e-3):
+        raise InputError(f"{name} has a non-orthogonal (sheared) sform, which the reader would drop; resample the "
+                         "image onto an orthogonal grid and run again")
+    if qcode <= 0:
+        return
+    qform = _qform_matrix(header)
+    dims = [int(d) for d in header["dims"][:3]] + [1] * max(0, 3 - len(header["dims"]))
+    corners = np.array([[i, j, k, 1.0] for i in (0, dims[0] - 1) for j in (0, dims[1] - 1) for k in (0, dims[2] - 1)])
+    apart = float(np.max(np.linalg.norm(corners @ (sform - qform).T, axis=1)))
+    if apart > 0.1 * float(lengths.min()):
+        raise InputError(
+            f"{name}: its NIfTI sform (code {scode}) and qform (code {qcode}) place the image up to {apart:.1f} mm "
+            "apart; tools differ on which one applies, so the labels could be misplaced. Make them agree (e.g. "
+            "with nibabel: img.set_qform(img.get_sform())) and run again")
+
+
+class _DataCounter:
+    """Counts a NIfTI file's bytes and, for float data, its non-finite voxels, block by block."""
+
+    def __init__(self, header: dict) -> None:
+        self.total = 0
+        self.non_finite = 0
+        kind = _NIFTI_FLOATS.get(header["datatype"])
+        self.dtype = np.dtype(header["order"] + kind) if kind else None
+        self.offset = header["offset"]
+        self.end = header["expected_bytes"]
+        self.carry = b""
+
+    def feed(self, block: bytes) -> None:
+        start, self.total = self.total, self.total + len(block)
+        if self.dtype is None:
+            return
+        lo, hi = max(self.offset - start, 0), min(self.end - start, len(block))
+        if hi <= lo:
+            return
+        data = self.carry + block[lo:hi]
+        usable = len(data) - len(data) % self.dtype.itemsize
+        values = np.frombuffer(data[:usable], dtype=self.dtype)
+        self.non_finite += int(values.size - np.count_nonzero(np.isfinite(values)))
+        self.carry = data[usable:]
+
+
+#: A series with fewer slices is a scout or a dose report, not a CT to segment.
+MIN_SERIES_SLICES = 10
+#: Slice spacing may vary by this fraction of the median before a gap is reported.
+SPACING_TOLERANCE = 0.05
+#: Larger tilts of the slice stack against the slice normal are refused (degrees).
+MAX_TILT_DEGREES = 0.5
+
+
+def _read_dicom_folder(folder: Path, series_uid: "str | None" = None):
+    """The folder's CT series as a SimpleITK image, after checking its slices' geometry.
+
+    With several series of :data:`MIN_SERIES_SLICES` or more slices (e.g. arterial and
+    venous phases), ``series_uid`` must say which one; otherwise the largest series is
+    read (a scout or dose report beside the CT is ignored).
+    """
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -119,13 +235,96 @@ def _read_dicom_folder(folder: Path):
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not series:
         raise InputError(f"{folder} is a folder without a readable DICOM series")
-    # Several series: take the one with the most slices (the CT, not a scout).
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series), key=len)
-    reader.SetFileNames(files)
+    files = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
+    if series_uid is not None:
+        if series_uid not in files:
+            raise InputError(f"{folder} holds no DICOM series {series_uid}; it holds: {_list_series(files)}")
+        chosen = series_uid
+    else:
+        large = [sid for sid in series if len(files[sid]) >= MIN_SERIES_SLICES]
+        if len(large) > 1:
+            raise InputError(f"{folder} holds {len(large)} CT series; choose one with --series UID "
+                             f"(or give a folder with one series): {_list_series({sid: files[sid] for sid in large})}")
+        chosen = max(series, key=lambda sid: len(files[sid]))
+    _check_slices(files[chosen], folder)
+    reader.SetFileNames(files[chosen])
     try:
         return reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read the DICOM series in {folder}: {str(exc).strip()[-200:]}") from None
+
+
+def _dicom_tags(path: str, *tags: str) -> tuple:
+    """Tag values of one DICOM file ('' where absent), its pixel data not decoded."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return ("",) * len(tags)
+    return tuple(reader.GetMetaData(t).strip() if reader.HasMetaDataKey(t) else "" for t in tags)
+
+
+def _list_series(files: dict) -> str:
+    parts = []
+    for sid, names in files.items():
+        description, number = _dicom_tags(names[0], "0008|103e", "0020|0011")
+        label = " ".join(x for x in (f"#{number}" if number else "", f"'{description}'" if description else "") if x)
+        parts.append(f"{sid} ({label + ', ' if label else ''}{len(names)} slices)")
+    return "; ".join(parts)
+
+
+def _numbers(text: str, count: int) -> "np.ndarray | None":
+    try:
+        values = np.array([float(v) for v in text.split("\\")], dtype=np.float64)
+    except ValueError:
+        return None
+    return values if values.size == count and np.all(np.isfinite(values)) else None
+
+
+def _check_slices(names: list, folder: Path) -> None:
+    """Refuse a series whose slices do not make one regular grid (the reader would average
+    the spacing or misplace slices): mixed sizes or orientations, duplicate or missing
+    slices, a gantry tilt. Series without position tags are left to the reader."""
+    tags = [_dicom_tags(n, "0020|0032", "0020|0037", "0028|0010", "0028|0011") for n in names]
+    sizes = sorted({(int(rows), int(cols)) for _, _, rows, cols in tags if rows.isdigit() and cols.isdigit()})
+    if len(sizes) > 1:
+        shown = " and ".join(f"{c}x{r}" for r, c in sizes[:3])
+        raise InputError(f"the DICOM series in {folder} mixes slices of different sizes ({shown} pixels); "
+                         "export the CT series alone")
+    positions = [_numbers(position, 3) for position, _, _, _ in tags]
+    orientations = [_numbers(orientation, 6) for _, orientation, _, _ in tags]
+    if len(names) < 3 or any(p is None for p in positions) or any(o is None for o in orientations):
+        return
+    if np.max(np.abs(np.array(orientations) - orientations[0])) > 1e-4:
+        raise InputError(f"the DICOM series in {folder} mixes slice orientations; export the CT series alone")
+    row, col = orientations[0][:3], orientations[0][3:]
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    points = np.array(positions)
+    order = np.argsort(points @ normal)
+    points = points[order]
+    steps = np.diff(points, axis=0)
+    along = steps @ normal
+    where = points @ normal
+    if np.min(along) < 1e-3:
+        k = int(np.argmin(along))
+        raise InputError(f"the DICOM series in {folder} has two slices at the same position ({where[k]:.2f} mm "
+                         "along the slice normal): a duplicate slice or two series mixed; export the CT series alone")
+    lateral = np.linalg.norm(steps - np.outer(along, normal), axis=1)
+    tilt = float(np.degrees(np.arctan2(np.median(lateral), np.median(along))))
+    if tilt > MAX_TILT_DEGREES:
+        raise InputError(f"the DICOM series in {folder} is gantry-tilted by {tilt:.1f} degrees; resample it onto an "
+                         "untilted grid first (3D Slicer's DICOM import can: 'Acquisition geometry regularization')")
+    median = float(np.median(along))
+    worst = int(np.argmax(np.abs(along - median)))
+    if abs(along[worst] - median) > SPACING_TOLERANCE * median:
+        raise InputError(
+            f"the DICOM series in {folder} is not evenly spaced: {along[worst]:.2f} mm between the slices at "
+            f"{where[worst]:.2f} and {where[worst + 1]:.2f} mm along the slice normal, {median:.2f} mm elsewhere "
+            "(a missing slice?); export the complete series")
 
 
 def _to_volume(image, source: Path) -> Volume:
@@ -208,10 +407,14 @@ def read_header(path: Path):
         return None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # read_volume gives the reason, in one line
     try:
         reader.ReadImageInformation()
     except RuntimeError:
         return None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     size = reader.GetSize()
     if len(size) < 3:
         return None

@@ -18,7 +18,7 @@ from .errors import InputError
 from .inference import prepare_network, sliding_window_inference
 from .model import LoadedModel, load_model, resolve_model
 from .postprocess import argmax_labels, clean_labels, drop_small_lesions, to_input_grid
-from .preprocess import air_value, body_bounding_box, scale_intensity, to_model_grid, validate_ct
+from .preprocess import BODY_THRESHOLD_HU, air_value, body_bounding_box, scale_intensity, to_model_grid, validate_ct
 from .resources import batch_activation_bytes, check_memory, model_grid_size, resolve_device, resolve_precision
 from .volume import Volume
 
@@ -68,6 +68,25 @@ class SegmentOptions:
     window_grid: str = WINDOW_GRIDS[0]
     memory_budget_gb: Optional[float] = None
     threads: Optional[int] = None
+
+
+#: Above this share of the found liver in air, the result is flagged (see below).
+LIVER_IN_AIR_WARNING = 0.10
+
+
+def liver_in_air_warning(labels: np.ndarray, hu: np.ndarray) -> Optional[str]:
+    """A warning when much of the found liver lies in air (below -500 HU): what a scan
+    that misses the liver (a thin slab, a crop outside the abdomen) or a non-CT image
+    gives, where the numbers would otherwise look plausible. None when all is well."""
+    liver = labels > 0
+    found = int(np.count_nonzero(liver))
+    if not found:
+        return None
+    in_air = int(np.count_nonzero(hu[liver] < BODY_THRESHOLD_HU))
+    if in_air <= LIVER_IN_AIR_WARNING * found:
+        return None
+    return (f"{100.0 * in_air / found:.0f} % of the liver found lies in air (below -500 HU): the scan may not cover "
+            "the liver, or not be an abdominal CT in HU; check the result before using its figures")
 
 
 @dataclass
@@ -300,11 +319,13 @@ class Segmenter:
         stats = compute_statistics(label_volume, ct)
         report(1.0, "done")
         timings["statistics"] = time.perf_counter() - t
+        warnings = [w for w in (liver_in_air_warning(labels, ct.array),) if w]
         info = {
             "model": self.card.name, "model_version": self.card.version, "device": self.device,
             "precision": self.precision_name,
             "overlap": self.overlap(), "weighting": self.options.weighting,
             "window_grid": self.options.window_grid if self.options.crop_to_body else "volume, uncropped",
             "model_grid_size_xyz": list(hu.shape_xyz), "small_lesions_dropped": dropped,
+            "warnings": warnings,
         }
         return SegmentationResult(labels=label_volume, stats=stats, timings=timings, info=info)

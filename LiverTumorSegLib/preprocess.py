@@ -17,6 +17,7 @@ from .volume import Volume
 
 AIR_HU = -1024.0
 BODY_THRESHOLD_HU = -500.0
+PADDING_BELOW_HU = -3100.0
 
 
 def validate_ct(volume: Volume, *, allow_non_ct: bool = False) -> None:
@@ -38,8 +39,7 @@ def validate_ct(volume: Volume, *, allow_non_ct: bool = False) -> None:
     lo, hi = float(a.min()), float(a.max())
     if lo == hi:
         raise InputError(f"the volume is constant (every voxel is {lo:g}); there is nothing to segment")
-    if min(volume.spacing) < 0.05 or max(volume.spacing) > 50:
-        raise InputError(f"voxel spacing {volume.spacing} mm is implausible for a CT")
+    check_spacing(volume.spacing)
     if not allow_non_ct:
         if 0 <= lo and hi < 256 and np.issubdtype(a.dtype, np.integer):
             values = _label_values(a, int(hi))
@@ -49,11 +49,30 @@ def validate_ct(volume: Volume, *, allow_non_ct: bool = False) -> None:
                     f"this looks like a label map ({len(values)} distinct value{'s' if len(values) > 1 else ''}: "
                     f"{shown}), not a CT in Hounsfield units; pass the CT image itself (a label map is the "
                     "output, not the input)")
-        if lo > BODY_THRESHOLD_HU or lo < -3100:
+        # Below -3100 HU is no tissue nor air: outside-field-of-view padding (-32768,
+        # -3024...) is common, but then real air must be there too.
+        if lo > BODY_THRESHOLD_HU or (lo < PADDING_BELOW_HU and not _has_air(a)):
             raise InputError(
                 f"intensities range {lo:g}..{hi:g}, which does not look like a CT in Hounsfield units "
-                "(no air below -500 HU). Is this an MR or a rescaled image? Use --allow-non-ct to run anyway."
+                "(no air between -3100 and -500 HU). Is this an MR or a rescaled image? Use --allow-non-ct to run "
+                "anyway."
             )
+
+
+def check_spacing(spacing) -> None:
+    """Refuse a voxel spacing no CT has (e.g. a NIfTI whose units say metres); checked
+    from the header too, before the memory estimate, which such a spacing inflates."""
+    if min(spacing) < 0.05 or max(spacing) > 50:
+        raise InputError(f"voxel spacing {tuple(float(s) for s in spacing)} mm is implausible for a CT "
+                         "(are the header's units right?)")
+
+
+def _has_air(a: np.ndarray) -> bool:
+    """Whether some voxel lies in [-3100, -500] HU (air, lung), slab by slab."""
+    for slab in (a if a.ndim > 1 else a[None]):
+        if np.count_nonzero((slab >= PADDING_BELOW_HU) & (slab <= BODY_THRESHOLD_HU)):
+            return True
+    return False
 
 
 def _label_values(a: np.ndarray, hi: int, most: int = 16):

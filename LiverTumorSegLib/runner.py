@@ -83,8 +83,11 @@ def parse_stderr_line(line: str) -> RunEvent:
     text = line.rstrip()
     if text.startswith(ERROR_PREFIX):
         return RunEvent("error", message=text[len(ERROR_PREFIX):].strip())
-    if "Warning:" in text or "warning:" in text or "GPU memory ran out" in text:
-        return RunEvent("warning", message=text.split("Warning:", 1)[-1].strip())
+    at = text.lower().find("warning:")
+    if at >= 0:
+        return RunEvent("warning", message=text[at + len("warning:"):].strip())
+    if "GPU memory ran out" in text:
+        return RunEvent("warning", message=text.strip())
     return RunEvent("log", message=text)
 
 

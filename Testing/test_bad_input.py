@@ -253,3 +253,53 @@ def test_memory_estimate_is_above_the_measured_peak(tmp_path):
     peak = int(proc.stderr.strip().splitlines()[-1]) * 1024
     estimate = Segmenter(DEFAULT_MODEL, SegmentOptions(device="cpu", precision="fp32")).check_memory(*read_header(path))
     assert peak < estimate, (peak >> 20, estimate >> 20)
+
+
+def test_spacing_in_the_wrong_units_is_named_before_the_memory_estimate(capsys, tmp_path, tiny_model):
+    """A NIfTI whose units say metres has a spacing ~1000 times too large; its memory
+    estimate (on the model grid) is huge, but the spacing is what to report."""
+    array = np.full((10, 12, 14), -1000, np.int16)
+    array[3:7, 4:8, 4:9] = 40
+    path = _write_array(tmp_path / "metres.nii.gz", array, spacing=(3262.0, 3262.0, 3850.0))
+    _assert_refused(_run(capsys, tmp_path, path, "--model", str(tiny_model)), "spacing", "implausible", "units")
+
+
+def test_outside_field_of_view_padding_below_minus_3100_is_accepted_when_air_is_there():
+    from LiverTumorSegLib.errors import InputError
+    from LiverTumorSegLib.preprocess import validate_ct
+
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    padded = np.asarray(ct.array, dtype=np.int16).copy()
+    padded[:, :4, :] = -32768  # some scanners' value outside the reconstruction circle
+    validate_ct(ct.with_array(padded))
+    no_air = np.where(padded < -3100, padded, np.maximum(padded, 100)).astype(np.int16)
+    with pytest.raises(InputError, match="no air between -3100 and -500 HU"):
+        validate_ct(ct.with_array(no_air))
+
+
+def test_a_liver_found_in_air_is_flagged():
+    """A scan that misses the liver (a thin slab, a crop outside the abdomen) can give a
+    plausible-looking volume; most of that 'liver' then lies in air."""
+    from LiverTumorSegLib.pipeline import liver_in_air_warning
+
+    hu = np.full((10, 10, 10), 50.0, np.float32)
+    hu[:, :, :5] = -1000.0
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[2:8, 2:8, 3:7] = 1  # half of it in air
+    message = liver_in_air_warning(labels, hu)
+    assert message is not None and message.startswith("50 % of the liver found lies in air")
+    labels[2:8, 2:8, 3:7] = 0
+    labels[2:8, 2:8, 5:9] = 2  # all in tissue
+    assert liver_in_air_warning(labels, hu) is None
+    assert liver_in_air_warning(np.zeros_like(labels), hu) is None
+
+
+def test_the_warning_reaches_stderr_and_stats_json(capsys, tmp_path, tiny_model, monkeypatch):
+    from LiverTumorSegLib import pipeline
+
+    monkeypatch.setattr(pipeline, "liver_in_air_warning", lambda labels, hu: "flagged for the test")
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    code, err, written, _ = _run(capsys, tmp_path, tmp_path / "ct.nii.gz", "--model", str(tiny_model), "--fast")
+    assert code == 0 and "livertumorseg: warning: flagged for the test" in err.splitlines()
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["run"]["warnings"] == ["flagged for the test"]

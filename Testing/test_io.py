@@ -34,22 +34,29 @@ def test_file_formats_round_trip_geometry(tmp_path, suffix):
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
-def _write_dicom_series(folder, v: Volume, compressor=None):
-    folder.mkdir()
+def _write_dicom_series(folder, v: Volume, compressor=None, *, skip=(), duplicate=None, tilt_mm=0.0,
+                        series_uid="1.2.826.0.1.3680043.2.1125.2", description="", small_slice=None):
+    """One file per slice; ``skip`` leaves slices out, ``duplicate`` writes slice k
+    twice, ``tilt_mm`` shifts each slice's position that far along the rows (a gantry
+    tilt), ``small_slice`` writes slice k at half size."""
+    folder.mkdir(exist_ok=True)
     image = v.to_sitk()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     direction = v.direction
     orientation = "\\".join(f"{c:.6f}" for c in list(direction[:, 0]) + list(direction[:, 1]))
-    for k in range(image.GetDepth()):
-        s = image[:, :, k]
+    slices = [k for k in range(image.GetDepth()) if k not in skip] + ([duplicate] if duplicate is not None else [])
+    for n, k in enumerate(slices):
+        s = image[:, :, k] if k != small_slice else image[::2, ::2, k]
         position = v.ijk_to_lps() @ np.array([0, 0, k, 1.0])
-        tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
-                "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{c:.6f}" for c in position[:3]),
+        position[:3] += tilt_mm * k * direction[:, 1]
+        tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": series_uid,
+                "0008|103e": description, "0008|0018": f"{series_uid}.{n + 1}",
+                "0020|0013": str(n + 1), "0020|0032": "\\".join(f"{c:.6f}" for c in position[:3]),
                 "0020|0037": orientation, "0018|0050": str(v.spacing[2]), "0028|1052": "0", "0028|1053": "1"}
         for key, value in tags.items():
             s.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{series_uid[-1]}slice{n:03d}.dcm"))
         if compressor:
             writer.SetUseCompression(True)
             writer.SetCompressor(compressor)
@@ -63,7 +70,7 @@ def test_dicom_series_folder(tmp_path, compressor, syntax):
     folder = tmp_path / "series"
     _write_dicom_series(folder, v, compressor)
     if syntax:  # the files really use a compressed transfer syntax
-        assert syntax in (folder / "slice000.dcm").read_bytes()[:2000]
+        assert syntax in (folder / "2slice000.dcm").read_bytes()[:2000]
     back = read_volume(folder)
     assert back.array.shape == v.array.shape
     np.testing.assert_allclose(back.spacing, v.spacing, atol=1e-3)
@@ -90,3 +97,103 @@ def test_single_frame_4d_image_is_accepted_as_3d(tmp_path):
     path = tmp_path / "one.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(array, isVector=False), str(path))
     assert read_volume(path).array.shape == (5, 6, 7)
+
+
+def _nifti(tmp_path, name, array, sform=None, scode=1, qform=None, qcode=1, **kw):
+    nib = pytest.importorskip("nibabel", reason="nibabel writes the odd headers (training extra)")
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    image = nib.Nifti1Image(array, None)
+    image.set_sform(affine if sform is None else sform, code=scode)
+    image.set_qform(affine if qform is None else qform, code=qcode)
+    for key, value in kw.items():
+        image.header[key] = value
+    path = tmp_path / name
+    nib.save(image, str(path))
+    return path
+
+
+def test_nifti_geometry_readers_disagree_on_is_refused(tmp_path, capfd):
+    """ITK (and so this reader) and nibabel/FSL take different transforms from such
+    headers: the labels would overlay in one tool and be misplaced in the other."""
+    array = np.random.default_rng(2).integers(-1000, 500, size=(12, 10, 8)).astype(np.int16)
+    shifted = np.diag([0.8, 0.8, 2.0, 1.0])
+    shifted[0, 3] = 40.0
+    with pytest.raises(InputError, match=r"sform \(code 2\) and qform \(code 1\) place the image up to 40.0 mm apart"):
+        read_volume(_nifti(tmp_path, "a.nii.gz", array, scode=2, qform=shifted))
+    sheared = np.diag([0.8, 0.8, 2.0, 1.0])
+    sheared[0, 1] = 0.5
+    with pytest.raises(InputError, match="non-orthogonal"):
+        read_volume(_nifti(tmp_path, "b.nii.gz", array, sform=sheared))
+    read_header(tmp_path / "b.nii.gz")
+    assert "WARNING" not in capfd.readouterr().err  # ITK's "unexpected scales in sform" would precede the reason
+    with pytest.raises(InputError, match="no orientation"):
+        read_volume(_nifti(tmp_path, "c.nii", array, scode=0, qcode=0))
+    # agreeing transforms, either alone, and a qform with qfac -1 are read as before
+    for name, kw in {"d.nii.gz": {}, "e.nii.gz": {"qcode": 0}, "f.nii.gz": {"scode": 0},
+                     "g.nii.gz": {"sform": np.diag([-0.8, 0.8, -2.0, 1.0]), "qform": np.diag([-0.8, 0.8, -2.0, 1.0])}}.items():
+        back = read_volume(_nifti(tmp_path, name, array, **kw))
+        np.testing.assert_allclose(back.spacing, (0.8, 0.8, 2.0), rtol=1e-6)
+
+
+def test_nifti_nan_voxels_are_refused_not_zeroed(tmp_path):
+    """SimpleITK's NIfTI reader turns NaN into 0 (soft tissue for the network)."""
+    array = np.random.default_rng(3).normal(-300, 400, size=(12, 10, 8)).astype(np.float32)
+    array[0, :3, :3] = np.nan
+    array[-1, -1, -1] = np.inf
+    for name in ("nan.nii.gz", "nan.nii"):
+        with pytest.raises(InputError, match="has 10 NaN or Inf voxels"):
+            read_volume(_nifti(tmp_path, name, array))
+    big_endian = _nifti(tmp_path, "be.nii", array.astype(">f8"))
+    with pytest.raises(InputError, match="has 10 NaN or Inf voxels"):
+        read_volume(big_endian)
+    array[np.isnan(array) | np.isinf(array)] = -1000
+    assert read_volume(_nifti(tmp_path, "fine.nii.gz", array)).array.shape == (8, 10, 12)
+
+
+def test_nifti2_is_named(tmp_path):
+    nib = pytest.importorskip("nibabel", reason="nibabel writes NIfTI-2 (training extra)")
+    array = np.zeros((6, 6, 6), np.int16) - 1000
+    path = tmp_path / "two.nii.gz"
+    nib.save(nib.Nifti2Image(array, np.eye(4)), str(path))
+    with pytest.raises(InputError, match="NIfTI-2 file, which this reader does not support"):
+        read_volume(path)
+
+
+def _tall_volume() -> Volume:
+    rng = np.random.default_rng(4)
+    array = rng.integers(-1000, 1500, size=(14, 12, 10)).astype(np.int16)
+    return Volume(array, spacing=(0.8, 0.8, 2.5), origin=(-10.0, 5.0, 20.0), direction=np.eye(3))
+
+
+@pytest.mark.parametrize("fault,message", [
+    ({"skip": (6,)}, r"not evenly spaced: 5.00 mm between the slices at .* 2.50 mm elsewhere \(a missing slice\?\)"),
+    ({"duplicate": 4}, r"two slices at the same position \(30.00 mm along the slice normal\)"),
+    ({"tilt_mm": 0.67}, r"gantry-tilted by 15.0 degrees"),
+    ({"small_slice": 3}, r"mixes slices of different sizes \(5x6 and 10x12 pixels\)"),
+])
+def test_dicom_series_that_is_not_one_regular_grid_is_refused(tmp_path, fault, message, capfd):
+    """The reader would average the spacing, misplace slices by up to tens of mm, or dump
+    ITK's internals; each gets one line that names the fault."""
+    _write_dicom_series(tmp_path / "s", _tall_volume(), **fault)
+    with pytest.raises(InputError, match=message):
+        read_volume(tmp_path / "s")
+    assert "WARNING" not in capfd.readouterr().err
+
+
+def test_dicom_folder_with_two_ct_series_asks_which(tmp_path):
+    v = _tall_volume()
+    _write_dicom_series(tmp_path / "study", v, series_uid="1.2.3.1", description="ARTERIAL")
+    venous = v.with_array((v.array + 7).astype(np.int16))
+    _write_dicom_series(tmp_path / "study", venous, series_uid="1.2.3.2", description="VENOUS")
+    with pytest.raises(InputError, match=r"holds 2 CT series; choose one with --series UID .*1\.2\.3\.1 "
+                                         r"\('ARTERIAL', 14 slices\); 1\.2\.3\.2 \('VENOUS', 14 slices\)"):
+        read_volume(tmp_path / "study")
+    np.testing.assert_array_equal(np.sort(read_volume(tmp_path / "study", series_uid="1.2.3.2").array, axis=0),
+                                  np.sort(venous.array, axis=0))
+    with pytest.raises(InputError, match="holds no DICOM series 9.9"):
+        read_volume(tmp_path / "study", series_uid="9.9")
+    # a scout (few slices) beside the CT is not a second series to choose from
+    scout = Volume(v.array[:2], spacing=v.spacing, origin=v.origin, direction=v.direction)
+    _write_dicom_series(tmp_path / "ct_and_scout", v, series_uid="1.2.3.1")
+    _write_dicom_series(tmp_path / "ct_and_scout", scout, series_uid="1.2.3.3")
+    assert read_volume(tmp_path / "ct_and_scout").array.shape == v.array.shape

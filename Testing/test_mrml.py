@@ -415,6 +415,8 @@ def test_progress_and_error_lines_are_parsed():
     assert (error.kind, error.message) == ("error", "input not found: /nope.nii.gz")
     warning = parse_stderr_line("/x/inference.py:207: UserWarning: GPU memory ran out: accumulating on the CPU")
     assert warning.kind == "warning" and warning.message.startswith("GPU memory ran out")
+    flagged = parse_stderr_line("livertumorseg: warning: 93 % of the liver found lies in air (below -500 HU): ...")
+    assert (flagged.kind, flagged.message) == ("warning", "93 % of the liver found lies in air (below -500 HU): ...")
 
 
 class FakeProcess:
