@@ -554,15 +554,20 @@ def test_on_windows_cancel_ends_the_tree_at_once(monkeypatch):
     assert calls == [["taskkill", "/T", "/F", "/PID", "4321"]]
 
 
-def test_job_stop_without_polling_leaves_nothing_behind(oblique_ct, tmp_path, tiny_model):
-    """What the panel does on module unload or exit: no child process, no temporary folder."""
-    path, _, _ = oblique_ct
+def _start_slow_job(oblique_ct, tmp_path, tiny_model):
+    """(scene, its node counts, the job, its temporary folder) for a run slow enough to
+    stop part-way (batch 1, 90 % overlap)."""
     scene = slicer.vtkMRMLScene()
-    node = load_volume(scene, path)
+    node = load_volume(scene, oblique_ct[0])
     before = scene_snapshot(scene)
     job = SegmentationJob(node, model=str(tiny_model), workdir=str(tmp_path),
                           extra_args=["--batch-size", "1", "--overlap", "0.9"]).start()
-    folder = next(tmp_path.glob("LiverTumorSeg-*"))
+    return scene, before, job, next(tmp_path.glob("LiverTumorSeg-*"))
+
+
+def test_job_stop_without_polling_leaves_nothing_behind(oblique_ct, tmp_path, tiny_model):
+    """What the panel does on module unload or exit: no child process, no temporary folder."""
+    scene, before, job, folder = _start_slow_job(oblique_ct, tmp_path, tiny_model)
     deadline = time.monotonic() + 60
     while not any(e.kind == "progress" and "inference" in e.message for e in job.poll()):
         assert time.monotonic() < deadline and job.state == "running", job.error
@@ -595,13 +600,7 @@ def test_job_output_deleted_during_the_run_gets_new_nodes(oblique_ct, tmp_path, 
 
 
 def test_job_wait_timeout_stops_the_child_and_removes_the_copy(oblique_ct, tmp_path, tiny_model):
-    path, _, _ = oblique_ct
-    scene = slicer.vtkMRMLScene()
-    node = load_volume(scene, path)
-    before = scene_snapshot(scene)
-    job = SegmentationJob(node, model=str(tiny_model), workdir=str(tmp_path),
-                          extra_args=["--batch-size", "1", "--overlap", "0.9"]).start()
-    folder = next(tmp_path.glob("LiverTumorSeg-*"))
+    scene, before, job, folder = _start_slow_job(oblique_ct, tmp_path, tiny_model)
     with pytest.raises(TimeoutError):
         job.wait(timeout=0.5)
     assert job.state == "cancelled" and job.run._proc.poll() is not None
