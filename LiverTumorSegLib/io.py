@@ -96,6 +96,9 @@ def _check_nifti(path: Path) -> None:
                          "segmenting")
 
 
+#: sform and qform may place the image this many (smallest) voxels apart: the qform's
+#: float32 quaternion cannot match an oblique sform exactly.
+QFORM_SFORM_TOLERANCE = 0.5
 #: NIfTI datatype codes of the float types (NaN and Inf are possible): float32, float64.
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}
 
@@ -142,7 +145,12 @@ def _nifti_header(raw: bytes) -> "dict | None":
 def _qform_matrix(header: dict) -> np.ndarray:
     """The 3x4 voxel-to-RAS matrix of a NIfTI-1 qform (quaternion, pixdim, offset)."""
     b, c, d, qx, qy, qz = (float(v) for v in header["quatern"])
-    a = float(np.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d))))
+    rest = 1.0 - (b * b + c * c + d * d)
+    if rest < 1e-7:  # a 180-degree rotation, whose a = 0 float32 rounding blurs (nifti1_io's rule)
+        norm = float(np.sqrt(b * b + c * c + d * d))
+        a, b, c, d = 0.0, b / norm, c / norm, d / norm
+    else:
+        a = float(np.sqrt(rest))
     rotation = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
                          [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
                          [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
@@ -174,7 +182,7 @@ def _check_nifti_geometry(header: dict, name: str) -> None:
     dims = [int(d) for d in header["dims"][:3]] + [1] * max(0, 3 - len(header["dims"]))
     corners = np.array([[i, j, k, 1.0] for i in (0, dims[0] - 1) for j in (0, dims[1] - 1) for k in (0, dims[2] - 1)])
     apart = float(np.max(np.linalg.norm(corners @ (sform - qform).T, axis=1)))
-    if apart > 0.1 * float(lengths.min()):
+    if apart > QFORM_SFORM_TOLERANCE * float(lengths.min()):
         raise InputError(
             f"{name}: its NIfTI sform (code {scode}) and qform (code {qcode}) place the image up to {apart:.1f} mm "
             "apart; tools differ on which one applies, so the labels could be misplaced. Make them agree (e.g. "

@@ -34,7 +34,8 @@ import numpy as np
 from .errors import Cancelled, InputError, LiverTumorSegError
 from .mrml_check import assert_results, check_results, segment_array
 from .mrml_nodes import LABELMAP_REPRESENTATION, SEGMENTS, fill_segmentation, fill_table, local_ijk_to_ras, \
-    place_beside, restore_segmentation, snapshot_segmentation, table_statistics, unique_name, world_matrix
+    place_beside, restore_segmentation, restore_table, snapshot_segmentation, snapshot_table, table_statistics, \
+    unique_name, world_matrix
 from .stats import stats_to_rows
 from .volume import Volume
 
@@ -216,9 +217,9 @@ def results_to_nodes(volume_node, labels: np.ndarray, stats: dict, *, segmentati
             reused), or None for new nodes named after the volume. Refused when
             :func:`output_problem` finds one.
 
-    If anything fails, nodes created here are removed again and an existing
-    segmentation gets its segments, transform and reference geometry back, so the scene
-    is unchanged.
+    If anything fails, nodes created here are removed again, and an existing
+    segmentation gets its segments, transform and reference geometry back and its table
+    its rows and statistics, so the scene is unchanged.
     """
     scene = volume_node.GetScene()
     if scene is None:
@@ -234,6 +235,7 @@ def results_to_nodes(volume_node, labels: np.ndarray, stats: dict, *, segmentati
     base = volume_node.GetName() or "Volume"
     created = []
     snapshot = None if segmentation_node is None else snapshot_segmentation(segmentation_node)
+    table_snapshot = None
     scene.StartState(scene.BatchProcessState)
     try:
         if segmentation_node is None:
@@ -244,6 +246,8 @@ def results_to_nodes(volume_node, labels: np.ndarray, stats: dict, *, segmentati
         if table_node is None:
             table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", unique_name(scene, f"{base} statistics"))
             created.append(table_node)
+        else:
+            table_snapshot = snapshot_table(table_node)
         fill_segmentation(segmentation_node, volume_node, labels, show_3d=show_3d)
         fill_table(table_node, stats)
         segmentation_node.SetNodeReferenceID(TABLE_REFERENCE_ROLE, table_node.GetID())
@@ -253,6 +257,8 @@ def results_to_nodes(volume_node, labels: np.ndarray, stats: dict, *, segmentati
             scene.RemoveNode(node)
         if snapshot is not None:
             restore_segmentation(segmentation_node, snapshot)
+        if table_snapshot is not None:
+            restore_table(table_snapshot)
         raise
     finally:
         scene.EndState(scene.BatchProcessState)

@@ -220,6 +220,23 @@ def restore_segmentation(segmentation_node, snapshot: tuple) -> None:
     segmentation_node.SetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole(), reference_id)
 
 
+def snapshot_table(table_node) -> tuple:
+    """A table node's rows and statistics document, for :func:`restore_table`."""
+    import vtk
+
+    copy = vtk.vtkTable()
+    copy.DeepCopy(table_node.GetTable())
+    return table_node, copy, table_node.GetAttribute(STATS_ATTRIBUTE)
+
+
+def restore_table(snapshot: tuple) -> None:
+    """Put back what :func:`snapshot_table` saved (after a failed update)."""
+    table_node, copy, stats_text = snapshot
+    table_node.GetTable().DeepCopy(copy)
+    table_node.SetAttribute(STATS_ATTRIBUTE, stats_text)
+    table_node.Modified()
+
+
 def fill_table(table_node, stats: dict) -> None:
     """Fill ``table_node`` with :func:`~LiverTumorSegLib.stats.stats_to_rows`: a row per
     segment, then a row per lesion; missing values are NaN. The whole statistics document

@@ -37,6 +37,7 @@ from typing import Callable, List, Optional, Sequence
 LIB_PARENT = Path(__file__).resolve().parent.parent
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of memory")
 ERROR_PREFIX = "livertumorseg: error:"
+WARNING_PREFIX = "livertumorseg: warning:"
 EXIT_CANCELLED = 130
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
@@ -83,11 +84,10 @@ def parse_stderr_line(line: str) -> RunEvent:
     text = line.rstrip()
     if text.startswith(ERROR_PREFIX):
         return RunEvent("error", message=text[len(ERROR_PREFIX):].strip())
-    at = text.lower().find("warning:")
-    if at >= 0:
-        return RunEvent("warning", message=text[at + len("warning:"):].strip())
-    if "GPU memory ran out" in text:
-        return RunEvent("warning", message=text.strip())
+    if text.startswith(WARNING_PREFIX):
+        return RunEvent("warning", message=text[len(WARNING_PREFIX):].strip())
+    if "Warning:" in text or "warning:" in text or "GPU memory ran out" in text:  # Python's, not ITK's "WARNING:"
+        return RunEvent("warning", message=text.split("Warning:", 1)[-1].strip())
     return RunEvent("log", message=text)
 
 

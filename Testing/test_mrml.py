@@ -257,8 +257,9 @@ def test_a_segmentation_of_imported_surfaces_is_refused_untouched(tmp_path):
 
 
 def test_a_failed_update_gives_the_segmentation_back(tmp_path, monkeypatch):
-    """Anything failing after the segments were replaced (here filling the table)
-    restores the user's segmentation: its segments, transform and reference geometry."""
+    """Anything failing after the segments were replaced (filling the table, or placing
+    the nodes after it) restores the user's segmentation (its segments, transform and
+    reference geometry) and its table."""
     from LiverTumorSegLib import mrml_nodes
 
     ct, labels = big_phantom_labels()
@@ -275,14 +276,17 @@ def test_a_failed_update_gives_the_segmentation_back(tmp_path, monkeypatch):
     def fail(*args):
         raise OSError("no space left")
 
-    monkeypatch.setattr(mrml, "fill_table", fail)
-    with pytest.raises(OSError, match="no space left"):
-        mrml.results_to_nodes(node, np.zeros_like(labels.array), stats, segmentation_node=seg)
-    monkeypatch.undo()
-    assert seg.GetTransformNodeID() is None
-    assert [seg.GetSegmentation().GetNthSegmentID(i) for i in range(3)] == ["Liver", "Tumor", "Note"]
-    assert np.array_equal(segment_array(seg, "Liver", node), liver_before)
-    assert mrml_nodes.table_statistics(table) == stats
+    rows_before = table_rows(table)
+    empty = np.zeros_like(labels.array)
+    for step in ("fill_table", "place_beside"):  # before and after the table was rewritten
+        monkeypatch.setattr(mrml, step, fail)
+        with pytest.raises(OSError, match="no space left"):
+            mrml.results_to_nodes(node, empty, compute_statistics(labels.with_array(empty), ct), segmentation_node=seg)
+        monkeypatch.undo()
+        assert seg.GetTransformNodeID() is None
+        assert [seg.GetSegmentation().GetNthSegmentID(i) for i in range(3)] == ["Liver", "Tumor", "Note"]
+        assert np.array_equal(segment_array(seg, "Liver", node), liver_before)
+        assert mrml_nodes.table_statistics(table) == stats and table_rows(table) == rows_before
     with pytest.raises(InputError, match="malformed"):  # checked before anything changes
         mrml.results_to_nodes(node, labels.array, {"liver": {}}, segmentation_node=seg)
 
@@ -417,6 +421,8 @@ def test_progress_and_error_lines_are_parsed():
     assert warning.kind == "warning" and warning.message.startswith("GPU memory ran out")
     flagged = parse_stderr_line("livertumorseg: warning: 93 % of the liver found lies in air (below -500 HU): ...")
     assert (flagged.kind, flagged.message) == ("warning", "93 % of the liver found lies in air (below -500 HU): ...")
+    itk = parse_stderr_line("WARNING: In /src/ITK/Modules/IO/ImageBase/include/itkImageSeriesReader.hxx, line 480")
+    assert itk.kind == "log"  # ITK's own lines are not the run's warnings
 
 
 class FakeProcess:

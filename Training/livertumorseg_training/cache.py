@@ -37,7 +37,7 @@ ALLOWED_LABELS = (0, 1, 2)
 
 #: The modules whose code decides what the cache holds (reading, checks, resampling).
 CODE_MODULES = ("LiverTumorSegLib.io", "LiverTumorSegLib.volume", "LiverTumorSegLib.preprocess",
-                "livertumorseg_training.cache", "livertumorseg_training.dataset")
+                "LiverTumorSegLib.model.card", "livertumorseg_training.cache", "livertumorseg_training.dataset")
 
 
 def code_fingerprint() -> str:
