@@ -89,6 +89,20 @@ def liver_in_air_warning(labels: np.ndarray, hu: np.ndarray) -> Optional[str]:
             "the liver, or not be an abdominal CT in HU; check the result before using its figures")
 
 
+#: Above this share of the kept liver, liver-labelled parts left out are flagged.
+LEFT_OUT_WARNING = 0.05
+
+
+def left_out_warning(left_out_ml: float, liver_ml: float) -> Optional[str]:
+    """A warning when postprocessing left out liver-labelled parts of more than 5 % of
+    the liver kept: a lobe that looks disconnected at the model's resolution, or a
+    large false positive elsewhere. Either way, the volume needs a look."""
+    if left_out_ml <= LEFT_OUT_WARNING * max(liver_ml, 0.0):
+        return None
+    return (f"{left_out_ml:.1f} mL labelled liver apart from the largest liver region ({liver_ml:.1f} mL) was left "
+            "out: a lobe the model sees as disconnected, or a false positive; check the liver volume")
+
+
 @dataclass
 class SegmentationResult:
     """Labels (uint8: 0 background, 1 liver, 2 tumor) in the input grid, with stats."""
@@ -303,7 +317,8 @@ class Segmenter:
         model_labels = np.zeros(hu.array.shape, dtype=np.uint8)
         model_labels[box] = argmax_labels(logits)
         del logits
-        model_labels = clean_labels(model_labels)
+        model_labels, left_out = clean_labels(model_labels)
+        left_out_ml = left_out * float(np.prod(self.card.spacing_mm)) / 1000.0
         if cancel is not None and cancel():
             from .errors import Cancelled
 
@@ -319,13 +334,15 @@ class Segmenter:
         stats = compute_statistics(label_volume, ct)
         report(1.0, "done")
         timings["statistics"] = time.perf_counter() - t
-        warnings = [w for w in (liver_in_air_warning(labels, ct.array),) if w]
+        warnings = [w for w in (liver_in_air_warning(labels, ct.array),
+                                left_out_warning(left_out_ml, stats["liver"]["volume_ml"])) if w]
         info = {
             "model": self.card.name, "model_version": self.card.version, "device": self.device,
             "precision": self.precision_name,
             "overlap": self.overlap(), "weighting": self.options.weighting,
             "window_grid": self.options.window_grid if self.options.crop_to_body else "volume, uncropped",
             "model_grid_size_xyz": list(hu.shape_xyz), "small_lesions_dropped": dropped,
+            "liver_left_out_ml": round(left_out_ml, 3),
             "warnings": warnings,
         }
         return SegmentationResult(labels=label_volume, stats=stats, timings=timings, info=info)

@@ -4,11 +4,14 @@ Steps (labels 0 background, 1 liver, 2 tumor):
 
 1. argmax of the logits;
 2. the liver region (liver plus tumor) is its largest 26-connected component, with
-   holes filled;
-3. tumor is kept only inside that region;
+   holes filled (the volume of the other components is reported, see
+   :func:`clean_labels`);
+3. tumor is kept only inside that region, with the holes it encloses filled as tumor
+   (a necrotic or cystic core is tumor, as LiTS labels it);
 4. the two masks (liver region, tumor) are resampled onto the input grid by linear
    interpolation and thresholded at 0.5 (smoother than nearest neighbour), slab by slab
-   to bound memory;
+   to bound memory. This trims convex corners, so lesions one or two model voxels
+   across lose volume on a finer input grid (README, "How the engine works");
 5. tumor components (26-connected) smaller than ``min_lesion_ml`` become liver.
 """
 
@@ -49,13 +52,18 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return sitk.GetArrayFromImage(filled).astype(bool)
 
 
-def clean_labels(labels: np.ndarray) -> np.ndarray:
-    """Steps 2-3 on the model grid: largest liver region, holes filled, tumor inside."""
-    region = fill_holes(largest_component(labels > 0))
+def clean_labels(labels: np.ndarray) -> tuple:
+    """Steps 2-3 on the model grid: largest liver region, holes filled, tumor inside
+    with its enclosed holes filled. Returns (labels, voxels of the liver-labelled
+    components left out): a lobe that looks disconnected at the model's resolution is
+    one of them, so the caller reports a large number."""
+    found = labels > 0
+    region = fill_holes(largest_component(found))
+    left_out = int(np.count_nonzero(found & ~region))
     out = np.zeros(labels.shape, dtype=np.uint8)
     out[region] = LIVER
-    out[region & (labels == TUMOR)] = TUMOR
-    return out
+    out[fill_holes(region & (labels == TUMOR)) & region] = TUMOR
+    return out, left_out
 
 
 def to_input_grid(labels: Volume, reference: Volume) -> np.ndarray:
@@ -104,9 +112,12 @@ def to_input_grid(labels: Volume, reference: Volume) -> np.ndarray:
 
 def _reachable_box(source: Volume, reference: Volume):
     """((z0, z1), (y0, y1), (x0, x1)) of ``reference`` voxels inside ``source``'s grid
-    extent (its corner voxel centres), grown by one voxel; None when they miss it."""
+    extent, grown by one voxel; None when they miss it. The extent reaches half a voxel
+    beyond the corner voxel centres, as far as ITK's linear interpolation still returns
+    the edge value."""
     nz, ny, nx = source.array.shape[:3]
-    corners = np.array([[i, j, k, 1.0] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)]).T
+    corners = np.array([[i, j, k, 1.0] for i in (-0.5, nx - 0.5) for j in (-0.5, ny - 0.5)
+                        for k in (-0.5, nz - 0.5)]).T
     to_ref = np.linalg.inv(reference.ijk_to_lps()) @ source.ijk_to_lps()
     ijk = (to_ref @ corners)[:3]
     lo = np.floor(ijk.min(axis=1)).astype(np.int64) - 1

@@ -40,8 +40,9 @@ def write_preview_png(
 ) -> None:
     """Write one PNG with an axial and a coronal slice side by side, labels overlaid.
 
-    Both slices pass through the centre of mass of the tumor (label 2), else of the
-    liver (labels 1 and 2), else through the middle of the volume. The CT is mapped to
+    Both slices pass through the centre of mass of the largest lesion (26-connected
+    tumor component), else of the liver (labels 1 and 2), else through the middle of
+    the volume. The CT is mapped to
     grey over ``window`` = (lowest, highest) HU; liver is tinted red, tumor green with a
     yellow outline.
 
@@ -97,9 +98,24 @@ def _radiological_view(array: np.ndarray, direction: np.ndarray, spacing: tuple)
     return view, tuple(out_spacing)
 
 
+def _largest_lesion(labels: np.ndarray) -> np.ndarray:
+    """Mask of the largest 26-connected tumor component (found inside the tumor's box;
+    with several lesions, their joint centre of mass can lie in healthy liver)."""
+    import SimpleITK as sitk
+
+    from .boxes import bounding_box
+
+    mask = np.zeros(labels.shape, dtype=bool)
+    box = bounding_box(labels == 2)
+    if box is not None:
+        cc = sitk.ConnectedComponent(sitk.GetImageFromArray((labels[box] == 2).astype(np.uint8)), True)
+        mask[box] = sitk.GetArrayFromImage(sitk.RelabelComponent(cc, sortByObjectSize=True)) == 1
+    return mask
+
+
 def _focus(labels: np.ndarray) -> tuple:
-    """(S, P) indices of the tumor's, else the liver's, centre of mass, else the middle."""
-    for mask in (labels == 2, labels != 0):
+    """(S, P) indices of the largest lesion's, else the liver's, centre of mass, else the middle."""
+    for mask in (_largest_lesion(labels), labels != 0):
         s_counts = np.count_nonzero(mask, axis=(1, 2))
         total = s_counts.sum()
         if total:

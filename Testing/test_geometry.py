@@ -130,3 +130,30 @@ def test_class_mask_matches_isin():
     for values in ((1, 2), (2,), (0, 3), (7,)):
         assert np.array_equal(class_mask(labels, values), np.isin(labels, values))
     assert np.array_equal(class_mask(labels.astype(np.int32), (1, 2)), np.isin(labels, (1, 2)))
+
+
+def test_labels_that_reach_the_scan_edge_keep_the_edge_slices():
+    """ITK's linear interpolation reaches half a source voxel beyond the corner voxel
+    centres; on a fine input grid (0.5 mm) the first and last slices lie in that half
+    voxel, and the reachable box used to leave them out."""
+    from LiverTumorSegLib.postprocess import to_input_grid
+
+    ct = Volume(np.zeros((30, 12, 12), np.int16), spacing=(1.0, 1.0, 0.5), origin=(0.0, 0.0, 0.0))
+    model = Volume(np.ones((5, 4, 4), np.uint8), spacing=(3.0, 3.0, 3.0), origin=(1.5, 1.5, 1.25))
+    got = to_input_grid(model, ct)
+    per_slice = np.count_nonzero(got, axis=(1, 2))
+    assert per_slice[0] == per_slice[len(per_slice) // 2] == per_slice[-1] > 0, per_slice
+
+
+def test_cleaning_fills_a_tumor_core_as_tumor_and_reports_what_it_left_out():
+    from LiverTumorSegLib.postprocess import LIVER, TUMOR, clean_labels
+
+    labels = np.zeros((20, 20, 30), np.uint8)
+    labels[2:18, 2:18, 2:18] = LIVER
+    labels[6:14, 6:14, 6:14] = TUMOR
+    labels[8:12, 8:12, 8:12] = 0  # a necrotic core the network calls background
+    labels[5:9, 5:9, 22:27] = LIVER  # a separate part: 80 voxels
+    cleaned, left_out = clean_labels(labels)
+    assert np.all(cleaned[8:12, 8:12, 8:12] == TUMOR)
+    assert left_out == 80 and not cleaned[5:9, 5:9, 22:27].any()
+    assert np.count_nonzero(cleaned == TUMOR) == 8 ** 3

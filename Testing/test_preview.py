@@ -110,3 +110,17 @@ def test_real_lits_preview(tmp_path):
     write_preview_png(ct, labels, tmp_path / "lits.png")
     reddish, greenish, _ = colour_masks(read_rgb(tmp_path / "lits.png"))
     assert reddish.sum() > 1000 and greenish.sum() > 100
+
+
+def test_both_slices_pass_through_the_largest_lesion():
+    """Two lesions far apart: their joint centre of mass lies in healthy liver, and
+    slices through it showed no tumor at all."""
+    from LiverTumorSegLib.preview import _focus
+
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[5:35, 5:35, 5:35] = 1
+    labels[8:14, 8:14, 8:14] = 2    # 216 voxels, near one corner
+    labels[26:33, 26:33, 26:33] = 2  # 343 voxels, near the other
+    s, p = _focus(labels)
+    assert 26 <= s < 33 and 26 <= p < 33
+    assert (labels[s] == 2).any() and (labels[:, p] == 2).any()

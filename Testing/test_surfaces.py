@@ -202,3 +202,29 @@ def test_obj_output(tmp_path):
     faces = np.array([[int(v) for v in line.split()[1:]] for line in lines if line.startswith("f ")])
     np.testing.assert_allclose(vertices, mesh.vertices, atol=1e-5)
     np.testing.assert_array_equal(faces - 1, mesh.faces)
+
+
+def test_smoothing_leaves_lesions_of_a_few_voxels_their_volume():
+    """Ten Taubin passes shrank a one-voxel lesion to a point and a 2x2x2 one to 46 %;
+    components under SMOOTH_MIN_VOXELS are now left as marching cubes made them, while
+    a big one beside them is still smoothed."""
+    geometry = Volume(np.zeros((30, 30, 30), np.uint8), spacing=(3.0, 3.0, 3.0))
+    mask = np.zeros((30, 30, 30), bool)
+    mask[3, 3, 3] = True                # one voxel
+    mask[8:10, 8:10, 8:10] = True       # 2x2x2
+    zz, yy, xx = np.mgrid[:30, :30, :30]
+    mask |= (zz - 20) ** 2 + (yy - 20) ** 2 + (xx - 20) ** 2 <= 36  # a sphere of radius 6 voxels
+    raw = label_surface(mask, geometry)
+    smooth = label_surface(mask, geometry, smoothing_iterations=10)
+    small = np.zeros_like(mask)
+    small[3, 3, 3] = small[8:10, 8:10, 8:10] = True
+    assert mesh_volume_ml(label_surface(small, geometry, smoothing_iterations=10)) == \
+        pytest.approx(mesh_volume_ml(label_surface(small, geometry)), rel=1e-9)
+    assert smooth.n_triangles == raw.n_triangles
+    assert mesh_volume_ml(smooth) == pytest.approx(mesh_volume_ml(raw), rel=0.03)
+
+    def sphere_spread(mesh: Mesh) -> float:  # the sphere's vertices lie within 25 mm of its centre (60 mm)
+        distance = np.linalg.norm(mesh.vertices - 60.0, axis=1)
+        return float(np.std(distance[distance < 25.0]))
+
+    assert sphere_spread(smooth) < 0.8 * sphere_spread(raw)  # still smoothed
