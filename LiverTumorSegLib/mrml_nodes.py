@@ -52,6 +52,9 @@ COLUMN_INFO = {  # column -> (title shown in Slicer, unit, description)
     "voxels": ("Voxels", "", "Number of voxels"),
     "percent_of_liver": ("% of liver", "%", "Share of the whole liver's volume (Tumor row: tumor burden)"),
     "max_diameter_mm": ("Max diameter (mm)", "mm", "Largest distance between two voxel centres of the lesion"),
+    "max_axial_diameter_mm": ("Max axial diameter (mm)", "mm",
+                              "Largest in-slice distance between two voxel centres on the slices nearest to axial "
+                              "(the long axis RECIST measures)"),
     "centroid_r_mm": ("Centroid R (mm)", "mm", "Centroid, R coordinate (RAS)"),
     "centroid_a_mm": ("Centroid A (mm)", "mm", "Centroid, A coordinate (RAS)"),
     "centroid_s_mm": ("Centroid S (mm)", "mm", "Centroid, S coordinate (RAS)"),

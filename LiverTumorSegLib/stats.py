@@ -38,6 +38,7 @@ ROW_COLUMNS = (
     "voxels",
     "percent_of_liver",
     "max_diameter_mm",
+    "max_axial_diameter_mm",
     "centroid_r_mm",
     "centroid_a_mm",
     "centroid_s_mm",
@@ -164,6 +165,7 @@ def stats_to_rows(stats: dict) -> list:
             voxels=lesion["voxels"],
             percent_of_liver=percent(lesion["voxels"]),
             max_diameter_mm=lesion["max_diameter_mm"],
+            max_axial_diameter_mm=lesion.get("max_axial_diameter_mm"),
             centroid_r_mm=r,
             centroid_a_mm=a,
             centroid_s_mm=s,
@@ -239,6 +241,23 @@ def max_diameter_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0, 0, 0
     return _brute_force_diameter(points)
 
 
+def max_axial_diameter_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0, 0, 0)) -> float:
+    """Largest in-slice distance in mm between voxel centres of ``mask``, over the slices
+    of the grid axis closest to the patient's superior-inferior axis: the long axis that
+    RECIST measures on axial slices (on an oblique grid, on its own slices nearest to
+    axial). Same arguments as :func:`max_diameter_mm`; 0.0 for a one-voxel slice."""
+    mask = np.asarray(mask, dtype=bool)
+    axis_xyz = int(np.argmax(np.abs(geometry.direction[2])))  # the i, j or k axis nearest to S (LPS z)
+    axis = 2 - axis_xyz  # the same axis in (z, y, x) array order
+    best = 0.0
+    for index in np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))):
+        one = np.take(mask, [int(index)], axis=axis)
+        shift = list(offset)
+        shift[axis] += int(index)
+        best = max(best, max_diameter_mm(one, geometry, tuple(shift)))
+    return best
+
+
 # -- lesions ------------------------------------------------------------------------
 def _lesions(tumor: np.ndarray, ct_crop: np.ndarray | None, geometry: Volume, offset: tuple) -> list:
     """Per-lesion measurements for the 26-connected components of a tumor crop."""
@@ -273,6 +292,8 @@ def _lesions(tumor: np.ndarray, ct_crop: np.ndarray | None, geometry: Volume, of
             "volume_ml": voxels * geometry.voxel_volume_ml,
             "voxels": voxels,
             "max_diameter_mm": max_diameter_mm(sub, geometry, (offset[0] + z0, offset[1] + y0, offset[2] + x0)),
+            "max_axial_diameter_mm": max_axial_diameter_mm(sub, geometry,
+                                                           (offset[0] + z0, offset[1] + y0, offset[2] + x0)),
             "centroid_mm": [float(c) for c in centroid[:3]],
             "mean_hu": None if means is None else float(means[label]),
         })

@@ -314,3 +314,37 @@ def test_real_lits_labels_match_direct_computation():
     )
     assert [v for v, _ in small] == [v for v, _ in direct]
     np.testing.assert_allclose([d for _, d in small], [d for _, d in direct], rtol=1e-6)
+
+
+def test_max_axial_diameter_is_the_longest_in_slice_distance_nearest_to_axial():
+    """RECIST's long axis: within single slices of the grid axis nearest to S; checked by
+    brute force on random blobs, on axial and on sagittal-stored oblique grids."""
+    from LiverTumorSegLib.stats import max_axial_diameter_mm
+
+    rng = np.random.default_rng(7)
+    sagittal = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # k along L: j is nearest to S
+    for direction in (np.eye(3), rotation_about_s(0.3), sagittal @ rotation_about_s(0.2)):
+        axis_xyz = int(np.argmax(np.abs(direction[2])))
+        for _ in range(10):
+            shape = tuple(int(n) for n in rng.integers(3, 10, size=3))
+            mask = rng.random(shape) < rng.uniform(0.1, 0.5)
+            if not mask.any():
+                continue
+            geometry = Volume(np.zeros(shape), spacing=tuple(rng.uniform(0.5, 3.0, size=3)), direction=direction)
+            points = np.argwhere(mask).astype(float)  # (z, y, x)
+            column = 2 - axis_xyz
+            expected = max((brute_force_diameter(points[points[:, column] == v], geometry)
+                            for v in np.unique(points[:, column]) if (points[:, column] == v).sum() > 1), default=0.0)
+            assert max_axial_diameter_mm(mask, geometry) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    # an ellipsoid long in S: the 3D diameter is its S length, the axial one its width
+    idx = np.indices((30, 12, 12), dtype=float)
+    mask = ((idx[0] - 14.5) / 14.0) ** 2 + ((idx[1] - 5.5) / 5.0) ** 2 + ((idx[2] - 5.5) / 5.0) ** 2 <= 1.0
+    geometry = Volume(np.zeros(mask.shape), spacing=(1.0, 1.0, 2.0))
+    assert max_axial_diameter_mm(mask, geometry) < 12.0 < 50.0 < max_diameter_mm(mask, geometry)
+    stats = compute_statistics(geometry.with_array(mask.astype(np.uint8) * 2))
+    assert stats["tumor"]["lesions"][0]["max_axial_diameter_mm"] == max_axial_diameter_mm(mask, geometry)
+
+
+def rotation_about_s(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
