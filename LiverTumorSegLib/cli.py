@@ -157,7 +157,7 @@ def _options(args):
 
 def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
     from .atomic import check_writable_dir
-    from .io import read_header, read_volume
+    from .io import read_header, read_volume, series_record
     from .model import resolve_model
     from .outputs import write_outputs
     from .pipeline import Segmenter
@@ -179,13 +179,16 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
         reporter(0.0, "reading")
         t = time.perf_counter()
         ct = read_volume(input_path, series_uid=getattr(args, "series", None))
+        provenance = {"input": str(input_path)}
+        if input_path.is_dir():  # which series of the folder was segmented
+            provenance["series"] = series_record(input_path, getattr(args, "series", None))
         read_s = time.perf_counter() - t
         result = segmenter.segment(ct, progress=reporter, cancel=cancel)
         result.timings = {"read": read_s, **result.timings}
         t = time.perf_counter()
         written = write_outputs(result, ct, args.output, surfaces=not args.no_surfaces,
                                 mesh_format=args.mesh_format, preview=not args.no_preview,
-                                extra={"input": str(input_path)})
+                                extra=provenance)
         result.timings["surfaces_and_write"] = time.perf_counter() - t
     finally:
         reporter.close()

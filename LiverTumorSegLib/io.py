@@ -223,15 +223,16 @@ SPACING_TOLERANCE = 0.05
 MAX_TILT_DEGREES = 0.5
 
 
-def _read_dicom_folder(folder: Path, series_uid: "str | None" = None):
-    """The folder's CT series as a SimpleITK image, after checking its slices' geometry.
+def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
+    """(UID, sorted file names) of the CT series to read from a DICOM folder.
 
     With several series of :data:`MIN_SERIES_SLICES` or more slices (e.g. arterial and
     venous phases), ``series_uid`` must say which one; otherwise the largest series is
-    read (a scout or dose report beside the CT is ignored).
+    taken (a scout or dose report beside the CT is ignored).
     """
     import SimpleITK as sitk
 
+    folder = Path(folder)
     reader = sitk.ImageSeriesReader()
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found": the error below says it
@@ -247,15 +248,32 @@ def _read_dicom_folder(folder: Path, series_uid: "str | None" = None):
     if series_uid is not None:
         if series_uid not in files:
             raise InputError(f"{folder} holds no DICOM series {series_uid}; it holds: {_list_series(files)}")
-        chosen = series_uid
-    else:
-        large = [sid for sid in series if len(files[sid]) >= MIN_SERIES_SLICES]
-        if len(large) > 1:
-            raise InputError(f"{folder} holds {len(large)} CT series; choose one with --series UID "
-                             f"(or give a folder with one series): {_list_series({sid: files[sid] for sid in large})}")
-        chosen = max(series, key=lambda sid: len(files[sid]))
-    _check_slices(files[chosen], folder)
-    reader.SetFileNames(files[chosen])
+        return series_uid, files[series_uid]
+    large = [sid for sid in series if len(files[sid]) >= MIN_SERIES_SLICES]
+    if len(large) > 1:
+        raise InputError(f"{folder} holds {len(large)} CT series; choose one with --series UID "
+                         f"(or give a folder with one series): {_list_series({sid: files[sid] for sid in large})}")
+    chosen = max(series, key=lambda sid: len(files[sid]))
+    return chosen, files[chosen]
+
+
+def series_record(folder: Path, series_uid: "str | None" = None) -> dict:
+    """What identifies the series read from a DICOM folder, for provenance
+    (``stats.json``'s ``run.series``): UID, number, description, slice count."""
+    uid, names = choose_series(folder, series_uid)
+    description, number = _dicom_tags(names[0], "0008|103e", "0020|0011")
+    return {"uid": uid, "number": number, "description": description, "slices": len(names)}
+
+
+def _read_dicom_folder(folder: Path, series_uid: "str | None" = None):
+    """The chosen CT series (:func:`choose_series`) as a SimpleITK image, after checking
+    its slices' geometry."""
+    import SimpleITK as sitk
+
+    _, names = choose_series(folder, series_uid)
+    _check_slices(names, folder)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(names)
     try:
         return reader.Execute()
     except RuntimeError as exc:

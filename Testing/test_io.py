@@ -221,3 +221,20 @@ def test_oblique_nifti_written_from_one_affine_is_accepted(tmp_path, axis):
     v = Volume(np.zeros((30, 40, 40), np.int16) - 1000, spacing=(0.78, 0.78, 1.25), direction=rotation(axis, 20.0))
     write_volume(v, tmp_path / "tilted.nii.gz")
     assert read_volume(tmp_path / "tilted.nii.gz").same_grid(v, tol=1e-3)
+
+
+def test_the_series_read_is_recorded(tmp_path, tiny_model):
+    """stats.json says which series of a DICOM folder was segmented (UID, description)."""
+    import json
+
+    from LiverTumorSegLib.cli import main
+    from .oracle import analytic_ct
+
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    ct = ct.with_array(np.asarray(ct.array, dtype=np.int16))
+    _write_dicom_series(tmp_path / "study", ct, series_uid="1.2.3.1", description="ARTERIAL")
+    _write_dicom_series(tmp_path / "study", ct, series_uid="1.2.3.2", description="VENOUS")
+    assert main(["segment", str(tmp_path / "study"), "--series", "1.2.3.2", "-o", str(tmp_path / "out"),
+                 "--model", str(tiny_model), "--progress", "none", "--fast", "--no-surfaces", "--no-preview"]) == 0
+    run = json.loads((tmp_path / "out" / "stats.json").read_text())["run"]
+    assert run["series"] == {"uid": "1.2.3.2", "number": "", "description": "VENOUS", "slices": ct.array.shape[0]}
