@@ -157,7 +157,7 @@ def _options(args):
 
 def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
     from .atomic import check_writable_dir
-    from .io import read_header, read_volume, series_record
+    from .io import read_dicom_series, read_header, read_volume
     from .model import resolve_model
     from .outputs import write_outputs
     from .pipeline import Segmenter
@@ -178,10 +178,11 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
             segmenter.check_memory(*header)
         reporter(0.0, "reading")
         t = time.perf_counter()
-        ct = read_volume(input_path, series_uid=getattr(args, "series", None))
         provenance = {"input": str(input_path)}
-        if input_path.is_dir():  # which series of the folder was segmented
-            provenance["series"] = series_record(input_path, getattr(args, "series", None))
+        if input_path.is_dir():  # a DICOM folder: also record which series was segmented
+            ct, provenance["series"] = read_dicom_series(input_path, getattr(args, "series", None))
+        else:
+            ct = read_volume(input_path, series_uid=getattr(args, "series", None))
         read_s = time.perf_counter() - t
         result = segmenter.segment(ct, progress=reporter, cancel=cancel)
         result.timings = {"read": read_s, **result.timings}

@@ -35,20 +35,19 @@ def read_volume(path: Path, series_uid: "str | None" = None) -> Volume:
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if path.is_dir():
-        image = _read_dicom_folder(path, series_uid)
-    elif series_uid is not None:
+        return read_dicom_series(path, series_uid)[0]
+    if series_uid is not None:
         raise InputError(f"a series UID picks one series of a DICOM folder; {path.name} is a file")
-    else:
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti(path)
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-            raise InputError(
-                f"cannot read {path.name}: the file is corrupt, truncated or not a supported image "
-                f"(NIfTI, NRRD, MHA/MHD, or a DICOM folder). Reader said: {reason[:200]}"
-            ) from None
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise InputError(
+            f"cannot read {path.name}: the file is corrupt, truncated or not a supported image "
+            f"(NIfTI, NRRD, MHA/MHD, or a DICOM folder). Reader said: {reason[:200]}"
+        ) from None
     return _to_volume(image, path)
 
 
@@ -257,21 +256,21 @@ def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
     return chosen, files[chosen]
 
 
-def series_record(folder: Path, series_uid: "str | None" = None) -> dict:
-    """What identifies the series read from a DICOM folder, for provenance
-    (``stats.json``'s ``run.series``): UID, number, description, slice count."""
+def read_dicom_series(folder: Path, series_uid: "str | None" = None) -> tuple:
+    """(Volume, record) of a DICOM folder's CT series (:func:`choose_series`); the record
+    identifies it for provenance (``stats.json``'s ``run.series``): UID, number,
+    description, slice count. Raises :class:`InputError` as :func:`read_volume` does."""
+    folder = Path(folder).expanduser()
     uid, names = choose_series(folder, series_uid)
+    _check_slices(names, folder)
     description, number = _dicom_tags(names[0], "0008|103e", "0020|0011")
-    return {"uid": uid, "number": number, "description": description, "slices": len(names)}
+    record = {"uid": uid, "number": number, "description": description, "slices": len(names)}
+    return _to_volume(_read_series(names, folder), folder), record
 
 
-def _read_dicom_folder(folder: Path, series_uid: "str | None" = None):
-    """The chosen CT series (:func:`choose_series`) as a SimpleITK image, after checking
-    its slices' geometry."""
+def _read_series(names: list, folder: Path):
     import SimpleITK as sitk
 
-    _, names = choose_series(folder, series_uid)
-    _check_slices(names, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
     try:
