@@ -11,9 +11,9 @@ Steps (labels 0 background, 1 liver, 2 tumor):
 4. the two masks (liver region, tumor) are resampled onto the input grid by linear
    interpolation and thresholded at 0.5 (smoother than nearest neighbour), slab by slab
    to bound memory. That trims convex corners, which costs small lesions much of their
-   volume, so tumor components under :data:`SMALL_LESION_VOXELS` model voxels are
-   mapped one by one, each thresholded where its volume on the input grid equals its
-   volume on the model grid;
+   volume on input grids finer than the model's, so there tumor components under
+   :data:`SMALL_LESION_VOXELS` model voxels are then grown, one by one, to their volume
+   on the model grid (:func:`_map_keeping_volume`);
 5. tumor components (26-connected) smaller than ``min_lesion_ml`` become liver.
 """
 
@@ -79,8 +79,8 @@ def to_input_grid(labels: Volume, reference: Volume, small_lesion_voxels: int = 
     (outside it the interpolated masks are 0), one slab at a time so memory stays
     bounded for big inputs. When the input's voxels are smaller than the model's, tumor
     components (26-connected) of fewer than ``small_lesion_voxels`` model voxels are
-    then mapped one at a time with their own threshold, the one that keeps their volume
-    (:func:`_map_keeping_volume`); 0 turns this off.
+    then grown one at a time to their model-grid volume (:func:`_map_keeping_volume`);
+    0 turns this off.
     """
     import SimpleITK as sitk
 
@@ -99,10 +99,11 @@ def to_input_grid(labels: Volume, reference: Volume, small_lesion_voxels: int = 
     if out_box is None:
         return out
     region_img = _as_float_image(sub, crop > 0)
-    finer = np.prod(reference.spacing) < np.prod(labels.spacing)  # only there are corners trimmed off
+    # Grown only onto input voxels smaller than the model's (where the trimming costs most
+    # of a small lesion); on coarser or similar grids the 0.5 rule stays.
+    finer = np.prod(reference.spacing) < np.prod(labels.spacing)
     small = _small_components(crop == TUMOR, small_lesion_voxels if finer else 0)
-    large = (crop == TUMOR) & ~small
-    tumor_img = _as_float_image(sub, large) if large.any() else None
+    tumor_img = _as_float_image(sub, crop == TUMOR) if (crop == TUMOR).any() else None
     (z_lo, z_hi), (y_lo, y_hi), (x_lo, x_hi) = out_box
     ny, nx = y_hi - y_lo, x_hi - x_lo
     step = max(1, SLAB_VOXELS // max(nx * ny, 1))
@@ -136,15 +137,20 @@ def _small_components(mask: np.ndarray, below: int) -> np.ndarray:
 
 
 def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, out: np.ndarray) -> None:
-    """Write each component of ``small`` (on ``geometry``'s grid) into ``out`` as tumor
-    (with liver around it): its linearly interpolated mask, thresholded where the
-    number of input voxels times their volume equals the component's model volume
-    (ties at the threshold may add a few voxels). At 0.5, a lesion of one model voxel
-    would keep about a fifth of its volume on a 0.8 mm grid."""
+    """Grow each component of ``small`` (on ``geometry``'s grid), already in ``out`` as
+    mapped at 0.5, to its model-grid volume.
+
+    A component's linearly interpolated mask sums, over the input voxels, to its volume
+    in input voxels (clipped at the scan's edge); the voxels with the highest values, ties
+    broken by distance to its centre, make up that many. Added voxels never touch another
+    lesion (26-connected), so lesions stay as many as the 0.5 rule gave. A lesion on the
+    liver's surface may add voxels outside the liver region as mapped at 0.5; they are
+    tumor, hence liver too. At 0.5 alone a lesion of one model voxel kept about a fifth of
+    its volume on a 0.8 mm grid.
+    """
     import SimpleITK as sitk
 
     cc = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(small.astype(np.uint8)), True))
-    ratio = float(np.prod(geometry.spacing)) / float(np.prod(reference.spacing))
     m_src, m_ref = geometry.ijk_to_lps(), reference.ijk_to_lps()
     for label in range(1, int(cc.max()) + 1):
         component = cc == label
@@ -163,14 +169,34 @@ def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, 
         ref.SetDirection(tuple(reference.direction.flatten()))
         values = sitk.GetArrayFromImage(sitk.Resample(_as_float_image(piece, crop), ref, sitk.Transform(),
                                                       sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-        target = int(round(np.count_nonzero(crop) * ratio))
-        positive = np.sort(values[values > 0])[::-1]
-        if target < 1 or positive.size == 0:
-            mask = values >= 0.5
-        else:
-            mask = values >= positive[min(target, positive.size) - 1]
         view = out[z0:z1, y0:y1, x0:x1]
-        view[mask] = TUMOR
+        tumor = view == TUMOR
+        own = (values >= 0.5) & tumor  # what the 0.5 rule wrote for this lesion
+        missing = int(round(float(values.sum()))) - int(np.count_nonzero(own))
+        if missing <= 0:
+            continue
+        candidates = np.flatnonzero((values > 0) & ~tumor & ~_touching(tumor & ~own))
+        if candidates.size == 0:
+            continue
+        zyx = np.stack(np.unravel_index(candidates, values.shape), axis=1).astype(np.float64)
+        centre = np.argwhere(values >= values.max()).mean(axis=0)
+        distance = np.linalg.norm((zyx - centre) * np.asarray(reference.spacing[::-1]), axis=1)
+        order = np.lexsort((distance, -values.ravel()[candidates]))  # highest value first, then nearest
+        grow = np.zeros(values.size, dtype=bool)
+        grow[candidates[order[:missing]]] = True
+        view[grow.reshape(values.shape)] = TUMOR
+
+
+def _touching(mask: np.ndarray) -> np.ndarray:
+    """``mask`` grown by one voxel in all 26 directions."""
+    padded = np.pad(mask, 1)
+    out = np.zeros(mask.shape, dtype=bool)
+    nz, ny, nx = mask.shape
+    for dz in range(3):
+        for dy in range(3):
+            for dx in range(3):
+                out |= padded[dz:dz + nz, dy:dy + ny, dx:dx + nx]
+    return out
 
 
 def _reachable_box(source: Volume, reference: Volume):

@@ -188,3 +188,34 @@ def test_small_lesions_keep_their_volume_on_a_finer_input_grid():
         assert abs(got - want) <= 0.12 * want, (volumes, expected)
     plain = to_input_grid(model, ct, small_lesion_voxels=0)
     assert np.count_nonzero(plain == TUMOR) * in_ml < 0.95 * sum(expected)  # what the plain mapping loses
+
+
+def test_growing_small_lesions_keeps_them_apart_and_counts_only_what_is_in_the_scan():
+    """Two 4-voxel lesions one model voxel apart stay two lesions (growth never touches
+    another lesion), ties on aligned grids do not inflate a lesion, and a lesion cut by
+    the scan's edge gets the volume of its part inside the scan."""
+    import SimpleITK as sitk
+
+    from LiverTumorSegLib.postprocess import LIVER, TUMOR, to_input_grid
+
+    def lesions(mask):
+        return int(sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)),
+                                                                  True)).max())
+
+    model = Volume(np.zeros((22, 22, 22), np.uint8), spacing=(1.5, 1.5, 1.5))
+    model.array[2:20, 2:20, 2:20] = LIVER
+    model.array[8:10, 8:9, 8:10] = TUMOR
+    model.array[8:10, 8:10, 11:12] = TUMOR
+    ct = Volume(np.zeros((33, 33, 26), np.int16), spacing=(1.25, 1.0, 1.0), origin=(0.63, -0.99, 0.71))
+    out = to_input_grid(model, ct)
+    assert lesions(out == TUMOR) == 2
+    assert np.count_nonzero(out == TUMOR) * ct.voxel_volume_ml == pytest.approx(8 * 0.003375, rel=0.1)
+
+    aligned = Volume(np.zeros((20, 20, 20), np.uint8), spacing=(3.0, 3.0, 3.0))
+    aligned.array[2:18, 2:18, 2:18] = LIVER
+    aligned.array[6, 6, 6] = TUMOR        # one voxel, inside
+    aligned.array[0, 10, 10] = TUMOR      # one voxel on the first slice: a third of it lies outside the scan
+    fine = Volume(np.zeros((58, 60, 60), np.int16), spacing=(1.0, 1.0, 1.0), origin=(-1.0, -1.0, 0.0))
+    got = to_input_grid(aligned, fine)
+    inside, edge = np.count_nonzero(got[10:, :, :] == TUMOR), np.count_nonzero(got[:10] == TUMOR)
+    assert inside == 27 and edge == 18  # 1 mm voxels: a 3 mm voxel is 27 of them, its in-scan part 18
