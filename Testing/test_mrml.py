@@ -90,6 +90,15 @@ def big_phantom_labels(spacing=(3.0, 3.0, 3.0)):
 
 
 # -- volume node -> engine ----------------------------------------------------------------
+def phantom_in_scene(tmp_path):
+    """(ct, labels, scene, volume node, statistics) for :func:`big_phantom_labels`, the
+    CT loaded into a new scene through Slicer's storage node."""
+    ct, labels = big_phantom_labels()
+    write_volume(ct, tmp_path / "ct.nrrd")
+    scene = slicer.vtkMRMLScene()
+    return ct, labels, scene, load_volume(scene, tmp_path / "ct.nrrd"), compute_statistics(labels, ct)
+
+
 def test_volume_node_from_storage_node_keeps_geometry(oblique_ct):
     path, ct, _ = oblique_ct
     scene = slicer.vtkMRMLScene()
@@ -187,11 +196,7 @@ def test_healthy_liver_gives_an_empty_tumor_segment(tmp_path):
 
 
 def test_existing_segmentation_is_updated_and_user_segments_kept(tmp_path):
-    ct, labels = big_phantom_labels()
-    write_volume(ct, tmp_path / "ct.nrrd")
-    scene = slicer.vtkMRMLScene()
-    node = load_volume(scene, tmp_path / "ct.nrrd")
-    stats = compute_statistics(labels, ct)
+    ct, labels, scene, node, stats = phantom_in_scene(tmp_path)
     seg, table = mrml.results_to_nodes(node, labels.array, stats)
     seg.GetSegmentation().AddEmptySegment("Note", "Note")
     again, table_again = mrml.results_to_nodes(node, labels.array, stats, segmentation_node=seg)
@@ -262,11 +267,7 @@ def test_a_failed_update_gives_the_segmentation_back(tmp_path, monkeypatch):
     reference geometry) and its table."""
     from LiverTumorSegLib import mrml_nodes
 
-    ct, labels = big_phantom_labels()
-    write_volume(ct, tmp_path / "ct.nrrd")
-    scene = slicer.vtkMRMLScene()
-    node = load_volume(scene, tmp_path / "ct.nrrd")
-    stats = compute_statistics(labels, ct)
+    ct, labels, scene, node, stats = phantom_in_scene(tmp_path)
     seg, table = mrml.results_to_nodes(node, labels.array, stats)
     seg.GetSegmentation().AddEmptySegment("Note", "Note")
     liver_before = segment_array(seg, "Liver", node).copy()
@@ -292,11 +293,7 @@ def test_a_failed_update_gives_the_segmentation_back(tmp_path, monkeypatch):
 
 
 def test_exports_match_the_command_line_files(tmp_path):
-    ct, labels = big_phantom_labels()
-    write_volume(ct, tmp_path / "ct.nrrd")
-    scene = slicer.vtkMRMLScene()
-    node = load_volume(scene, tmp_path / "ct.nrrd")
-    stats = compute_statistics(labels, ct)
+    ct, labels, scene, node, stats = phantom_in_scene(tmp_path)
     seg, table = mrml.results_to_nodes(node, labels.array, stats)
     write_stats_csv(stats, tmp_path / "cli.csv")
     mrml.export_statistics_csv(table, tmp_path / "slicer.csv")
