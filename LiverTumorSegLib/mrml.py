@@ -42,7 +42,7 @@ from .volume import Volume
 __all__ = [
     "segment_volume_node", "import_results", "results_to_nodes", "volume_from_node", "statistics_table",
     "export_statistics_csv", "export_surfaces", "check_results", "assert_results", "segment_array",
-    "output_for_volume", "output_problem", "results_volume", "table_statistics",
+    "output_for_volume", "output_problem", "results_volume", "table_statistics", "update_statistics",
 ]
 
 TABLE_REFERENCE_ROLE = "liverTumorSegStatistics"
@@ -263,6 +263,46 @@ def results_to_nodes(volume_node, labels: np.ndarray, stats: dict, *, segmentati
     finally:
         scene.EndState(scene.BatchProcessState)
     return segmentation_node, table_node
+
+
+def update_statistics(segmentation_node, volume_node=None):
+    """Recompute the statistics table from the Liver and Tumor segments as they are now
+    (after corrections in Segment Editor); returns the table node.
+
+    Liver is the whole organ and Tumor counts as liver too, wherever it was painted. The
+    CT is ``volume_node``, by default the volume the segmentation was made on. The
+    statistics keep the run's provenance, marked ``run.updated_from_segments``.
+
+    Raises:
+        InputError: no Liver segment, or no volume to measure on.
+    """
+    from .mrml_check import segment_array
+    from .stats import compute_statistics
+
+    segmentation = segmentation_node.GetSegmentation() if segmentation_node is not None else None
+    if segmentation is None or segmentation.GetSegment("Liver") is None:
+        raise InputError("This segmentation has no Liver segment to measure; segment a volume first.")
+    volume_node = volume_node or results_volume(segmentation_node)
+    if volume_node is None:
+        raise InputError(f"'{segmentation_node.GetName()}' was made on no volume that is still in the scene; "
+                         "choose the CT to measure on.")
+    ct = volume_from_node(volume_node)
+    labels = np.zeros(ct.array.shape, dtype=np.uint8)
+    labels[segment_array(segmentation_node, "Liver", volume_node)] = 1
+    if segmentation.GetSegment("Tumor") is not None:
+        labels[segment_array(segmentation_node, "Tumor", volume_node)] = 2
+    stats = compute_statistics(ct.with_array(labels), ct)
+    table_node = statistics_table(segmentation_node)
+    previous = table_statistics(table_node) if table_node is not None else None
+    stats["run"] = dict((previous or {}).get("run", {}), updated_from_segments=True)
+    if table_node is None:  # a segmentation made elsewhere: the table goes beside the volume
+        scene = segmentation_node.GetScene()
+        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode",
+                                             unique_name(scene, f"{volume_node.GetName() or 'Volume'} statistics"))
+        segmentation_node.SetNodeReferenceID(TABLE_REFERENCE_ROLE, table_node.GetID())
+        place_beside(volume_node, [table_node])
+    fill_table(table_node, stats)
+    return table_node
 
 
 def statistics_table(segmentation_node):

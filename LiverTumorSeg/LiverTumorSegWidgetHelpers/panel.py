@@ -58,6 +58,7 @@ class Panel(VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.modelFolderPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
+        self.ui.updateStatisticsButton.connect("clicked(bool)", self.onUpdateStatistics)
         self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
         self.ui.exportSurfacesButton.connect("clicked(bool)", self.onExportSurfaces)
         self.ui.progressBar.hide()
@@ -238,10 +239,18 @@ class Panel(VTKObservationMixin):
         segmentation = params.outputSegmentation if params is not None else None
         table = mrml.statistics_table(segmentation)
         self.ui.statisticsTableView.setMRMLTableNode(table)
+        self.ui.updateStatisticsButton.enabled = table is not None
         self.ui.exportCsvButton.enabled = table is not None
         self.ui.exportSurfacesButton.enabled = table is not None
         if segmentation is not None and segmentation.GetDisplayNode() is not None and table is not None:
             segmentation.GetDisplayNode().SetVisibility3D(params.showIn3D)
+
+    def onUpdateStatistics(self):
+        with slicer.util.tryWithErrorDisplay("Could not update the statistics.", waitCursor=True):
+            table = mrml.update_statistics(self._parameterNode.outputSegmentation)
+            summary = summary_text(mrml.table_statistics(table))
+            self.ui.statusLabel.text = f"Statistics updated from the segments: {summary}."
+        self.showResults()
 
     def onExportCsv(self):
         segmentation = self._parameterNode.outputSegmentation
