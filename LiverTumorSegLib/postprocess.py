@@ -102,7 +102,7 @@ def to_input_grid(labels: Volume, reference: Volume, small_lesion_voxels: int = 
     # Grown only onto input voxels smaller than the model's (where the trimming costs most
     # of a small lesion); on coarser or similar grids the 0.5 rule stays.
     finer = np.prod(reference.spacing) < np.prod(labels.spacing)
-    small = _small_components(crop == TUMOR, small_lesion_voxels if finer else 0)
+    small = small_components(crop == TUMOR, small_lesion_voxels if finer else 0)
     tumor_img = _as_float_image(sub, crop == TUMOR) if (crop == TUMOR).any() else None
     (z_lo, z_hi), (y_lo, y_hi), (x_lo, x_hi) = out_box
     ny, nx = y_hi - y_lo, x_hi - x_lo
@@ -124,16 +124,20 @@ def to_input_grid(labels: Volume, reference: Volume, small_lesion_voxels: int = 
     return out
 
 
-def _small_components(mask: np.ndarray, below: int) -> np.ndarray:
-    """The 26-connected components of ``mask`` with fewer than ``below`` voxels."""
+def small_components(mask: np.ndarray, below: int) -> np.ndarray:
+    """The 26-connected components of ``mask`` with fewer than ``below`` voxels (labelled
+    inside the mask's bounding box)."""
     import SimpleITK as sitk
 
-    if below <= 0 or not mask.any():
-        return np.zeros(mask.shape, dtype=bool)
-    cc = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+    out = np.zeros(mask.shape, dtype=bool)
+    box = bounding_box(mask) if below > 0 else None
+    if box is None:
+        return out
+    cc = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask[box].astype(np.uint8)), True))
     sizes = np.bincount(cc.ravel())
     keep = np.flatnonzero(sizes < below)
-    return np.isin(cc, keep[keep > 0])
+    out[box] = np.isin(cc, keep[keep > 0])
+    return out
 
 
 def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, out: np.ndarray) -> None:

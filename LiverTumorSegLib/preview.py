@@ -101,15 +101,13 @@ def _radiological_view(array: np.ndarray, direction: np.ndarray, spacing: tuple)
 def _largest_lesion(labels: np.ndarray) -> np.ndarray:
     """Mask of the largest 26-connected tumor component (found inside the tumor's box;
     with several lesions, their joint centre of mass can lie in healthy liver)."""
-    import SimpleITK as sitk
-
     from .boxes import bounding_box
+    from .postprocess import largest_component
 
     mask = np.zeros(labels.shape, dtype=bool)
     box = bounding_box(labels == 2)
     if box is not None:
-        cc = sitk.ConnectedComponent(sitk.GetImageFromArray((labels[box] == 2).astype(np.uint8)), True)
-        mask[box] = sitk.GetArrayFromImage(sitk.RelabelComponent(cc, sortByObjectSize=True)) == 1
+        mask[box] = largest_component(labels[box] == 2)
     return mask
 
 

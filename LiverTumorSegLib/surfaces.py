@@ -91,8 +91,10 @@ def label_surface(
     if smoothing_iterations < 0:
         raise LiverTumorSegError(f"smoothing_iterations must be >= 0; got {smoothing_iterations}.")
     if smoothing_iterations:
-        small = _small_components(mask)
-        if small is not None:
+        from .postprocess import small_components
+
+        small = small_components(mask, SMOOTH_MIN_VOXELS)
+        if small.any():
             parts = [label_surface(mask & ~small, geometry, smoothing_iterations=smoothing_iterations,
                                    backend=backend),
                      label_surface(small, geometry, backend=backend)]
@@ -122,25 +124,6 @@ def label_surface(
 
 #: Components of fewer voxels are not smoothed (Taubin smoothing collapses them).
 SMOOTH_MIN_VOXELS = 27
-
-
-def _small_components(mask: np.ndarray):
-    """Mask of the 26-connected components of fewer than :data:`SMOOTH_MIN_VOXELS`
-    voxels, or None when there is none."""
-    import SimpleITK as sitk
-
-    box = bounding_box(mask)
-    if box is None:
-        return None
-    cc = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask[box].astype(np.uint8)), True))
-    sizes = np.bincount(cc.ravel())
-    tiny = np.flatnonzero(sizes < SMOOTH_MIN_VOXELS)
-    tiny = tiny[tiny > 0]
-    if tiny.size == 0:
-        return None
-    out = np.zeros(mask.shape, dtype=bool)
-    out[box] = np.isin(cc, tiny)
-    return out
 
 
 def _join(meshes: list) -> "Mesh | None":
