@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import sys
 
-from _bootstrap import add_repo_to_path
+from _bootstrap import add_repo_to_path, run_script
 
 add_repo_to_path()
 
 
 def main() -> int:
-    from LiverTumorSegLib.errors import LiverTumorSegError
     from livertumorseg_training.evaluate_cli import run
 
-    try:
-        return run()
-    except LiverTumorSegError as exc:
-        print(f"evaluate.py: error: {exc}", file=sys.stderr)
-        return 2
+    return run()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("evaluate.py", main))

@@ -12,13 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from _bootstrap import add_repo_to_path
+from _bootstrap import add_repo_to_path, run_script
 
 add_repo_to_path()
 
 
 def main() -> int:
-    from LiverTumorSegLib.errors import LiverTumorSegError
     from LiverTumorSegLib.model import load_model
     from livertumorseg_training.exporting import export_checkpoint
 
@@ -27,17 +26,12 @@ def main() -> int:
                         help="a .ckpt written by train.py (e.g. RUN_DIR/checkpoints/last.ckpt)")
     parser.add_argument("out_dir", type=Path, help="model folder to write")
     args = parser.parse_args()
-    try:
-        folder = export_checkpoint(args.checkpoint, args.out_dir)
-        loaded = load_model(folder)
-    except LiverTumorSegError as exc:
-        print(f"export.py: error: {exc}", file=sys.stderr)
-        return 2
-    card = loaded.card
+    folder = export_checkpoint(args.checkpoint, args.out_dir)
+    card = load_model(folder).card
     print(f"exported {card.name} ({card.architecture['widths']}, {card.spacing_mm} mm, patch {card.patch_size}) "
           f"to {Path(folder).resolve()}; weights sha256 {card.weights_sha256[:16]}...")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("export.py", main))

@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import sys
 
-from _bootstrap import add_repo_to_path
+from _bootstrap import add_repo_to_path, run_script
 
 add_repo_to_path()
 
 
 def main() -> int:
-    from LiverTumorSegLib.errors import LiverTumorSegError
     from livertumorseg_training.run import train
 
-    try:
-        return train()
-    except LiverTumorSegError as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 2
+    return train()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("train.py", main))
