@@ -33,6 +33,9 @@ from .allocator import reuse_freed_memory
 from .boxes import patch_starts  # noqa: F401  (part of this module's API)
 from .errors import Cancelled
 
+# torch.OutOfMemoryError is torch 2.5's name; older releases raise its CUDA subclass.
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 UNCOVERED_LOGIT = -1.0e4
@@ -223,7 +226,7 @@ class _Accumulators:
         self.fell_back = False
         try:
             self._allocate(device)
-        except torch.OutOfMemoryError:
+        except OutOfMemoryError:
             self._fall_back()
 
     def _allocate(self, device: torch.device) -> None:
@@ -253,7 +256,7 @@ class _Accumulators:
     def add(self, logits: torch.Tensor, corners: list, patch_size: Sequence[int]) -> None:
         try:
             self._add(logits, corners, patch_size)
-        except torch.OutOfMemoryError:
+        except OutOfMemoryError:
             if self.device.type == "cpu":
                 raise
             self._fall_back()

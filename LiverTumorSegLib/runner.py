@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+from .torch_versions import TORCH_MINIMUM, release
+
 LIB_PARENT = Path(__file__).resolve().parent.parent
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of memory")
 ERROR_PREFIX = "livertumorseg: error:"
@@ -321,11 +323,6 @@ def _kill_tree(proc) -> None:
         proc.kill()
 
 
-# The oldest torch the engine accepts: torch.load(weights_only=True), which reads every
-# model's weights, could run code from a crafted file up to 2.5.1 (CVE-2025-32434).
-TORCH_MINIMUM = (2, 6)
-
-
 def missing_dependencies() -> List[dict]:
     """What the engine needs that this Python lacks, without importing anything heavy.
 
@@ -346,15 +343,6 @@ def missing_dependencies() -> List[dict]:
             found = importlib.metadata.version("torch")
         except importlib.metadata.PackageNotFoundError:
             found = None
-        if found is not None and _release(found) < TORCH_MINIMUM:
+        if found is not None and release(found) < TORCH_MINIMUM:
             missing.insert(0, {"module": "torch", "pip": torch_pip, "bundled": False, "found": found})
     return missing
-
-
-def _release(version: str) -> tuple:
-    """(major, minor) of a version string such as ``2.5.1+cu121``."""
-    parts = []
-    for piece in version.split("+")[0].split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts + [0] * (2 - len(parts)))

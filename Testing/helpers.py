@@ -20,9 +20,16 @@ def real_data(name: str) -> Path:
 
 
 def make_tiny_model(folder: Path, *, widths=(4, 8), patch=(32, 32, 32), spacing=(3.0, 3.0, 3.0),
-                    seed: int = 0, window=(-200.0, 250.0), overlap: float = 0.25) -> Path:
-    """A randomly initialised (untrained) small model folder for plumbing tests."""
+                    seed: int = 0, window=(-200.0, 250.0), overlap: float = 0.25,
+                    weights_format: str = "") -> Path:
+    """A randomly initialised (untrained) small model folder for plumbing tests; its
+    weights are pickled unless this torch is too old to read those (before 2.6)."""
     import torch
+
+    from LiverTumorSegLib.torch_versions import TORCH_SAFE_PICKLE, release
+
+    if not weights_format:
+        weights_format = "torch-state-dict" if release(torch.__version__) >= TORCH_SAFE_PICKLE else "safetensors"
 
     from LiverTumorSegLib.model import ModelCard, save_model
     from LiverTumorSegLib.model.card import IntensityTransform
@@ -38,4 +45,4 @@ def make_tiny_model(folder: Path, *, widths=(4, 8), patch=(32, 32, 32), spacing=
         intensity=IntensityTransform(window_hu=window), default_overlap=overlap,
         description="untrained test model",
     )
-    return save_model(folder, net, card)
+    return save_model(folder, net, card, weights_format=weights_format)

@@ -172,7 +172,7 @@ def test_gpu_out_of_memory_falls_back_to_cpu_accumulators(monkeypatch):
     def add_that_runs_out_once(self, *args, **kwargs):
         if self.device.type == "cuda":
             state["raised"] += 1
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise inference.OutOfMemoryError("CUDA out of memory (simulated)")
         return original_add(self, *args, **kwargs)
 
     monkeypatch.setattr(inference._Accumulators, "__init__", init_as_if_on_gpu)

@@ -475,13 +475,13 @@ def test_missing_dependencies(monkeypatch):
     assert missing_dependencies() == []
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
-    assert missing_dependencies() == [{"module": "torch", "pip": "torch>=2.6", "bundled": False}]
+    assert missing_dependencies() == [{"module": "torch", "pip": "torch>=2.2", "bundled": False}]
     monkeypatch.setattr(importlib.util, "find_spec", real)
     import importlib.metadata
 
     real_version = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.5.1+cu121" if name == "torch" else real_version(name))
-    assert missing_dependencies() == [{"module": "torch", "pip": "torch>=2.6", "bundled": False, "found": "2.5.1+cu121"}]
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.1.2+cu121" if name == "torch" else real_version(name))
+    assert missing_dependencies() == [{"module": "torch", "pip": "torch>=2.2", "bundled": False, "found": "2.1.2+cu121"}]
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.10.0" if name == "torch" else real_version(name))
     assert missing_dependencies() == []
 

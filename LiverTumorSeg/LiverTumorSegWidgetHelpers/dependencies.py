@@ -12,7 +12,7 @@ from pathlib import Path
 
 import slicer
 
-TORCH_REQUIREMENT = ">=2.6"  # LiverTumorSegLib.runner.TORCH_MINIMUM (safe weight loading)
+TORCH_REQUIREMENT = ">=2.2"  # LiverTumorSegLib.torch_versions.TORCH_MINIMUM (2.2.2: the newest on macOS)
 FOLDER_ITEM = "__folder__"
 
 
@@ -35,7 +35,7 @@ def availableModels():
 
 def ensureEngineDependencies():
     """True when the engine can run; offers to install PyTorch when it is missing, or to
-    upgrade it when it is older than 2.6.
+    upgrade it when it is older than 2.2.
 
     Returns False (after telling the user why) when the user declines or when Slicer's
     own packages are missing. Raises if the installation itself fails.
@@ -53,15 +53,15 @@ def ensureEngineDependencies():
         return False
     old = next((item["found"] for item in missing if item.get("found")), None)
     if old:
-        message = (f"Liver and tumor segmentation needs PyTorch 2.6 or newer; this Slicer has {old}, whose "
-                   "loading of model weights can be abused by a crafted file.\n\n"
+        message = (f"Liver and tumor segmentation needs PyTorch 2.2 or newer; this Slicer has {old}.\n\n"
                    "Upgrade it now? This downloads up to a few gigabytes and can take several minutes; "
                    "Slicer is busy meanwhile. Other modules that use PyTorch will use the new version too; "
                    "restart Slicer afterwards (on Windows, before, if a module has already loaded PyTorch).")
     else:
         message = ("Liver and tumor segmentation needs PyTorch, which is not installed in Slicer yet.\n\n"
                    "Install it now? This downloads up to a few gigabytes and can take several minutes; "
-                   "Slicer is busy meanwhile.")
+                   "Slicer is busy meanwhile. PyTorch is then loaded in Slicer: upgrading it later needs "
+                   "a restart of Slicer first on Windows.")
     if not slicer.util.confirmOkCancelDisplay(message, windowTitle="Install PyTorch"):
         return False
     with slicer.util.tryWithErrorDisplay("PyTorch could not be installed.", waitCursor=True):

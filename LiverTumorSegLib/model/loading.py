@@ -7,6 +7,11 @@ a file swapped in between is not what gets loaded. ``model.json`` names the weig
 a path inside its folder (a link there may point elsewhere, as in DVC or Hugging Face
 snapshot folders: the checksum guards the content), and every weight must be finite.
 ``safetensors`` files are read too when that package is installed.
+
+With torch older than 2.6, whose ``weights_only=True`` could run code from a crafted file
+(CVE-2025-32434), pickled weights are read only from the bundled model folders, which
+ship with this code; other models need safetensors weights there
+(:mod:`LiverTumorSegLib.torch_versions`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelError
+from ..torch_versions import TORCH_SAFE_PICKLE, release
 from .card import ModelCard
+
+#: Model folders that ship with this code (the registry lists them as "bundled").
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -51,6 +60,13 @@ def load_state_dict(path: Path, expected_sha256: str, fmt: str = "torch-state-di
         raise ModelError(f"weights file {path} is missing")
     if fmt not in ("safetensors", "torch-state-dict"):
         raise ModelError(f"unknown weights format {fmt!r} in model.json")
+    if fmt == "torch-state-dict" and not pickle_is_safe(torch.__version__, path):
+        raise ModelError(
+            f"torch {torch.__version__} cannot read the pickled weights {path} safely: before torch 2.6, "
+            "torch.load(weights_only=True) can run code from a crafted file (CVE-2025-32434), so only the "
+            "bundled models load from .pt weights. Upgrade torch to 2.6 or newer (in 3D Slicer: the PyTorch "
+            "Utils module), or export the model with safetensors weights "
+            "(python Training/export.py --weights-format safetensors)")
     try:
         with open(path, "rb") as handle:
             actual = _sha256_of_handle(handle)
@@ -71,6 +87,14 @@ def load_state_dict(path: Path, expected_sha256: str, fmt: str = "torch-state-di
     return state
 
 
+def pickle_is_safe(torch_version: str, weights: Path) -> bool:
+    """Whether pickled weights at ``weights`` may be read with this torch: any on 2.6 or
+    newer; before, only a file inside the bundled model folders (links resolved)."""
+    if release(torch_version) >= TORCH_SAFE_PICKLE:
+        return True
+    return Path(weights).resolve().is_relative_to(BUNDLED_DIR.resolve())
+
+
 def _read_state(handle, fmt: str, name: str) -> dict:
     import torch
 
@@ -78,7 +102,8 @@ def _read_state(handle, fmt: str, name: str) -> dict:
         try:
             from safetensors.torch import load as load_safetensors
         except ImportError:
-            raise ModelError("this model's weights are in safetensors format; install the 'safetensors' package") from None
+            raise ModelError("this model's weights are in safetensors format; install the 'safetensors' package "
+                             "(in 3D Slicer's Python console: slicer.util.pip_install('safetensors'))") from None
         try:
             return load_safetensors(handle.read())
         except Exception as exc:  # the package raises its own error types
@@ -117,10 +142,16 @@ def load_model(folder: Path) -> LoadedModel:
     return LoadedModel(card=card, network=network, folder=folder)
 
 
-def save_model(folder: Path, network, card: ModelCard, weights_name: str = "weights.pt") -> Path:
+WEIGHTS_FORMATS = {"torch-state-dict": "weights.pt", "safetensors": "weights.safetensors"}
+
+
+def save_model(folder: Path, network, card: ModelCard, weights_format: str = "torch-state-dict") -> Path:
     """Write ``network``'s weights and a card (with their SHA-256) into ``folder``.
 
-    Used by the training package's export. Files are written atomically.
+    ``weights_format`` is ``torch-state-dict`` (``weights.pt``) or ``safetensors``
+    (``weights.safetensors``, which any torch the engine runs on reads safely; needs the
+    ``safetensors`` package). Used by the training package's export. Files are written
+    atomically.
     """
     import torch
 
@@ -128,6 +159,14 @@ def save_model(folder: Path, network, card: ModelCard, weights_name: str = "weig
 
     from ..errors import OutputError
 
+    if weights_format not in WEIGHTS_FORMATS:
+        raise ModelError(f"unknown weights format {weights_format!r}: use one of {', '.join(WEIGHTS_FORMATS)}")
+    if weights_format == "safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise ModelError("writing safetensors weights needs the 'safetensors' package (pip install safetensors)") \
+                from None
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"cannot write the model folder {folder}: a file of that name exists")
@@ -136,11 +175,15 @@ def save_model(folder: Path, network, card: ModelCard, weights_name: str = "weig
     except OSError as exc:
         raise OutputError(f"cannot create the model folder {folder}: {exc}") from None
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    weights_name = WEIGHTS_FORMATS[weights_format]
     target = folder / weights_name
     with atomic_path(target) as tmp:
-        torch.save(state, tmp)
+        if weights_format == "safetensors":
+            save_file(state, str(tmp))
+        else:
+            torch.save(state, tmp)
     card.weights_file = weights_name
-    card.weights_format = "torch-state-dict"
+    card.weights_format = weights_format
     card.weights_sha256 = sha256_of(target)
     card.save(folder)
     return folder

@@ -79,8 +79,11 @@ def card_from_config(config: dict, provenance: dict, metrics: dict) -> ModelCard
 
 
 def export_checkpoint(checkpoint_path: Path, out_dir: Path, *, extra_provenance: Optional[dict] = None,
-                      extra_metrics: Optional[dict] = None) -> Path:
-    """Write the model folder for a checkpoint into ``out_dir``; returns ``out_dir``."""
+                      extra_metrics: Optional[dict] = None, weights_format: str = "torch-state-dict") -> Path:
+    """Write the model folder for a checkpoint into ``out_dir``; returns ``out_dir``.
+
+    ``weights_format``: ``torch-state-dict`` (weights.pt) or ``safetensors``, which torch
+    older than 2.6 can load too (:func:`LiverTumorSegLib.model.save_model`)."""
     checkpoint = read_checkpoint(checkpoint_path)
     saved = checkpoint[CHECKPOINT_KEY]
     config = saved["config"]
@@ -100,7 +103,7 @@ def export_checkpoint(checkpoint_path: Path, out_dir: Path, *, extra_provenance:
     metrics = {"validation": dict(saved.get("val_metrics", {}))}
     metrics.update(extra_metrics or {})
     card = card_from_config(config, provenance, metrics)
-    return save_model(Path(out_dir), network, card)
+    return save_model(Path(out_dir), network, card, weights_format=weights_format)
 
 
 def update_card_metrics(model_dir: Path, metrics: dict) -> None:
