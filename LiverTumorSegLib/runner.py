@@ -141,6 +141,9 @@ class EngineRun:
         self.command = list(command)
         self.env = dict(os.environ if env is None else env)
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(LIB_PARENT), self.env.get("PYTHONPATH", "")) if p)
+        # The child's messages are read as UTF-8: a piped Python on Windows would write its
+        # stderr in the ANSI code page, garbling paths such as C:\Users\José.
+        self.env["PYTHONIOENCODING"] = "utf-8"
         self.retry_on_cpu = retry_on_cpu
         self.popen = popen
         self.grace_s = grace_s
@@ -316,7 +319,8 @@ def _terminate_tree(proc) -> None:
 def _kill_tree(proc) -> None:
     try:
         if os.name == "nt":
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True, check=False)
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True, check=False,
+                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))  # no console flash in Slicer
         else:
             os.killpg(proc.pid, signal.SIGKILL)
     except (OSError, ProcessLookupError):

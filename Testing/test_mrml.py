@@ -497,6 +497,16 @@ def test_engine_runs_as_a_child_process_with_progress(oblique_ct, tmp_path, tiny
     assert (tmp_path / "out" / "segmentation.nii.gz").is_file() and run.returncode == 0
 
 
+def test_child_messages_keep_non_ascii_paths_whatever_the_parents_encoding():
+    """A child Python on Windows writes a pipe in the ANSI code page unless told UTF-8;
+    here the parent's environment asks for ASCII, which the run must override."""
+    code = "import sys; sys.stderr.write('livertumorseg: error: cannot read C:/Users/Jos\\u00e9/ct.nii\\n'); sys.exit(2)"
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "PYTHONUTF8": "0"}
+    run = EngineRun([sys.executable, "-c", code], env=env).start()
+    assert run.wait(timeout=60) == "failed"
+    assert "C:/Users/Jos\u00e9/ct.nii" in run.error
+
+
 def _processes_mentioning(text: str) -> list:
     """PIDs whose command line contains ``text`` (Linux /proc)."""
     found = []
