@@ -1,6 +1,7 @@
 import logging
 import os
 import sys
+import unittest
 
 import slicer
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
@@ -8,12 +9,18 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 
 
 def _addEngineToPath():
-    """Installed, LiverTumorSegLib lies beside this file; in a source checkout, one folder up."""
+    """Installed, LiverTumorSegLib lies beside this file; in a source checkout, one folder up.
+
+    The checkout's root goes last on the path: its Testing and benchmarks packages must
+    not hide other modules of those names for the rest of the Slicer session."""
     here = os.path.dirname(os.path.abspath(__file__))
     for folder in (here, os.path.dirname(here)):
         if os.path.isfile(os.path.join(folder, "LiverTumorSegLib", "__init__.py")):
             if folder not in sys.path:
-                sys.path.insert(0, folder)
+                if folder == here:
+                    sys.path.insert(0, folder)
+                else:
+                    sys.path.append(folder)
             return
 
 
@@ -35,6 +42,16 @@ class LiverTumorSeg(ScriptedLoadableModule):
             "runs in a separate process: Slicer stays responsive and the run can be cancelled. Research use only; "
             "not a medical device.")
         self.parent.acknowledgementText = "Built on 3D Slicer, PyTorch, SimpleITK and VTK."
+        # The bundled synthetic CT appears in the Sample Data module once Slicer has started.
+        slicer.app.connect("startupCompleted()", _registerSampleData)
+
+
+def _registerSampleData():
+    import SampleData
+    from LiverTumorSegWidgetHelpers.sampledata import registerSampleData
+
+    icon = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "Icons", "LiverTumorSeg.png")
+    registerSampleData(SampleData, icon)
 
 
 class LiverTumorSegWidget(ScriptedLoadableModuleWidget):
@@ -103,6 +120,14 @@ class LiverTumorSegTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        from LiverTumorSegLib.runner import missing_dependencies
+
+        missing = missing_dependencies()
+        if missing:
+            # A build machine or a fresh Slicer without PyTorch: skipped, saying why, rather
+            # than failing in the child or installing gigabytes during a test.
+            raise unittest.SkipTest("LiverTumorSeg self-test needs " + ", ".join(item["pip"] for item in missing)
+                                    + "; install it from the module first")
         self.setUp()
         self.test_PhantomWithBundledModel()
         self.setUp()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import re
 import xml.etree.ElementTree as ElementTree
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +164,27 @@ def test_docs_say_what_only_slicer_can_check_and_how_to_run_the_self_test():
     assert "additional module paths" in lowered
     assert "make package" in lowered
     assert "Testing/test_mrml.py" in text
+
+
+def test_the_bundled_sample_ct_is_registered_with_sample_data_and_verified(tmp_path):
+    """The registration as Slicer's SampleData module receives it: a file address that
+    urllib can fetch, and a checksum that matches the bundled CT."""
+    import hashlib
+    import importlib.util
+    import urllib.request
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("sampledata", MODULE_DIR / "LiverTumorSegWidgetHelpers" / "sampledata.py")
+    sampledata = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sampledata)
+    calls = []
+    fake = SimpleNamespace(SampleDataLogic=SimpleNamespace(registerCustomSampleDataSource=lambda **kw: calls.append(kw)))
+    icon = MODULE_DIR / "Resources" / "Icons" / "LiverTumorSeg.png"
+    assert sampledata.registerSampleData(fake, icon) == "LiverTumorSegPhantom"
+    (call,) = calls
+    assert call["category"] == "LiverTumorSeg" and Path(call["thumbnailFileName"]).is_file()
+    fetched, _ = urllib.request.urlretrieve(call["uris"], tmp_path / call["fileNames"])  # as SampleData downloads
+    algo, digest = call["checksums"].split(":")
+    assert algo == "SHA256" and hashlib.sha256(Path(fetched).read_bytes()).hexdigest() == digest
+    module_text = (MODULE_DIR / "LiverTumorSeg.py").read_text(encoding="utf-8")
+    assert 'slicer.app.connect("startupCompleted()", _registerSampleData)' in module_text
