@@ -17,6 +17,7 @@ ship with this code; other models need safetensors weights there
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,11 @@ def _read_state(handle, fmt: str, name: str) -> dict:
             raise ModelError(f"cannot read weights {name}: {str(exc)[:300]}") from None
     try:
         return torch.load(handle, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for bad or unsafe files
+    except pickle.UnpicklingError:
+        # torch's own text suggests weights_only=False, i.e. running the file's code: never shown
+        raise ModelError(f"cannot read weights {name}: it holds Python objects other than tensors, which are "
+                         "never loaded; a model's weights must be a plain state_dict") from None
+    except Exception as exc:  # torch raises several types for bad files
         text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         raise ModelError(f"cannot read weights {name}: {text}") from None
 
