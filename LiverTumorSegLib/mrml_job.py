@@ -4,7 +4,9 @@
 private temporary folder, runs the engine's command line on it through
 :class:`~LiverTumorSegLib.runner.EngineRun`, and, only when the run succeeds, builds the
 result nodes with :func:`~LiverTumorSegLib.mrml.import_results`. A cancelled or failed
-run leaves the scene exactly as it was. The temporary folder is always removed.
+run leaves the scene exactly as it was. The temporary folder is always removed; one
+left by a Slicer that crashed (it holds a copy of the patient's CT) is removed by the next
+job: each job holds a lock in its folder, which the system releases when the process dies.
 
 The caller drives it: ``start()``, then ``poll()`` from a timer (or ``wait()``), and
 ``cancel()`` whenever the user asks; ``stop()`` when nothing will poll again.
@@ -12,14 +14,21 @@ The caller drives it: ``start()``, then ``poll()`` from a timer (or ``wait()``),
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from .errors import LiverTumorSegError
 from .runner import CANCELLED, FAILED, RUNNING, SUCCEEDED, EngineRun, RunEvent, build_command
+
+FOLDER_PREFIX = "LiverTumorSeg-"
+LOCK_NAME = "job.lock"
+#: A folder younger than this is never swept: its job may not have taken its lock yet.
+SWEEP_MIN_AGE_S = 60.0
 
 
 class SegmentationJob:
@@ -55,6 +64,7 @@ class SegmentationJob:
         self.state = RUNNING
         self.error = ""
         self._folder: Optional[Path] = None
+        self._lock = None
 
     # -- driving ------------------------------------------------------------------------
     def start(self) -> "SegmentationJob":
@@ -73,8 +83,10 @@ class SegmentationJob:
         problem = output_problem(self.segmentation_node, self.volume_node)
         if problem:
             raise InputError(problem)
-        self._folder = Path(tempfile.mkdtemp(prefix="LiverTumorSeg-", dir=self.workdir))
+        sweep_abandoned_folders(Path(self.workdir or tempfile.gettempdir()))
+        self._folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=self.workdir))
         try:
+            self._lock = _lock_file(self._folder / LOCK_NAME)
             input_path = self._folder / "input.nrrd"
             _write_uncompressed(volume, input_path)
             command = build_command(input_path, self._folder / "output", python=self.python, model=self.model,
@@ -169,9 +181,57 @@ class SegmentationJob:
         return list(self.run.warnings) if self.run is not None else []
 
     def _cleanup(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the lock (Windows cannot delete an open file)
+            self._lock = None
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
+
+
+def _lock_file(path: Path):
+    """Open ``path`` and lock it exclusively without waiting; the open handle, or None when
+    it is locked already (a live job) or this file system has no locks."""
+    handle = open(path, "a+b")
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return handle
+    except OSError:
+        handle.close()
+        return None
+
+
+def sweep_abandoned_folders(root: Path) -> List[Path]:
+    """Remove the job folders in ``root`` that no live process holds: a crashed Slicer's
+    copies of patients' CTs. Folders younger than :data:`SWEEP_MIN_AGE_S` and folders
+    without a lock file are left alone. Returns the folders removed."""
+    removed = []
+    try:
+        candidates = [p for p in root.iterdir() if p.name.startswith(FOLDER_PREFIX) and p.is_dir()]
+    except OSError:
+        return removed
+    for folder in candidates:
+        try:
+            if time.time() - folder.stat().st_mtime < SWEEP_MIN_AGE_S or not (folder / LOCK_NAME).is_file():
+                continue
+            handle = _lock_file(folder / LOCK_NAME)
+        except OSError:
+            continue
+        if handle is None:
+            continue  # a live job holds it
+        handle.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+    return removed
 
 
 def _write_uncompressed(volume, path: Path) -> None:

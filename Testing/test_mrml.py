@@ -405,6 +405,45 @@ def test_bad_input_gives_the_engines_clear_error(tmp_path, tiny_model):
     assert scene_snapshot(scene) == before
 
 
+def test_a_crashed_slicers_copy_of_the_ct_is_removed_by_the_next_job(tmp_path, tiny_model, oblique_ct):
+    """A job folder whose process died (its lock released by the system) and that is old
+    enough is swept by the next job; a live job's folder and a young one are kept."""
+    import subprocess
+    import time
+
+    from LiverTumorSegLib.mrml_job import LOCK_NAME, SWEEP_MIN_AGE_S, sweep_abandoned_folders
+
+    def job_folder(name, age_s):
+        folder = tmp_path / f"LiverTumorSeg-{name}"
+        folder.mkdir()
+        (folder / "input.nrrd").write_bytes(b"patient data")
+        (folder / LOCK_NAME).touch()
+        os.utime(folder, (time.time() - age_s,) * 2)
+        return folder
+
+    crashed = job_folder("crashed", SWEEP_MIN_AGE_S + 5)
+    live = job_folder("live", SWEEP_MIN_AGE_S + 5)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; h = open(sys.argv[1], 'a+b'); fcntl.flock(h, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(60)"), str(live / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        young = job_folder("young", 1)
+        assert sweep_abandoned_folders(tmp_path) == [crashed]
+        assert not crashed.exists() and live.is_dir() and young.is_dir()
+        holder.kill()  # a crash: the system releases the lock
+        holder.wait()
+        again = job_folder("crashed2", SWEEP_MIN_AGE_S + 5)
+        scene = slicer.vtkMRMLScene()
+        node = load_volume(scene, oblique_ct[0], name="CT")
+        job = SegmentationJob(node, model=str(tiny_model), fast=True, workdir=str(tmp_path)).start()
+        assert not live.exists() and not again.exists() and young.is_dir()
+        assert job.wait(timeout=120) == "succeeded", job.error
+        assert sorted(p.name for p in tmp_path.glob("LiverTumorSeg-*")) == ["LiverTumorSeg-young"]
+    finally:
+        holder.kill()
+
+
 # -- the runner -----------------------------------------------------------------------
 def test_progress_and_error_lines_are_parsed():
     event = parse_stdout_line('{"event": "progress", "progress": 0.25, "message": "inference: 2/8 patches"}\n')
