@@ -26,6 +26,10 @@ from .errors import Cancelled, LiverTumorSegError
 EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED, EXIT_BROKEN_PIPE = 0, 2, 130, 141
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: the run stops wherever it is, like Ctrl-C."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="livertumorseg", description="Liver and liver-tumor segmentation of CT volumes.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -277,13 +281,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def on_signal(signum, frame):  # SIGTERM (e.g. Cancel in Slicer) ends the run cleanly
         stop["requested"] = True
-        raise Cancelled("stopped by signal")
+        # As Python does for SIGINT: not an Exception, which a broad handler on the line the
+        # signal lands on (torch's load_state_dict has one) would report as another error.
+        raise Terminated("stopped by signal")
 
     previous = signal.signal(signal.SIGTERM, on_signal)
     try:
         code = _run_command(args, lambda: stop["requested"])
         return _flush_stdout(code)
-    except (Cancelled, KeyboardInterrupt):
+    except (Cancelled, KeyboardInterrupt):  # Terminated is a KeyboardInterrupt
         print("livertumorseg: cancelled; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
     except LiverTumorSegError as exc:

@@ -99,6 +99,29 @@ def test_sigterm_cancels_and_leaves_nothing(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
+def test_sigterm_while_the_weights_load_is_a_cancel_not_a_broken_model(tmp_path, tiny_model):
+    """torch's load_state_dict catches Exception: a SIGTERM landing there used to be
+    reported as weights that do not match the model (exit 2). It is a cancel (130)."""
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    script = (  # the signal arrives during the first tensor copy into the network
+        "import os, signal, sys, torch\n"
+        "copy = torch.Tensor.copy_\n"
+        "def copy_once(self, *a, **k):\n"
+        "    torch.Tensor.copy_ = copy\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return copy(self, *a, **k)\n"
+        "torch.Tensor.copy_ = copy_once\n"
+        "from LiverTumorSegLib.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", script, "segment", str(tmp_path / "ct.nii.gz"), "-o", str(out),
+                             "--model", str(tiny_model), "--progress", "none"],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert "cancelled" in result.stderr and "do not match" not in result.stderr and not out.exists()
+
+
 def test_bad_option_values(tmp_path, tiny_model, capsys):
     ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
     write_volume(ct, tmp_path / "ct.nii.gz")
