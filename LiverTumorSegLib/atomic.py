@@ -2,8 +2,8 @@
 
 Single files are written to a temporary name in the same folder and renamed into
 place. A set of outputs (the command line's output folder) is written into a staging
-folder beside the target (inside it when only the target is writable) and moved in
-only when every file is complete; the files an
+folder inside the target when it exists (beside it when it is still to be made) and
+moved in only when every file is complete; the files an
 earlier run listed that the new set does not have are removed after that.
 """
 
@@ -108,12 +108,14 @@ class StagedOutput:
         self.removed: list = []
 
     def __enter__(self) -> "StagedOutput":
-        # Stage on the target's file system, so publishing is a rename: in its parent, or
-        # in the nearest existing folder above a target whose parent is still to be made
-        # (made only on success), or in the target itself under a read-only parent.
-        base = self.target.parent if self.target.parent.is_dir() else _existing_parent(self.target)
-        if not os.access(base, os.W_OK | os.X_OK) and self.target.is_dir():
+        # Stage where publishing is a rename: inside a target that exists (it may be a mount
+        # point, as Docker's -v host:/output, which nothing can be renamed into from its
+        # parent), else in its parent, or in the nearest existing folder above a target
+        # whose parent is still to be made (made only on success).
+        if self.target.is_dir():
             base = self.target
+        else:
+            base = self.target.parent if self.target.parent.is_dir() else _existing_parent(self.target)
         try:
             self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=base))
         except OSError as exc:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,6 +216,33 @@ def test_outputs_publish_the_record_last_and_never_replace_a_folder(tmp_path, mo
             (stage.path / "preview.png").write_text("new")
             (stage.path / "stats.json").write_text("new")
     assert (out / "preview.png").is_dir() and (out / "stats.json").read_text() == "stats.json"
+
+
+def test_an_output_folder_that_is_a_mount_point_takes_the_results(tmp_path, monkeypatch):
+    """Docker's `-v host:/output ... -o /output`: nothing can be renamed into a mount point
+    from outside it (EXDEV, even on one file system), so staging happens inside it."""
+    import errno
+
+    import LiverTumorSegLib.atomic as atomic
+    from LiverTumorSegLib.atomic import StagedOutput
+
+    out = tmp_path / "mounted"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    real_replace = os.replace
+
+    def replace_within_the_mount(src, dst):
+        inside = [Path(p).resolve().is_relative_to(out.resolve()) for p in (src, dst)]
+        if inside[0] != inside[1]:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace_within_the_mount)
+    with StagedOutput(out, last="stats.json") as stage:
+        for name in ("stats.json", "segmentation.nii.gz"):
+            (stage.path / name).write_text(name)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "segmentation.nii.gz", "stats.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mounted"]
 
 
 def test_a_failing_stdout_is_one_line_and_a_closed_one_is_not_an_error(tmp_path):
