@@ -337,7 +337,9 @@ class Segmenter:
         warnings = [w for w in (liver_in_air_warning(labels, ct.array),
                                 left_out_warning(left_out_ml, stats["liver"]["volume_ml"])) if w]
         info = {
-            "model": self.card.name, "model_version": self.card.version, "device": self.device,
+            "model": self.card.name, "model_version": self.card.version,
+            "model_folder": str(self.model.folder), "model_weights_sha256": self.card.weights_sha256,
+            "device": self.device,
             "precision": self.precision_name,
             "overlap": self.overlap(), "weighting": self.options.weighting,
             "window_grid": self.options.window_grid if self.options.crop_to_body else "volume, uncropped",

@@ -138,18 +138,20 @@ def resolve_model(name_or_path: Optional[str] = None, *, download: bool = True,
                   progress: Optional[Callable[[float, str], None]] = None) -> Path:
     """Return the folder of a model given a name or a path.
 
-    A path to an existing folder is used as is; otherwise the name is looked up among
-    bundled, cached and registered models, downloading a registered one if needed.
-    ``None`` means the default bundled model.
+    A path (``./name``, ``~/m``, an absolute path, anything with a separator) is a model
+    folder. A plain name is looked up among bundled, cached and registered models first
+    (downloading a registered one if needed), so a folder of that name in the current
+    directory never replaces one of them; a plain name that is no known model may be a
+    folder here. ``None`` means the default bundled model, never a folder.
     """
     spec = name_or_path or DEFAULT_MODEL
     as_path = Path(spec).expanduser()
-    if as_path.is_dir():
-        if not (as_path / CARD_NAME).is_file():
-            raise ModelError(f"{as_path} is not a model folder: it has no {CARD_NAME}")
-        return as_path.resolve()
+    if name_or_path is not None and _is_explicit_path(spec):
+        return _model_folder(as_path)
     entries = {e.name: e for e in list_models()}
     entry = entries.get(spec)
+    if entry is None and name_or_path is not None and as_path.is_dir():
+        return _model_folder(as_path)  # a plain name that is no known model, but a folder here
     if entry is None:
         if spec == DEFAULT_MODEL:
             raise ModelError(
@@ -164,6 +166,22 @@ def resolve_model(name_or_path: Optional[str] = None, *, download: bool = True,
     if not download:
         raise ModelError(f"model {spec!r} is registered but not downloaded yet")
     return download_model(entry, progress=progress)
+
+
+def _is_explicit_path(spec: str) -> bool:
+    """A model given as a path (``./name``, ``~/m``, ``/abs``, ``a/b``), not a plain name:
+    a plain name means a bundled or registered model first, whatever folder of that name
+    the current directory holds."""
+    separators = [os.sep] + ([os.altsep] if os.altsep else [])
+    return any(sep in spec for sep in separators) or spec.startswith((".", "~")) or Path(spec).is_absolute()
+
+
+def _model_folder(path: Path) -> Path:
+    if not path.is_dir():
+        raise ModelError(f"model folder {path} does not exist")
+    if not (path / CARD_NAME).is_file():
+        raise ModelError(f"{path} is not a model folder: it has no {CARD_NAME}")
+    return path.resolve()
 
 
 def download_model(entry: ModelEntry, *, progress: Optional[Callable[[float, str], None]] = None) -> Path:

@@ -1,0 +1,54 @@
+"""Which folder a model name or path resolves to, and what stats.json records of it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from LiverTumorSegLib.errors import ModelError
+from LiverTumorSegLib.model import resolve_model
+from LiverTumorSegLib.model.registry import BUNDLED_DIR, DEFAULT_MODEL
+
+from .helpers import make_tiny_model
+
+
+def test_a_folder_named_like_a_model_in_the_working_directory_does_not_replace_it(tmp_path, monkeypatch):
+    shadow = make_tiny_model(tmp_path / DEFAULT_MODEL)  # another card under the bundled model's name
+    monkeypatch.chdir(tmp_path)
+    bundled = (BUNDLED_DIR / DEFAULT_MODEL).resolve()
+    assert resolve_model(None) == bundled and resolve_model(DEFAULT_MODEL) == bundled
+    assert resolve_model(f"./{DEFAULT_MODEL}") == shadow.resolve()  # asked for as a path: the folder
+    assert resolve_model(str(shadow)) == shadow.resolve()
+
+
+def test_a_plain_name_that_is_no_known_model_may_be_a_folder_here(tmp_path, monkeypatch):
+    mine = make_tiny_model(tmp_path / "my-model")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("my-model") == mine.resolve()
+    with pytest.raises(ModelError, match="model folder .*nope does not exist"):
+        resolve_model("./nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no model.json"):
+        resolve_model("empty")
+
+
+def test_stats_json_records_the_models_folder_and_weights_checksum(tmp_path):
+    from LiverTumorSegLib.cli import main
+    from LiverTumorSegLib.io import write_volume
+
+    from .oracle import analytic_ct
+    import numpy as np
+
+    model = make_tiny_model(tmp_path / "m")
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    assert main(["segment", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "o"), "--model", str(model),
+                 "--progress", "none", "--no-surfaces", "--no-preview"]) == 0
+    run = json.loads((tmp_path / "o" / "stats.json").read_text())["run"]
+    card = json.loads((model / "model.json").read_text())
+    assert run["model_folder"] == str(model.resolve())
+    assert run["model_weights_sha256"] == card["weights"]["sha256"]
+    copy = shutil.copytree(model, tmp_path / "copy")
+    assert resolve_model(str(copy)) != resolve_model(str(model))
