@@ -52,3 +52,47 @@ def test_stats_json_records_the_models_folder_and_weights_checksum(tmp_path):
     assert run["model_weights_sha256"] == card["weights"]["sha256"]
     copy = shutil.copytree(model, tmp_path / "copy")
     assert resolve_model(str(copy)) != resolve_model(str(model))
+
+
+@pytest.mark.parametrize("labels,ok", [
+    ({"0": "background", "1": "liver", "2": "tumor"}, True),
+    ({"0": "Background", "1": "Liver", "2": "cancer"}, True),  # the Decathlon's own names
+    ({"0": "background", "1": "liver", "2": "Tumour"}, True),
+    ({"0": "background", "1": "liver"}, True),
+    ({"0": "background", "1": "tumor", "2": "liver"}, False),
+    ({"0": "background", "1": "tumor"}, False),
+    ({"0": "background", "1": "spleen", "2": "kidney"}, False),
+    ({"0": "background", "1": "liver", "2": "tumor", "3": "spleen"}, False),
+])
+def test_a_card_must_mean_liver_by_class_1_and_tumor_by_class_2(tiny_model, labels, ok):
+    from LiverTumorSegLib.model import ModelCard
+
+    card = json.loads((tiny_model / "model.json").read_text(encoding="utf-8"))
+    card["labels"] = labels
+    card["architecture"]["num_classes"] = len(labels)
+    if ok:
+        assert ModelCard.from_dict(card).labels == labels
+    else:
+        with pytest.raises(ModelError, match="labels"):
+            ModelCard.from_dict(card)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("spacing_mm", [True, True, True], "list of numbers"),
+    ("spacing_mm", [1e4, 1e4, 1e4], "the model card is wrong"),
+    ("spacing_mm", [1e-4, 1.0, 1.0], "the model card is wrong"),
+    ("patch_size", [48.7, 48, 48], "whole numbers"),
+    ("patch_size", [4096, 4096, 4096], "the model card is wrong"),
+    ("patch_size", ["32", 32, 32], "list of numbers"),
+    ("intensity", {"mode": "window", "window_hu": [-200, 250], "output_range": [0, 0]}, "output_range"),
+])
+def test_implausible_card_numbers_blame_the_card(tiny_model, field, value, message):
+    from LiverTumorSegLib.model import ModelCard
+
+    card = json.loads((tiny_model / "model.json").read_text(encoding="utf-8"))
+    card[field] = value
+    with pytest.raises(ModelError, match=message):
+        ModelCard.from_dict(card)
+    card[field] = [32.0, 32, 32] if field == "patch_size" else card[field]
+    if field == "patch_size":
+        assert ModelCard.from_dict(card).patch_size == (32, 32, 32)  # 32.0 is a whole number

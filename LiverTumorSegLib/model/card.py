@@ -111,12 +111,14 @@ def _parse(d: dict) -> ModelCard:
     if version > FORMAT_VERSION:
         raise ModelError(f"card format {version} is newer than this engine understands ({FORMAT_VERSION}); update LiverTumorSeg")
     weights = d["weights"]
-    spacing = tuple(float(s) for s in d["spacing_mm"])
-    patch = tuple(int(p) for p in d["patch_size"])
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ModelError("spacing_mm must be three positive numbers (x, y, z) in mm")
-    if len(patch) != 3 or min(patch) < 1:
-        raise ModelError("patch_size must be three positive integers (z, y, x)")
+    spacing = _numbers(d["spacing_mm"], "spacing_mm")
+    patch = _numbers(d["patch_size"], "patch_size", whole=True)
+    if len(spacing) != 3 or not all(SPACING_RANGE_MM[0] <= s <= SPACING_RANGE_MM[1] for s in spacing):
+        raise ModelError(f"spacing_mm must be three finite numbers (x, y, z) from {SPACING_RANGE_MM[0]} to "
+                         f"{SPACING_RANGE_MM[1]} mm, not {list(spacing)}: the model card is wrong")
+    if len(patch) != 3 or not all(1 <= p <= MAX_PATCH for p in patch):
+        raise ModelError(f"patch_size must be three whole numbers (z, y, x) from 1 to {MAX_PATCH}, not {list(patch)}: "
+                         "the model card is wrong")
     orientation = str(d.get("orientation", "LPS")).upper()
     axes = {c for c in orientation}
     if len(orientation) != 3 or not axes <= ORIENTATION_LETTERS or len({_axis(c) for c in orientation}) != 3:
@@ -133,12 +135,15 @@ def _parse(d: dict) -> ModelCard:
         raise ModelError("intensity.window_hu and intensity.output_range must hold two numbers each")
     if intensity.window_hu[0] >= intensity.window_hu[1]:
         raise ModelError("intensity.window_hu must be (low, high) with low < high")
+    if intensity.output_range[0] >= intensity.output_range[1]:
+        raise ModelError("intensity.output_range must be (low, high) with low < high")
     overlap = float(d.get("default_overlap", 0.25))
     if not 0.0 <= overlap < 1.0:
         raise ModelError("default_overlap must be in [0, 1)")
     if not all(math.isfinite(v) for v in (*spacing, *intensity.window_hu, *intensity.output_range)):
         raise ModelError("spacing_mm, intensity.window_hu and intensity.output_range must be finite numbers")
     labels = {str(k): str(v) for k, v in d["labels"].items()}
+    _check_labels(labels)
     _check_architecture(dict(d["architecture"]), patch, len(labels))
     weights_file = Path(str(weights["file"]))
     if weights_file.is_absolute() or ".." in weights_file.parts or not weights_file.parts:
@@ -165,6 +170,41 @@ def _parse(d: dict) -> ModelCard:
 
 
 MAX_WIDTH = 1024
+MAX_PATCH = 512
+SPACING_RANGE_MM = (0.1, 20.0)
+#: What the engine makes of each class: 0 background, 1 liver, 2 (if any) tumor; a card
+#: must name its classes so (any case), or its volumes would be reported under the
+#: wrong names.
+LABEL_NAMES = {
+    "0": {"background", "bg", "none"},
+    "1": {"liver"},
+    "2": {"tumor", "tumour", "cancer", "lesion", "liver tumor", "liver tumour", "liver lesion", "neoplasm"},
+}
+
+
+def _numbers(value, name: str, whole: bool = False) -> tuple:
+    """A card's list of numbers; booleans, strings and (if ``whole``) fractions refused."""
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise ModelError(f"{name} must be a list of numbers, not {value!r}: the model card is wrong")
+    if whole:
+        if not all(float(v).is_integer() for v in value):
+            raise ModelError(f"{name} must hold whole numbers, not {list(value)}: the model card is wrong")
+        return tuple(int(v) for v in value)
+    return tuple(float(v) for v in value)
+
+
+def _check_labels(labels: dict) -> None:
+    """The engine reads class 1 as liver and class 2 as tumor: refuse a card that means
+    something else by them."""
+    if set(labels) not in ({"0", "1"}, {"0", "1", "2"}):
+        raise ModelError(f"labels must be classes 0 (background), 1 (liver) and optionally 2 (tumor), not "
+                         f"{sorted(labels)}: this engine reports class 1 as liver and 2 as tumor")
+    wrong = {k: v for k, v in labels.items() if v.strip().lower() not in LABEL_NAMES[k]}
+    if wrong:
+        expected = {k: sorted(LABEL_NAMES[k])[0] if k != "2" else "tumor" for k in wrong}
+        raise ModelError(f"labels {wrong} do not mean what this engine reports them as ({expected}); "
+                         "the model's classes would be measured under the wrong names")
 
 
 def _check_architecture(arch: dict, patch: tuple, n_labels: int) -> None:
