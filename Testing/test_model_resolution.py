@@ -96,3 +96,41 @@ def test_implausible_card_numbers_blame_the_card(tiny_model, field, value, messa
     card[field] = [32.0, 32, 32] if field == "patch_size" else card[field]
     if field == "patch_size":
         assert ModelCard.from_dict(card).patch_size == (32, 32, 32)  # 32.0 is a whole number
+
+
+def _serve_once_per_request(responses):
+    """A local HTTP server answering each request with the next raw bytes of ``responses``
+    and then closing the connection (as a server that dies mid-file does)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+
+    def serve():
+        for raw in responses:
+            conn, _ = server.accept()
+            conn.recv(65536)
+            conn.sendall(raw)
+            conn.close()
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{server.getsockname()[1]}/model.zip"
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 4000000\r\n\r\n" + b"x" * 1000, "interrupted after 0.0 of 3.8 MiB"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + b"x" * 100, "interrupted"),
+    (b"GARBAGE\r\n\r\n", "interrupted"),
+])
+def test_an_interrupted_download_says_so_and_installs_nothing(tmp_path, monkeypatch, raw, message):
+    from LiverTumorSegLib.model.registry import ModelEntry, download_model
+
+    monkeypatch.setenv("LIVERTUMORSEG_CACHE", str(tmp_path / "cache"))
+    entry = ModelEntry("m", "registered", url=_serve_once_per_request([raw]), sha256="0" * 64)
+    with pytest.raises(ModelError, match=message) as info:
+        download_model(entry)
+    assert "run again" in str(info.value) and "verification" not in str(info.value)
+    assert not (tmp_path / "cache" / "m").exists()

@@ -18,6 +18,7 @@ The cache folder is ``$LIVERTUMORSEG_CACHE`` if set, else
 from __future__ import annotations
 
 import errno
+import http.client
 import json
 import os
 import re
@@ -254,7 +255,8 @@ def _install_lock(path: Path, progress: Optional[Callable[[float, str], None]] =
     try:
         handle = open(path, "a+b")
     except OSError as exc:
-        raise ModelError(f"cannot lock {path}: {exc}") from None
+        raise ModelError(f"cannot lock {path}: {exc}; set {CACHE_ENV} to a writable folder for downloaded "
+                         "models") from None
     locked = False
     stop = threading.Event()
     try:
@@ -333,6 +335,12 @@ def _fetch(url: str, dest: Path, progress: Optional[Callable[[float, str], None]
                 out.write(block)
                 if progress and total:
                     progress(done / total, f"downloading model ({done >> 20} MiB)")
+        if total and done != total:
+            raise ModelError(f"the download from {url} was interrupted after {done / 2**20:.1f} of "
+                             f"{total / 2**20:.1f} MiB; nothing was installed: run again")
+    except http.client.HTTPException as exc:  # a connection cut mid-file, a garbled response
+        raise ModelError(f"the download from {url} was interrupted ({type(exc).__name__}); nothing was installed: "
+                         "run again") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise ModelError(
             f"cannot download the model from {url}: {getattr(exc, 'reason', exc)}. "
