@@ -135,6 +135,33 @@ def test_resume_continues_with_the_step_count_intact(smoke_run, phantoms, tmp_pa
     assert summary["epochs"] == 3 and summary["global_step"] == 24
 
 
+def test_resume_refuses_another_recipe_or_split_before_writing_anything(smoke_run, phantoms, tmp_path):
+    """--resume --config OTHER used to overwrite config.yaml, then crash in Lightning (and
+    every plain --resume after it); another split trained on validation cases silently."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(smoke_run, resumed)
+    before = {p.relative_to(resumed): p.read_bytes() for p in resumed.rglob("*") if p.is_file()}
+    cache = phantoms.parent / "cache"
+
+    def resume(*args, data_dir=phantoms):
+        result = subprocess.run([sys.executable, str(TRAINING / "train.py"), "--data-dir", str(data_dir), "--out",
+                                 str(resumed), "--resume", "--cache-dir", str(cache), "--no-export", *map(str, args)],
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        return result.stderr
+
+    assert "recipe differs" in resume("--config", "demo")
+    assert "model.widths" in resume("model.widths=[8,16]") and "data.fold" in resume("--folds", "3", "--fold", "1")
+    reordered = tmp_path / "reordered"
+    shutil.copytree(phantoms, reordered)
+    listing = json.loads((reordered / "dataset.json").read_text())
+    listing["training"] = listing["training"][::-1]
+    (reordered / "dataset.json").write_text(json.dumps(listing))
+    assert "cases differ" in resume(data_dir=reordered)
+    after = {p.relative_to(resumed): p.read_bytes() for p in resumed.rglob("*") if p.is_file()}
+    assert after == before  # config.yaml and everything else untouched
+
+
 def test_stopped_and_resumed_run_trains_as_one_that_went_straight_through(smoke_run, phantoms, tmp_path):
     """Epoch 1 of a run resumed after epoch 0 sees the same patches and augmentation as
     an uninterrupted run's epoch 1 (it used to replay epoch 0's), so the weights agree."""

@@ -196,7 +196,10 @@ def train(argv: Optional[List[str]] = None) -> int:
     datamodule.split()
     provenance = {"command": command_line(), "git": git_state(), "environment": environment(),
                   "started_utc": now_utc(), "run_dir": str(run_dir)}
-    module = LiverSegModule(config, datamodule.data_summary(), provenance)
+    data_summary = datamodule.data_summary()
+    if args.resume:
+        check_resume(run_dir / "checkpoints" / "last.ckpt", config, data_summary)
+    module = LiverSegModule(config, data_summary, provenance)
     trainer = build_trainer(config, run_dir)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +215,49 @@ def train(argv: Optional[List[str]] = None) -> int:
                      train_seconds=time.perf_counter() - started)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+#: What a resumed run may change: how long and where it runs, how it is checked and
+#: exported. Everything else (data, grid, sampling, augmentation, network, loss,
+#: optimiser, schedule, seed) is what the checkpoint was trained with.
+RESUMABLE_CHANGES = ("name", "description", "recipe_file", "trainer.", "validation.", "checkpoint.", "export.",
+                     "sampling.num_workers")
+
+
+def check_resume(checkpoint_path: Path, config: dict, data_summary: dict) -> None:
+    """Refuse, before anything is written, to resume a run with another recipe or split:
+    the weights would not fit (a size mismatch deep in Lightning), or the model card would
+    list validation cases the model trained on."""
+    from .exporting import read_checkpoint
+    from .module import CHECKPOINT_KEY
+
+    saved = read_checkpoint(checkpoint_path)[CHECKPOINT_KEY]
+    old, new = _flatten(saved.get("config", {})), _flatten(config)
+    changed = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key)
+                     and not key.startswith(RESUMABLE_CHANGES))
+    if changed:
+        shown = ", ".join(f"{key} ({old.get(key)!r} -> {new.get(key)!r})" for key in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ConfigError(f"--resume: the recipe differs from the one {checkpoint_path} was trained with: {shown}{more}; "
+                          "resume with the run's own config.yaml (drop --config), changing only trainer.*, "
+                          "validation.*, checkpoint.* or export.*, or start a new run")
+    data = saved.get("data", {})
+    for split in ("training_cases", "validation_cases"):
+        if split in data and list(data[split]) != list(data_summary[split]):
+            raise ConfigError(f"--resume: the {split.replace('_', ' ')} differ from those {checkpoint_path} was "
+                              "trained with (another --folds/--fold, an edited dataset.json or another --data-dir); "
+                              "resume on the same data and split, or start a new run")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def finish(trainer, datamodule, run_dir: Path, export: bool, train_seconds: float) -> dict:
