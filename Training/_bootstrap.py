@@ -10,9 +10,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def add_repo_to_path() -> None:
-    """Put the repository root on ``sys.path`` unless ``LiverTumorSegLib`` is installed."""
-    if importlib.util.find_spec("LiverTumorSegLib") is None:
+    """Make this checkout's ``LiverTumorSegLib`` the one imported: a source checkout runs
+    its own engine (and records its own commit), even where another checkout's engine is
+    installed; without a checkout beside the scripts, the installed one."""
+    if (REPO_ROOT / "LiverTumorSegLib" / "__init__.py").is_file():
+        if str(REPO_ROOT) in sys.path:
+            sys.path.remove(str(REPO_ROOT))
         sys.path.insert(0, str(REPO_ROOT))
+    elif importlib.util.find_spec("LiverTumorSegLib") is None:
+        raise SystemExit("LiverTumorSegLib is neither beside these scripts nor installed: pip install livertumorseg")
 
 
 def run_script(prog: str, main) -> int:
