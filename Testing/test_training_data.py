@@ -261,6 +261,25 @@ def test_cache_is_memory_mappable_and_rebuilt_when_parameters_change(tmp_path):
     assert rebuilt["liver_0"]["shape_zyx"] != entries["liver_0"]["shape_zyx"]
 
 
+def test_a_read_only_data_folder_names_cache_dir_instead_of_a_traceback(tmp_path, monkeypatch):
+    """Shared data sets are often read-only; the default cache lies inside them."""
+    import errno
+    from pathlib import Path
+
+    root = make_dataset(tmp_path / "d")
+    cache = root / ".livertumorseg-cache"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self == cache:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(DatasetError, match=r"Read-only file system; pass --cache-dir DIR on a writable disk"):
+        build_cache(training_cases(root), _config(), cache, workers=1, progress=False)
+
+
 def test_cache_is_rebuilt_when_the_preprocessing_code_changes(tmp_path, monkeypatch):
     from livertumorseg_training import cache as cache_module
 

@@ -198,7 +198,13 @@ def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optio
                                "delete that folder to rebuild it there.")
         shutil.rmtree(cache_dir)
         manifest = None
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache_dir, os.W_OK | os.X_OK):
+            raise PermissionError(f"[Errno 13] Permission denied: '{cache_dir}'")
+    except OSError as exc:  # a read-only data set (shared storage) holds the default cache folder
+        raise DatasetError(f"cannot write the preprocessed cache in {cache_dir}: {exc.strerror or exc}; "
+                           "pass --cache-dir DIR on a writable disk") from None
     entries = dict((manifest or {}).get("cases", {}))
     todo = [c for c in cases if not (c.case_id in entries and _entry_is_fresh(entries[c.case_id], c, cache_dir))]
     errors = []
