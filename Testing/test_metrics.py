@@ -50,7 +50,7 @@ def test_empty_masks_follow_the_conventions():
     empty = np.zeros((5, 5, 5), dtype=bool)
     some = _box((5, 5, 5), (1, 3), (1, 3), (1, 3))
     both = overlap_metrics(empty, empty, (1, 1, 1))
-    assert both["dice"] == 1.0 and both["iou"] == 1.0 and both["hd95_mm"] == 0.0
+    assert both["dice"] == 1.0 and both["iou"] == 1.0 and both["hd95_mm"] is None and both["assd_mm"] is None
     missed = overlap_metrics(empty, some, (1, 1, 1))
     assert missed["dice"] == 0.0 and missed["hd95_mm"] is None and missed["sensitivity"] == 0.0
     assert mean_of([1.0, None, 0.0]) == 0.5 and mean_of([None]) is None
@@ -116,7 +116,11 @@ def test_means_say_which_cases_their_surface_distances_leave_out():
                 "c": score_case(Volume(healthy, spacing), Volume(healthy_ref, spacing))}
     tumor = mean_metrics(per_case)["tumor"]
     assert tumor["cases"] == 3 and tumor["hd95_mm_cases"] == 1 and tumor["assd_mm_cases"] == 1
-    assert tumor["missed"] == 1 and tumor["false_positive"] == 1
+    assert tumor["missed"] == 1 and tumor["false_positive"] == 1 and tumor["both_empty"] == 0
+    none_found = {"d": score_case(Volume(healthy_ref, spacing), Volume(healthy_ref, spacing))}  # no tumor, none found
+    tumor_free = mean_metrics({**per_case, **none_found})["tumor"]
+    assert tumor_free["both_empty"] == 1 and tumor_free["hd95_mm_cases"] == 1 and tumor_free["hd95_mm"] == 0.0
+    assert tumor_free["dice"] == pytest.approx(2.0 / 4.0)  # a tumor-free case found tumor-free counts as Dice 1
     assert tumor["hd95_mm"] == 0.0 and tumor["dice"] == pytest.approx(1.0 / 3.0)
     assert failed_cases(per_case, "tumor") == {"missed": ["b"], "false_positive": ["c"]}
     assert mean_metrics(per_case)["liver"]["missed"] == 0

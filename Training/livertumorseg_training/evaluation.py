@@ -125,11 +125,12 @@ def mean_metrics(per_case: dict) -> dict:
     """``{"liver": {"dice": mean, ...}, "tumor": {...}}`` over the cases where defined,
     plus ``global_dice`` (voxels pooled over all cases, LiTS "Dice global").
 
-    Surface distances are undefined when one mask is empty, i.e. for the worst cases (a
-    missed region, or one found where the reference has none), so their means leave
-    those cases out: ``hd95_mm_cases`` and ``assd_mm_cases`` say over how many cases
-    they were taken, and ``missed`` and ``false_positive`` count the cases left out
-    (:func:`failed_cases` names them).
+    Surface distances are undefined when a mask is empty: for the worst cases (a missed
+    region, or one found where the reference has none) and for cases where both are
+    (no tumor, none found), so their means leave those cases out: ``hd95_mm_cases`` and
+    ``assd_mm_cases`` say over how many cases they were taken; ``missed``,
+    ``false_positive`` and ``both_empty`` count the cases left out
+    (:func:`failed_cases` names the first two).
     """
     out = {}
     for region in REGIONS:
@@ -145,6 +146,7 @@ def mean_metrics(per_case: dict) -> dict:
             means[f"{key}_cases"] = sum(1 for row in rows if row[key] is not None)
         failed = failed_cases(per_case, region)
         means["missed"], means["false_positive"] = len(failed["missed"]), len(failed["false_positive"])
+        means["both_empty"] = sum(1 for row in rows if not row["reference_voxels"] and not row["predicted_voxels"])
         out[region] = means
     return out
 

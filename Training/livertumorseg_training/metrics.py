@@ -63,9 +63,7 @@ def overlap_metrics(prediction: np.ndarray, reference: np.ndarray, spacing_zyx: 
         "hd95_mm": None, "assd_mm": None,
         "reference_voxels": tp + fn, "predicted_voxels": tp + fp,
     }
-    if both_empty:
-        out["hd95_mm"], out["assd_mm"] = 0.0, 0.0
-    elif tp + fp > 0 and tp + fn > 0:
+    if tp + fp > 0 and tp + fn > 0:  # undefined when either mask is empty (both: nothing to measure)
         d_pr, d_rp = surface_distances(p, r, spacing_zyx)
         out["hd95_mm"] = float(max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)))
         out["assd_mm"] = float((d_pr.sum() + d_rp.sum()) / max(d_pr.size + d_rp.size, 1))
