@@ -365,3 +365,27 @@ def test_validation_counts_each_case_once_and_pads_with_air():
     small = torch.zeros((1, 8, 8, 8))  # smaller than the 32^3 patch: padded
     module._sliding_window({"image": small, "label": torch.zeros((8, 8, 8), dtype=torch.long)})
     assert module.network.lowest == -1.0  # air in the window's scaling, not 0 (+25 HU, soft tissue)
+
+
+def test_evaluation_lists_every_bad_case_before_segmenting_any(tmp_path, monkeypatch):
+    """A truncated image and a label with a stray value, third and first in the list:
+    both named at once, and the model never runs (it used to stop at the first bad case
+    after segmenting the ones before it, with no metrics written)."""
+    from livertumorseg_training import evaluation
+
+    root = make_dataset(tmp_path / "d", n=4)
+    image = root / "imagesTr" / "liver_2.nii.gz"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    label = np.zeros((12, 16, 20), dtype=np.uint8)
+    label[5, 5, 5] = 7
+    _write(root / "labelsTr" / "liver_0.nii.gz", label)
+
+    class NeverRuns:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a case was segmented before the set was checked")
+
+    monkeypatch.setattr("LiverTumorSegLib.pipeline.Segmenter", NeverRuns)
+    with pytest.raises(DatasetError, match=r"2 of 4 case\(s\) cannot be evaluated") as info:
+        evaluation.evaluate_cases("unused", training_cases(root), tmp_path / "out", progress=False)
+    assert "liver_0" in str(info.value) and "liver_2" in str(info.value)
+    assert not (tmp_path / "out").exists()

@@ -58,6 +58,22 @@ def _read_pair(case: Case, liver_only: bool):
     return ct, ref.with_array(labels)
 
 
+def check_cases(cases: List[Case], liver_only: bool = False, progress: bool = True) -> None:
+    """Read every case before any is segmented, and refuse the set listing every bad case
+    at once: a bad file found hours into an evaluation would lose the work before it."""
+    from tqdm import tqdm
+
+    bad = []
+    for case in tqdm(cases, desc="checking", unit="case", disable=not progress):
+        try:
+            _read_pair(case, liver_only)
+        except DatasetError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise DatasetError(f"{len(bad)} of {len(cases)} case(s) cannot be evaluated; nothing was segmented:\n  "
+                           + "\n  ".join(bad))
+
+
 def evaluate_cases(model, cases: List[Case], out_dir: Path, *, options=None, liver_only: bool = False,
                    iou_threshold: float = 0.5, logs_dir: Optional[Path] = None, visuals: bool = True,
                    progress: bool = True) -> dict:
@@ -73,6 +89,7 @@ def evaluate_cases(model, cases: List[Case], out_dir: Path, *, options=None, liv
 
     if not cases:
         raise DatasetError("nothing to evaluate: the selected split has no labelled case")
+    check_cases(cases, liver_only, progress)
     out_dir = Path(out_dir)
     (out_dir / "predictions").mkdir(parents=True, exist_ok=True)
     segmenter = Segmenter(model, options or SegmentOptions())
@@ -109,7 +126,7 @@ def evaluate_cases(model, cases: List[Case], out_dir: Path, *, options=None, liv
         "definitions": {"liver": "labels 1 and 2 (whole organ)", "tumor": "label 2",
                         "hd95_mm": "max of the two directed 95th-percentile surface distances",
                         "assd_mm": "mean surface distance over both directions",
-                        "empty": "Dice/IoU 1 when both masks are empty; distances undefined (null) when one is"},
+                        "empty": "Dice/IoU 1 when both masks are empty; distances undefined (null) when either is"},
     }
     atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out_dir / "metrics.csv", _csv(per_case))
