@@ -37,7 +37,7 @@ def read_volume(path: Path, series_uid: "str | None" = None) -> Volume:
     if path.is_dir():
         return read_dicom_series(path, series_uid)[0]
     if series_uid is not None:
-        raise InputError(f"a series UID picks one series of a DICOM folder; {path.name} is a file")
+        raise InputError(f"a series UID picks one series of a DICOM folder; {path} is a file")
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti(path)
     try:
@@ -45,7 +45,7 @@ def read_volume(path: Path, series_uid: "str | None" = None) -> Volume:
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
         raise InputError(
-            f"cannot read {path.name}: the file is corrupt, truncated or not a supported image "
+            f"cannot read {path}: the file is corrupt, truncated or not a supported image "
             f"(NIfTI, NRRD, MHA/MHD, or a DICOM folder). Reader said: {reason[:200]}"
         ) from None
     return _to_volume(image, path)
@@ -74,9 +74,9 @@ def _check_nifti(path: Path) -> None:
             if header is None:
                 return  # not a NIfTI header we understand: the reader will judge it
             if header["version"] == 2:
-                raise InputError(f"cannot read {path.name}: it is a NIfTI-2 file, which this reader does not support; "
+                raise InputError(f"cannot read {path}: it is a NIfTI-2 file, which this reader does not support; "
                                  "save it as NIfTI-1 (.nii.gz) or NRRD")
-            _check_nifti_geometry(header, path.name)
+            _check_nifti_geometry(header, str(path))
             counter = _DataCounter(header)
             counter.feed(raw)
             while True:
@@ -85,13 +85,13 @@ def _check_nifti(path: Path) -> None:
                     break
                 counter.feed(block)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise InputError(f"cannot read {path.name}: the compressed data is truncated or corrupt ({exc})") from None
+        raise InputError(f"cannot read {path}: the compressed data is truncated or corrupt ({exc})") from None
     except OSError as exc:
-        raise InputError(f"cannot read {path.name}: {exc}") from None
+        raise InputError(f"cannot read {path}: {exc}") from None
     if counter.total < header["expected_bytes"]:
-        raise InputError(f"cannot read {path.name}: the file is truncated or corrupt (its data ends early)")
+        raise InputError(f"cannot read {path}: the file is truncated or corrupt (its data ends early)")
     if counter.non_finite:
-        raise InputError(f"the volume has {counter.non_finite} NaN or Inf voxels; fix or crop the image before "
+        raise InputError(f"{path} has {counter.non_finite} NaN or Inf voxels; fix or crop the image before "
                          "segmenting")
 
 
@@ -357,7 +357,7 @@ def _to_volume(image, source: Path) -> Volume:
 
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
-            f"{source.name} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+            f"{source} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
             "(RGB or vector image); a CT is a single-component greyscale volume"
         )
     dim = image.GetDimension()
@@ -365,16 +365,16 @@ def _to_volume(image, source: Path) -> Volume:
         image = image[:, :, :, 0]
         dim = 3
     if dim != 3:
-        raise InputError(f"{source.name} is a {dim}D image; a 3D CT volume is required")
+        raise InputError(f"{source} is a {dim}D image; a 3D CT volume is required")
     size = image.GetSize()
     if min(size) < 2:
-        raise InputError(f"{source.name} has size {size}: a single slice is a 2D image, a 3D CT volume is required")
+        raise InputError(f"{source} has size {size}: a single slice is a 2D image, a 3D CT volume is required")
     if image.GetPixelID() in (sitk.sitkFloat64,):
         image = sitk.Cast(image, sitk.sitkFloat32)
     volume = Volume.from_sitk(image)
     direction = volume.direction
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
-        raise InputError(f"{source.name} has a non-orthogonal direction matrix; re-export the image")
+        raise InputError(f"{source} has a non-orthogonal direction matrix; re-export the image")
     return volume
 
 

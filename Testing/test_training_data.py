@@ -388,4 +388,5 @@ def test_evaluation_lists_every_bad_case_before_segmenting_any(tmp_path, monkeyp
     with pytest.raises(DatasetError, match=r"2 of 4 case\(s\) cannot be evaluated") as info:
         evaluation.evaluate_cases("unused", training_cases(root), tmp_path / "out", progress=False)
     assert "liver_0" in str(info.value) and "liver_2" in str(info.value)
+    assert str(image) in str(info.value)  # the file itself, not just liver_2.nii.gz (image and label share names)
     assert not (tmp_path / "out").exists()
