@@ -151,6 +151,9 @@ def _options(args):
 
     if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
         raise LiverTumorSegError(f"--overlap {args.overlap} must be in [0, 1)")
+    if args.fast and args.overlap not in (None, 0.0):
+        raise LiverTumorSegError(f"--fast means no patch overlap; it contradicts --overlap {args.overlap}: "
+                                 "give one of them")
     return SegmentOptions(
         device=args.device, overlap=args.overlap, fast=args.fast, batch_size=args.batch_size,
         precision=args.precision, weighting=args.weighting, window_grid=args.window_grid,

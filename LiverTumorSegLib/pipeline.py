@@ -199,10 +199,11 @@ class Segmenter:
             None if model is None else str(model)))
         self.device = resolve_device(self.options.device)
         self.autocast = resolve_precision(self.options.precision, self.device)
-        if self.options.threads:
-            import torch
+        import torch
 
+        if self.options.threads:
             torch.set_num_threads(int(self.options.threads))
+        self.threads = torch.get_num_threads()
         # On the CPU: a channels-last copy, with bf16 weights when the precision is bf16.
         # On a GPU: starting CUDA, moving the weights and cuDNN's first kernels take a
         # second or more, so that runs in a background thread while the caller reads
@@ -342,6 +343,8 @@ class Segmenter:
             "device": self.device,
             "precision": self.precision_name,
             "overlap": self.overlap(), "weighting": self.options.weighting,
+            "batch_size": self.options.batch_size, "threads": self.threads,
+            "min_lesion_ml": self.options.min_lesion_ml,
             "window_grid": self.options.window_grid if self.options.crop_to_body else "volume, uncropped",
             "model_grid_size_xyz": list(hu.shape_xyz), "small_lesions_dropped": dropped,
             "liver_left_out_ml": round(left_out_ml, 3),

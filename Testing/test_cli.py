@@ -129,6 +129,9 @@ def test_bad_option_values(tmp_path, tiny_model, capsys):
     code = main(["segment", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "o"), "--model", str(tiny_model),
                  "--overlap", "1.2"])
     assert code == 2 and "--overlap" in capsys.readouterr().err
+    code = main(["segment", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "o"), "--model", str(tiny_model),
+                 "--fast", "--overlap", "0.5"])  # used to run silently with no overlap
+    assert code == 2 and "contradicts --overlap 0.5" in capsys.readouterr().err and not (tmp_path / "o").exists()
     for option, value in (("--threads", "-1"), ("--threads", "0"), ("--threads", "1.5"), ("--batch-size", "0"),
                           ("--min-lesion-ml", "-1"), ("--memory-budget-gb", "0"), ("--memory-budget-gb", "nan")):
         with pytest.raises(SystemExit) as exited:  # argparse's refusal: exit code 2, one line naming the option

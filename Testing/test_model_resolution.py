@@ -50,6 +50,7 @@ def test_stats_json_records_the_models_folder_and_weights_checksum(tmp_path):
     card = json.loads((model / "model.json").read_text())
     assert run["model_folder"] == str(model.resolve())
     assert run["model_weights_sha256"] == card["weights"]["sha256"]
+    assert (run["batch_size"], run["min_lesion_ml"]) == (2, 0.01) and run["threads"] >= 1
     copy = shutil.copytree(model, tmp_path / "copy")
     assert resolve_model(str(copy)) != resolve_model(str(model))
 
