@@ -20,6 +20,37 @@ from typing import Iterable, Iterator, Optional
 from .errors import OutputError
 
 
+_CRITICAL = {"depth": 0, "pending": False}
+
+
+class InterruptedAfterwards(KeyboardInterrupt):
+    """A signal that came while outputs were moved in, raised once they all were."""
+
+
+def defer_interrupt() -> bool:
+    """For a signal handler: True (and the interrupt is held) while outputs are being moved
+    into place, which must not stop half way; :func:`uninterrupted` raises it after."""
+    if _CRITICAL["depth"]:
+        _CRITICAL["pending"] = True
+        return True
+    return False
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """A block that a signal handler using :func:`defer_interrupt` does not break into;
+    an interrupt that arrived meanwhile is raised (:class:`InterruptedAfterwards`, a
+    KeyboardInterrupt) when it ends."""
+    _CRITICAL["depth"] += 1
+    try:
+        yield
+    finally:
+        _CRITICAL["depth"] -= 1
+    if not _CRITICAL["depth"] and _CRITICAL["pending"]:
+        _CRITICAL["pending"] = False
+        raise InterruptedAfterwards("stopped by signal once the outputs were in place")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder.
 
@@ -125,7 +156,8 @@ class StagedOutput:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self._publish()
+                with uninterrupted():  # a signal now would leave two runs' files mixed
+                    self._publish()
         finally:
             shutil.rmtree(self.path, ignore_errors=True)
 

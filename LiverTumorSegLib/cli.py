@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from . import __version__
+from .atomic import InterruptedAfterwards, defer_interrupt
 from .errors import Cancelled, LiverTumorSegError
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED, EXIT_BROKEN_PIPE = 0, 2, 130, 141
@@ -197,6 +198,7 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
         written = write_outputs(result, ct, args.output, surfaces=not args.no_surfaces,
                                 mesh_format=args.mesh_format, preview=not args.no_preview,
                                 extra=provenance)
+        args.written_to = args.output
         result.timings["surfaces_and_write"] = time.perf_counter() - t
     finally:
         reporter.close()
@@ -282,18 +284,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     stop = {"requested": False}
 
-    def on_signal(signum, frame):  # SIGTERM (e.g. Cancel in Slicer) ends the run cleanly
+    def on_signal(signum, frame):  # SIGTERM (e.g. Cancel in Slicer) or Ctrl-C ends the run cleanly
         stop["requested"] = True
+        if defer_interrupt():
+            return  # outputs are being moved in: raised once they all are
         # As Python does for SIGINT: not an Exception, which a broad handler on the line the
         # signal lands on (torch's load_state_dict has one) would report as another error.
         raise Terminated("stopped by signal")
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    args.written_to = None  # set once a run's outputs are all in place
     try:
         code = _run_command(args, lambda: stop["requested"])
         return _flush_stdout(code)
-    except (Cancelled, KeyboardInterrupt):  # Terminated is a KeyboardInterrupt
-        print("livertumorseg: cancelled; nothing was written", file=sys.stderr)
+    except (Cancelled, KeyboardInterrupt) as exc:  # Terminated is a KeyboardInterrupt
+        if args.written_to is not None or isinstance(exc, InterruptedAfterwards):
+            where = getattr(args, "output", None)
+            where = f" to {Path(where).resolve()}" if where else ""
+            print(f"livertumorseg: cancelled after every output was written{where}", file=sys.stderr)
+        else:
+            print("livertumorseg: cancelled; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
     except LiverTumorSegError as exc:
         print(f"livertumorseg: error: {exc}", file=sys.stderr)
@@ -307,7 +317,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             pass
         return EXIT_BROKEN_PIPE
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,35 @@ def test_sigterm_while_the_weights_load_is_a_cancel_not_a_broken_model(tmp_path,
     assert "cancelled" in result.stderr and "do not match" not in result.stderr and not out.exists()
 
 
+def test_a_signal_while_outputs_are_moved_in_waits_until_they_all_are(tmp_path, tiny_model):
+    """SIGTERM between two renames used to leave one run's segmentation beside another's
+    stats.json, and say 'nothing was written'. It is now held until the set is in place."""
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    base = ["segment", str(tmp_path / "ct.nii.gz"), "-o", str(out), "--model", str(tiny_model), "--progress", "none"]
+    assert main(base + ["--min-lesion-ml", "0"]) == 0
+    script = (  # the signal arrives as the first new file is moved in
+        "import os, signal, sys\n"
+        "import LiverTumorSegLib.atomic as atomic\n"
+        "replace = os.replace\n"
+        "def replace_once(a, b):\n"
+        "    if os.path.dirname(b) == os.environ['OUTDIR']:  # a move into OUTDIR, i.e. publishing\n"
+        "        atomic.os.replace = replace\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return replace(a, b)\n"
+        "atomic.os.replace = replace_once\n"
+        "from LiverTumorSegLib.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    result = subprocess.run([sys.executable, "-c", script, *base, "--mesh-format", "obj", "--no-preview"],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO), OUTDIR=str(out)),
+                            timeout=120)
+    assert result.returncode == 130 and "cancelled after every output was written" in result.stderr, result.stderr
+    listed = json.loads((out / "stats.json").read_text())["run"]["outputs"]
+    assert sorted(listed) == sorted(p.name for p in out.iterdir())  # one run's files, all of them
+    assert "preview.png" not in listed and not any(name.endswith(".stl") for name in listed)
+
+
 def test_bad_option_values(tmp_path, tiny_model, capsys):
     ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
     write_volume(ct, tmp_path / "ct.nii.gz")
