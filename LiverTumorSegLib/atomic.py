@@ -15,7 +15,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 from .errors import OutputError
 
@@ -125,14 +125,18 @@ class StagedOutput:
         # on success every file now lies in outdir; on any exception none does.
 
     ``replaces``: names of files an earlier run wrote into the target (its own record,
-    never a guess). Those the new set does not include (a ``tumor.stl`` when no tumor is
-    found this time) are removed once the new files are in; no other file is touched.
-    ``last``: the name to move in after all the others (the record of the set).
+    never a guess), or a function giving them, called when publishing. Those the new set
+    does not include (a ``tumor.stl`` when no tumor is found this time) are removed once
+    the new files are in; no other file is touched. ``last``: the name to move in after
+    all the others (the record of the set). Publishing holds a lock on the target folder
+    (POSIX), so two runs writing into one folder publish one after the other and the
+    folder ends with the later run's set, not a mix.
     """
 
-    def __init__(self, target: Path, replaces: Iterable[str] = (), last: Optional[str] = None) -> None:
+    def __init__(self, target: Path, replaces: Union[Iterable[str], Callable[[], Iterable[str]]] = (),
+                 last: Optional[str] = None) -> None:
         self.target = check_writable_dir(target)
-        self.replaces = tuple(replaces)
+        self.replaces = replaces if callable(replaces) else tuple(replaces)
         self.last = last
         self.path: Path = Path()
         self.published: list = []
@@ -170,19 +174,42 @@ class StagedOutput:
                               "choose another output folder")
         try:
             self.target.mkdir(parents=True, exist_ok=True)
-            for item in items:
-                destination = self.target / item.name
-                os.replace(item, destination)
-                self.published.append(destination)
-            for name in sorted(set(self.replaces) - {item.name for item in items}):
-                stale = self.target / name
-                if stale.is_file() or stale.is_symlink():
-                    stale.unlink()
-                    self.removed.append(stale)
+            with _folder_lock(self.target):
+                replaces = self.replaces() if callable(self.replaces) else self.replaces
+                for item in items:
+                    destination = self.target / item.name
+                    os.replace(item, destination)
+                    self.published.append(destination)
+                for name in sorted(set(replaces) - {item.name for item in items}):
+                    stale = self.target / name
+                    if stale.is_file() or stale.is_symlink():
+                        stale.unlink()
+                        self.removed.append(stale)
         except OSError as exc:
             moved = f" ({len(self.published)} of the new files were moved in)" if self.published else ""
             raise OutputError(f"cannot move results into {self.target}: {exc}; the folder may now be "
                               f"incomplete{moved}, so run again") from None
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` itself (flock on its descriptor: no lock file left
+    behind), waiting for another holder; none where folders cannot be locked (Windows)."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks: go on without
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _umask() -> int:

@@ -55,7 +55,9 @@ def write_outputs(result: SegmentationResult, ct: Volume, outdir: Path, *, surfa
     from .surfaces import surfaces_for_labels, write_obj, write_stl
 
     written = {}
-    with StagedOutput(outdir, replaces=earlier_outputs(outdir), last="stats.json") as stage:
+    # The earlier run's list is read when publishing, under the folder's lock: a run that
+    # published meanwhile is the earlier run then.
+    with StagedOutput(outdir, replaces=lambda: earlier_outputs(outdir), last="stats.json") as stage:
         write_volume(result.labels, stage.path / "segmentation.nii.gz")
         written["segmentation"] = "segmentation.nii.gz"
         write_stats_csv(result.stats, stage.path / "stats.csv")

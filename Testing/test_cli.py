@@ -277,6 +277,52 @@ def test_an_output_folder_that_is_a_mount_point_takes_the_results(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mounted"]
 
 
+def test_two_runs_into_one_folder_leave_the_later_runs_set_not_a_mix(tmp_path, monkeypatch):
+    """Both runs stage before either publishes (as two runs started together do). The
+    later one must replace what the earlier one published, which it only learns when it
+    publishes; and the two publishes must not interleave."""
+    import threading
+    import time as clock
+
+    import LiverTumorSegLib.atomic as atomic
+    from LiverTumorSegLib.atomic import StagedOutput
+    from LiverTumorSegLib.outputs import earlier_outputs
+
+    out = tmp_path / "out"
+
+    def staged(names):
+        stage = StagedOutput(out, replaces=lambda: earlier_outputs(out), last="stats.json").__enter__()
+        for name in names:
+            (stage.path / name).write_text(name)
+        (stage.path / "stats.json").write_text(json.dumps({"run": {"outputs": [*names, "stats.json"]}}))
+        return stage
+
+    first, second = staged(["liver.stl", "preview.png"]), staged(["liver.obj"])
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert sorted(p.name for p in out.iterdir()) == ["liver.obj", "stats.json"]
+
+    events, real_replace = [], os.replace
+
+    def slow_replace(a, b):
+        events.append((threading.current_thread().name, "start"))
+        clock.sleep(0.05)
+        real_replace(a, b)
+        events.append((threading.current_thread().name, "end"))
+
+    monkeypatch.setattr(atomic.os, "replace", slow_replace)
+    stages = {"A": staged(["liver.stl"]), "B": staged(["preview.png"])}
+    threads = [threading.Thread(target=stages[n].__exit__, args=(None, None, None), name=n) for n in "AB"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    order = [name for name, _ in events]
+    assert order == sorted(order, key=lambda n: order.index(n))  # one publish entirely before the other
+    winner = order[-1]
+    assert sorted(p.name for p in out.iterdir()) == sorted([{"A": "liver.stl", "B": "preview.png"}[winner], "stats.json"])
+
+
 def test_a_failing_stdout_is_one_line_and_a_closed_one_is_not_an_error(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "LiverTumorSegLib", "models"]
