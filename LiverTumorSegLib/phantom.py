@@ -18,6 +18,7 @@ from separate random streams, so overriding the grid keeps the same patient.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -263,6 +264,7 @@ def write_dataset(out_dir, cases: int, seed: int, *, test_cases: int | None = No
         raise PhantomError(f"preset must be one of {PRESETS}, not {preset!r}")
     n_test = max(1, cases // 5) if test_cases is None else int(test_cases)
     root = check_writable_dir(Path(out_dir))
+    earlier = _listed_files(root)
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     total = cases + n_test
@@ -289,4 +291,24 @@ def write_dataset(out_dir, cases: int, seed: int, *, test_cases: int | None = No
         "numTraining": cases, "numTest": n_test, "training": training, "test": test,
     }
     atomic_write_text(root / "dataset.json", json.dumps(meta, indent=4) + "\n")
+    # An earlier, larger phantom set's files are removed: a tool that scans imagesTr
+    # rather than reading dataset.json would train on them (one may equal a test case).
+    for stale in sorted(earlier - _listed_files(root)):
+        (root / stale).unlink(missing_ok=True)
     return root
+
+
+PHANTOM_FILE = re.compile(r"^(imagesTr|labelsTr|imagesTs)/liver_\d+\.nii\.gz$")
+
+
+def _listed_files(root: Path) -> set:
+    """The files an earlier phantom set's dataset.json in ``root`` lists (only names this
+    generator writes; nothing when dataset.json is absent or not the generator's)."""
+    try:
+        meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+        if meta.get("reference") != "LiverTumorSegLib.phantom":
+            return set()
+        names = [e[k] for e in meta.get("training", []) for k in ("image", "label")] + list(meta.get("test", []))
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return set()
+    return {n[2:] for n in names if isinstance(n, str) and n.startswith("./") and PHANTOM_FILE.match(n[2:])}

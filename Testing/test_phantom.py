@@ -194,6 +194,17 @@ def test_write_dataset_msd_layout(tmp_path):
     assert np.allclose(np.reshape(img.GetDirection(), (3, 3)), expected.image.direction, atol=1e-5)
 
 
+def test_a_smaller_set_written_over_a_larger_one_leaves_no_stale_case(tmp_path):
+    """liver_1 was a training case of the first set and is the test case of the second:
+    left in imagesTr, a tool scanning the folder would train on its test case."""
+    root = write_dataset(tmp_path / "ds", 2, seed=3, preset="coarse")
+    (root / "imagesTr" / "notes.txt").write_text("the user's")
+    write_dataset(root, 1, seed=3, preset="coarse")
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert files == ["dataset.json", "imagesTr/liver_0.nii.gz", "imagesTr/notes.txt", "imagesTs/liver_1.nii.gz",
+                     "labelsTr/liver_0.nii.gz"]
+
+
 def test_coarse_case_is_fast():
     make_phantom(0, preset="coarse")
     start = time.perf_counter()
