@@ -135,3 +135,40 @@ def test_an_interrupted_download_says_so_and_installs_nothing(tmp_path, monkeypa
         download_model(entry)
     assert "run again" in str(info.value) and "verification" not in str(info.value)
     assert not (tmp_path / "cache" / "m").exists()
+
+
+def _zip_model(folder, archive):
+    import zipfile
+
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in folder.iterdir():
+            zf.write(f, f"model/{f.name}")
+    return archive
+
+
+def test_a_cached_model_is_replaced_when_the_registry_names_a_new_archive(tmp_path, monkeypatch):
+    """A registry that replaces a bad model must reach users who cached the old one."""
+    from LiverTumorSegLib.model import list_models, load_model
+    from LiverTumorSegLib.model.loading import sha256_of
+
+    old = _zip_model(make_tiny_model(tmp_path / "v1", seed=1), tmp_path / "v1.zip")
+    new = _zip_model(make_tiny_model(tmp_path / "v2", seed=2), tmp_path / "v2.zip")
+    registry = tmp_path / "registry.json"
+    monkeypatch.setenv("LIVERTUMORSEG_REGISTRY", str(registry))
+    monkeypatch.setenv("LIVERTUMORSEG_CACHE", str(tmp_path / "cache"))
+
+    def register(archive):
+        registry.write_text(json.dumps({"models": [{"name": "remote", "url": archive.as_uri(),
+                                                    "sha256": sha256_of(archive)}]}))
+
+    register(old)
+    first = resolve_model("remote")
+    weights_v1 = load_model(first).card.weights_sha256
+    assert {e.name: e.source for e in list_models()}["remote"] == "cached"
+    assert resolve_model("remote") == first  # cached: not downloaded again
+    register(new)
+    assert {e.name: e.source for e in list_models()}["remote"] == "outdated"
+    second = resolve_model("remote")
+    assert second == first and load_model(second).card.weights_sha256 != weights_v1
+    assert load_model(second).card.weights_sha256 == json.loads((tmp_path / "v2" / "model.json").read_text())["weights"]["sha256"]
+    assert {e.name: e.source for e in list_models()}["remote"] == "cached"

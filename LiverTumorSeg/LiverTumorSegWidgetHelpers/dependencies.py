@@ -29,7 +29,8 @@ def availableModels():
 
         folder = Path(LiverTumorSegLib.__file__).parent / "models"
         return [(card.parent.name, "bundled") for card in sorted(folder.glob("*/model.json"))]
-    sources = {"bundled": "bundled", "cached": "downloaded", "registered": "downloads on first use"}
+    sources = {"bundled": "bundled", "cached": "downloaded", "registered": "downloads on first use",
+               "outdated": "a new version downloads on first use"}
     return [(entry.name, sources.get(entry.source, entry.source)) for entry in list_models()]
 
 

@@ -7,7 +7,9 @@
   ``LiverTumorSegLib/models/registry.json`` and, optionally, in the JSON file named by
   ``LIVERTUMORSEG_REGISTRY``. The archive (a ``.zip`` of a model folder) is fetched on
   first use into the cache folder, verified against its SHA-256, extracted and moved
-  into place atomically, one process at a time (a lock file per model). Names are plain
+  into place atomically, one process at a time (a lock file per model); the installed
+  folder records the archive's SHA-256, and a registry entry naming another archive
+  makes it outdated (downloaded again on next use). Names are plain
   file names; downloads and archives have size limits (an entry's ``max_mb``, else
   :data:`MAX_DOWNLOAD_BYTES`).
 
@@ -48,6 +50,9 @@ MAX_DOWNLOAD_BYTES = 2 << 30  # an archive larger than this (or than the entry's
 MAX_MEMBERS = 1000
 LOCK_WAIT_S = 600.0
 HEARTBEAT_S = 5.0
+#: In a cached model's folder: the SHA-256 of the archive it came from. A registry entry
+#: naming another archive makes the cached copy outdated, and it is downloaded again.
+SOURCE_RECORD = ".archive-sha256"
 
 
 @dataclass
@@ -122,10 +127,21 @@ def list_models() -> list:
     for entry in _registry_entries():
         cached = cache_dir() / entry.name
         if (cached / CARD_NAME).is_file():
-            entry.path = cached
-            entry.source = "cached"
+            if installed_archive_sha256(cached) == entry.sha256:
+                entry.path = cached
+                entry.source = "cached"
+            else:  # the registry now names another archive (a new or a withdrawn version)
+                entry.source = "outdated"
         found.setdefault(entry.name, entry)
     return list(found.values())
+
+
+def installed_archive_sha256(folder: Path) -> Optional[str]:
+    """The SHA-256 of the archive a cached model was installed from (None if unknown)."""
+    try:
+        return (Path(folder) / SOURCE_RECORD).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _describe(card_path: Path) -> str:
@@ -198,7 +214,7 @@ def download_model(entry: ModelEntry, *, progress: Optional[Callable[[float, str
     target = root / entry.name  # a plain name (checked above): always inside the cache
     lock = root / f".{entry.name}.lock"
     with _install_lock(lock, progress) as locked:
-        if (target / CARD_NAME).is_file():
+        if (target / CARD_NAME).is_file() and installed_archive_sha256(target) == entry.sha256:
             return target  # another process installed it while this one waited
         leftovers = re.compile(rf"^\.{re.escape(entry.name)}\.download-[A-Za-z0-9_]{{8}}$")
         for leftover in root.iterdir() if locked else ():  # from a killed download of this model
@@ -219,11 +235,12 @@ def download_model(entry: ModelEntry, *, progress: Optional[Callable[[float, str
             cards = list(unpacked.rglob(CARD_NAME))
             if len(cards) != 1:
                 raise ModelError(f"the archive of model {entry.name!r} must hold exactly one {CARD_NAME}")
+            (cards[0].parent / SOURCE_RECORD).write_text(entry.sha256 + "\n", encoding="utf-8")
             try:
                 if target.is_symlink() or target.is_file():
                     target.unlink()
                 elif target.exists():
-                    shutil.rmtree(target)  # a broken earlier install: it has no model.json
+                    shutil.rmtree(target)  # an outdated or broken earlier install
                 os.replace(cards[0].parent, target)
             except OSError as exc:
                 raise ModelError(f"could not install model {entry.name!r} into {target}: {exc}") from None
