@@ -92,6 +92,22 @@ def test_export_cli_and_the_command_line_segment(smoke_run, phantoms, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_export_with_safetensors_weights_loads_the_same_network(smoke_run, tmp_path):
+    """For torch older than 2.6 (3D Slicer on macOS), which reads only safetensors
+    weights outside the bundled models."""
+    import torch
+
+    pytest.importorskip("safetensors")
+    from LiverTumorSegLib.model import load_model
+
+    _run("export.py", smoke_run / "checkpoints" / "last.ckpt", tmp_path / "pt")
+    _run("export.py", smoke_run / "checkpoints" / "last.ckpt", tmp_path / "st", "--weights-format", "safetensors")
+    card = json.loads((tmp_path / "st" / "model.json").read_text())
+    assert card["weights"]["file"] == "weights.safetensors" and card["weights"]["format"] == "safetensors"
+    a, b = load_model(tmp_path / "pt").network.state_dict(), load_model(tmp_path / "st").network.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_evaluate_writes_metrics_plots_and_overlays(smoke_run, phantoms, tmp_path):
     out = tmp_path / "eval"
     _run("evaluate.py", "--model", smoke_run / "model", "--data-dir", phantoms, "--split", "all", "--out", out,
