@@ -46,3 +46,36 @@ def make_tiny_model(folder: Path, *, widths=(4, 8), patch=(32, 32, 32), spacing=
         description="untrained test model",
     )
     return save_model(folder, net, card, weights_format=weights_format)
+
+
+def weights_path(folder: Path) -> Path:
+    """The weights file a model folder's card names (weights.pt or weights.safetensors)."""
+    import json
+
+    return Path(folder) / json.loads((Path(folder) / "model.json").read_text(encoding="utf-8"))["weights"]["file"]
+
+
+def read_weights(folder: Path) -> dict:
+    """A test model's state_dict, in whichever format its card names (written by the tests)."""
+    import torch
+
+    path = weights_path(folder)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, weights_only=True)
+
+
+def write_weights(folder: Path, state: dict) -> Path:
+    """Overwrite a test model's weights in its card's format (the card's checksum is kept)."""
+    import torch
+
+    path = weights_path(folder)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path

@@ -9,12 +9,12 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from LiverTumorSegLib.cli import main
 from LiverTumorSegLib.io import write_volume
 from LiverTumorSegLib.volume import Volume
 
+from .helpers import read_weights, write_weights
 from .oracle import analytic_ct
 
 
@@ -161,9 +161,9 @@ def test_card_that_does_not_match_its_weights(capsys, tmp_path, tiny_model, good
 def test_checksum_mismatch(capsys, tmp_path, tiny_model, good_ct):
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
-    state = torch.load(model / "weights.pt", weights_only=True)
+    state = read_weights(model)
     next(iter(state.values())).add_(1.0)
-    torch.save(state, model / "weights.pt")
+    write_weights(model, state)
     _assert_refused(_run(capsys, tmp_path, good_ct, "--model", str(model)), "checksum")
 
 
