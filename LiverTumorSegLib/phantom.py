@@ -18,7 +18,10 @@ from separate random streams, so overriding the grid keeps the same patient.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,7 +29,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_path, atomic_write_text, check_writable_dir
+from .atomic import _existing_parent, _folder_lock, atomic_write_text, check_writable_dir, uninterrupted
 from .errors import OutputError
 from .phantom_anatomy import Anatomy, PhantomError, draw_anatomy, finish_anatomy
 from .phantom_render import Grid, Textures, make_textures, render
@@ -237,12 +240,83 @@ def case_seed(seed: int, index: int) -> int:
 
 
 def _write_image(img: sitk.Image, path: Path) -> None:
-    """Write a NIfTI file atomically (temporary name in the same folder, then rename)."""
+    """Write a NIfTI file (into the staging folder)."""
     try:
-        with atomic_path(path) as tmp:
-            sitk.WriteImage(img, str(tmp), True, 1)
-    except RuntimeError as exc:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(img, str(path), True, 1)
+    except (OSError, RuntimeError) as exc:
         raise OutputError(f"cannot write {path}: {exc}; choose a writable output folder") from None
+
+
+DATASET_REFERENCE = "LiverTumorSegLib.phantom"  # dataset.json's "reference": a data set of this command
+_LISTED = re.compile(r"^\./(imagesTr|labelsTr|imagesTs)/liver_[0-9]+\.nii\.gz$")
+_SUBFOLDERS = ("imagesTr", "labelsTr", "imagesTs")
+
+
+def earlier_dataset_files(root: Path) -> list[str] | None:
+    """The case files (``imagesTr/liver_0.nii.gz``, ...) that an earlier :func:`write_dataset`
+    listed in ``root/dataset.json``; None when there is no such record (no file, a link,
+    not JSON, or another program's ``dataset.json``). Only names this command writes count."""
+    path = Path(root) / "dataset.json"
+    if path.is_symlink():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if meta.get("reference") != DATASET_REFERENCE:
+            return None
+        listed = [p for entry in meta.get("training", []) for p in (entry["image"], entry["label"])]
+        listed += list(meta.get("test", []))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return sorted({p[2:] for p in listed if isinstance(p, str) and _LISTED.match(p)})
+
+
+def _check_target(root: Path) -> list[str]:
+    """What an earlier run of this command wrote into ``root`` (to remove what this run
+    does not write again); refuses a folder with other contents, whose files could have
+    the names this command writes (a real Task03 download)."""
+    if not root.is_dir():
+        return []
+    listed = earlier_dataset_files(root)
+    if listed is not None:
+        return listed
+    staging = f".{root.name}.partial-"  # left by a killed run of ours: not the user's data
+    for entry in root.iterdir():
+        if entry.name.startswith(staging):
+            continue
+        if entry.name in _SUBFOLDERS and entry.is_dir() and not entry.is_symlink() and not any(entry.iterdir()):
+            continue
+        raise OutputError(f"{root} is not empty and holds no data set written by the phantom command (its "
+                          "dataset.json); choose a new or empty folder")
+    return []
+
+
+def _publish_dataset(stage: Path, root: Path, files: list[str]) -> None:
+    """Move the staged case files into ``root``, then dataset.json, then remove the files
+    the earlier data set listed that this one does not have. Under the folder's lock (the
+    earlier record is read again there: another run may have published meanwhile); a
+    signal that comes while the files are moved waits until all are."""
+    moved = 0
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(root):
+            earlier = _check_target(root)
+            with uninterrupted():
+                for name in files + ["dataset.json"]:
+                    destination = root / name
+                    if destination.is_dir() and not destination.is_symlink():
+                        raise OutputError(f"cannot write {destination}: a folder of that name is there; move it "
+                                          "away or choose another output folder")
+                    destination.parent.mkdir(exist_ok=True)
+                    os.replace(stage / name, destination)
+                    moved += 1
+                for name in sorted(set(earlier) - set(files)):
+                    stale = root / name
+                    if stale.is_file() or stale.is_symlink():
+                        stale.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot move the data set into {root}: {exc}; it may now be incomplete ({moved} of "
+                          f"{len(files) + 1} files were moved in), so run again") from None
 
 
 def write_dataset(out_dir, cases: int, seed: int, *, test_cases: int | None = None, preset: str = "full",
@@ -253,10 +327,15 @@ def write_dataset(out_dir, cases: int, seed: int, *, test_cases: int | None = No
     test case j (numbered after the training cases, no label) to imagesTs/liver_{j}.nii.gz,
     and dataset.json lists them. Case i is made with seed :func:`case_seed` (seed, i).
     ``test_cases`` defaults to max(1, cases // 5). ``progress(done, total)`` is called
-    after each case (it may raise :class:`~.errors.Cancelled` to stop); every file is
-    written atomically, and dataset.json last, so a stopped run lists no missing file.
+    after each case (it may raise :class:`~.errors.Cancelled` to stop).
+
+    Every file is written into a hidden staging folder (inside ``out_dir`` when it exists)
+    and moved in once all are complete, dataset.json last, so a stopped run changes
+    nothing. ``out_dir`` must be new, empty, or hold a data set of this command: then the
+    case files its dataset.json lists and this run does not write are removed (no other
+    file is touched), so the folder holds exactly the new data set's cases.
     Raises :class:`PhantomError` for bad arguments and :class:`~.errors.OutputError`
-    when the folder cannot be written.
+    when the folder cannot be written or holds something else.
     """
     if cases < 0 or (test_cases is not None and test_cases < 0):
         raise PhantomError("the number of training and test cases must be 0 or more")
@@ -264,51 +343,42 @@ def write_dataset(out_dir, cases: int, seed: int, *, test_cases: int | None = No
         raise PhantomError(f"preset must be one of {PRESETS}, not {preset!r}")
     n_test = max(1, cases // 5) if test_cases is None else int(test_cases)
     root = check_writable_dir(Path(out_dir))
-    earlier = _listed_files(root)
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    total = cases + n_test
-    training, test = [], []
-    for index in range(total):
-        case = make_phantom(case_seed(seed, index), preset=preset)
-        name = f"liver_{index}.nii.gz"
-        if index < cases:
-            _write_image(case.image.to_sitk(), root / "imagesTr" / name)
-            _write_image(case.labels.to_sitk(), root / "labelsTr" / name)
-            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-        else:
-            _write_image(case.image.to_sitk(), root / "imagesTs" / name)
-            test.append(f"./imagesTs/{name}")
-        if progress is not None:
-            progress(index + 1, total)
-    meta = {
-        "name": "LiverPhantom",
-        "description": "Synthetic abdominal CT phantom (LiverTumorSeg phantom generator, seed "
-                       f"{int(seed)}, preset {preset}); not patient data. Layout of MSD Task03_Liver.",
-        "reference": "LiverTumorSegLib.phantom", "licence": "CC0", "release": "1.0",
-        "tensorImageSize": "3D", "modality": {"0": "CT"},
-        "labels": {"0": "background", "1": "liver", "2": "cancer"},
-        "numTraining": cases, "numTest": n_test, "training": training, "test": test,
-    }
-    atomic_write_text(root / "dataset.json", json.dumps(meta, indent=4) + "\n")
-    # An earlier, larger phantom set's files are removed: a tool that scans imagesTr
-    # rather than reading dataset.json would train on them (one may equal a test case).
-    for stale in sorted(earlier - _listed_files(root)):
-        (root / stale).unlink(missing_ok=True)
-    return root
-
-
-PHANTOM_FILE = re.compile(r"^(imagesTr|labelsTr|imagesTs)/liver_\d+\.nii\.gz$")
-
-
-def _listed_files(root: Path) -> set:
-    """The files an earlier phantom set's dataset.json in ``root`` lists (only names this
-    generator writes; nothing when dataset.json is absent or not the generator's)."""
+    _check_target(root)  # refuse another program's folder now, not after making every case
+    base = root if root.is_dir() else (root.parent if root.parent.is_dir() else _existing_parent(root))
     try:
-        meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
-        if meta.get("reference") != "LiverTumorSegLib.phantom":
-            return set()
-        names = [e[k] for e in meta.get("training", []) for k in ("image", "label")] + list(meta.get("test", []))
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return set()
-    return {n[2:] for n in names if isinstance(n, str) and n.startswith("./") and PHANTOM_FILE.match(n[2:])}
+        stage = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=base))
+    except OSError as exc:
+        raise OutputError(f"cannot create a staging folder in {base}: {exc}; choose a writable output folder") from None
+    try:
+        total = cases + n_test
+        training, test, files = [], [], []
+        for index in range(total):
+            case = make_phantom(case_seed(seed, index), preset=preset)
+            name = f"liver_{index}.nii.gz"
+            if index < cases:
+                _write_image(case.image.to_sitk(), stage / "imagesTr" / name)
+                _write_image(case.labels.to_sitk(), stage / "labelsTr" / name)
+                training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+                files += [f"imagesTr/{name}", f"labelsTr/{name}"]
+            else:
+                _write_image(case.image.to_sitk(), stage / "imagesTs" / name)
+                test.append(f"./imagesTs/{name}")
+                files.append(f"imagesTs/{name}")
+            if progress is not None:
+                progress(index + 1, total)
+        meta = {
+            "name": "LiverPhantom",
+            "description": "Synthetic abdominal CT phantom (LiverTumorSeg phantom generator, seed "
+                           f"{int(seed)}, preset {preset}); not patient data. Layout of MSD Task03_Liver.",
+            "reference": DATASET_REFERENCE, "licence": "CC0", "release": "1.0",
+            "tensorImageSize": "3D", "modality": {"0": "CT"},
+            "labels": {"0": "background", "1": "liver", "2": "cancer"},
+            "numTraining": cases, "numTest": n_test, "training": training, "test": test,
+        }
+        atomic_write_text(stage / "dataset.json", json.dumps(meta, indent=4) + "\n")
+        _publish_dataset(stage, root, files)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    for sub in _SUBFOLDERS:  # the layout's folders, as before, even those without a case
+        (root / sub).mkdir(exist_ok=True)
+    return root

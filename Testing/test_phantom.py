@@ -205,6 +205,51 @@ def test_a_smaller_set_written_over_a_larger_one_leaves_no_stale_case(tmp_path):
                      "labelsTr/liver_0.nii.gz"]
 
 
+def _files(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_a_stopped_phantom_run_leaves_the_earlier_data_set_as_it_was(tmp_path):
+    from LiverTumorSegLib.errors import Cancelled
+
+    root = write_dataset(tmp_path / "ds", 2, seed=1, test_cases=1, preset="coarse")
+    before = {name: (root / name).read_bytes() for name in _files(root)}
+
+    def stop_after_the_first_case(done, total):
+        if done == 1:
+            raise Cancelled("stopped")
+
+    with pytest.raises(Cancelled):
+        write_dataset(root, 3, seed=2, test_cases=1, preset="coarse", progress=stop_after_the_first_case)
+    assert {name: (root / name).read_bytes() for name in _files(root)} == before
+    assert not [p for p in tmp_path.rglob("*") if "partial" in p.name]
+    with pytest.raises(Cancelled):  # into a new folder: nothing at all
+        write_dataset(tmp_path / "new", 3, seed=2, preset="coarse", progress=stop_after_the_first_case)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_a_folder_not_written_by_the_phantom_command_is_refused(tmp_path, capsys):
+    """`phantom ~/data/Task03_Liver` must not overwrite the real liver_0.nii.gz there."""
+    from LiverTumorSegLib.cli import main
+    from LiverTumorSegLib.errors import OutputError
+
+    real = tmp_path / "Task03_Liver"
+    (real / "imagesTr").mkdir(parents=True)
+    (real / "imagesTr" / "liver_0.nii.gz").write_bytes(b"a real case")
+    (real / "dataset.json").write_text('{"name": "Liver", "training": []}')
+    with pytest.raises(OutputError, match="holds no data set written by the phantom command"):
+        write_dataset(real, 1, seed=0, preset="coarse")
+    assert main(["phantom", str(real), "--cases", "1", "--preset", "coarse"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no data set written by the phantom command" in err and "Traceback" not in err
+    assert _files(real) == ["dataset.json", "imagesTr/liver_0.nii.gz"]
+    assert (real / "imagesTr" / "liver_0.nii.gz").read_bytes() == b"a real case"
+    empty = tmp_path / "empty"
+    (empty / "imagesTr").mkdir(parents=True)  # empty folders (an older run killed at once) are no data
+    write_dataset(empty, 1, seed=0, test_cases=0, preset="coarse")
+    assert _files(empty) == ["dataset.json", "imagesTr/liver_0.nii.gz", "labelsTr/liver_0.nii.gz"]
+
+
 def test_coarse_case_is_fast():
     make_phantom(0, preset="coarse")
     start = time.perf_counter()
