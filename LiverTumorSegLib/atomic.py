@@ -160,8 +160,7 @@ class StagedOutput:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                with uninterrupted():  # a signal now would leave two runs' files mixed
-                    self._publish()
+                self._publish()
         finally:
             shutil.rmtree(self.path, ignore_errors=True)
 
@@ -174,7 +173,9 @@ class StagedOutput:
                               "choose another output folder")
         try:
             self.target.mkdir(parents=True, exist_ok=True)
-            with _folder_lock(self.target):
+            # Waiting for another run's lock can be interrupted; moving the files in cannot
+            # (a signal then would leave two runs' files mixed): it is held until they are in.
+            with _folder_lock(self.target), uninterrupted():
                 replaces = self.replaces() if callable(self.replaces) else self.replaces
                 for item in items:
                     destination = self.target / item.name
