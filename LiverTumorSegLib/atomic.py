@@ -107,7 +107,7 @@ def check_writable_dir(folder: Path) -> Path:
     folder = Path(folder).expanduser().resolve()
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"output path {folder} exists and is not a folder")
-    probe_dir = folder if folder.exists() else _existing_parent(folder)
+    probe_dir = folder if folder.exists() else existing_parent(folder)
     if not probe_dir.is_dir():
         raise OutputError(f"cannot create output folder {folder}: {probe_dir} is a file, not a folder")
     if not os.access(probe_dir, os.W_OK | os.X_OK):
@@ -150,7 +150,7 @@ class StagedOutput:
         if self.target.is_dir():
             base = self.target
         else:
-            base = self.target.parent if self.target.parent.is_dir() else _existing_parent(self.target)
+            base = self.target.parent if self.target.parent.is_dir() else existing_parent(self.target)
         try:
             self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=base))
         except OSError as exc:
@@ -175,7 +175,7 @@ class StagedOutput:
             self.target.mkdir(parents=True, exist_ok=True)
             # Waiting for another run's lock can be interrupted; moving the files in cannot
             # (a signal then would leave two runs' files mixed): it is held until they are in.
-            with _folder_lock(self.target), uninterrupted():
+            with folder_lock(self.target), uninterrupted():
                 replaces = self.replaces() if callable(self.replaces) else self.replaces
                 for item in items:
                     destination = self.target / item.name
@@ -193,7 +193,7 @@ class StagedOutput:
 
 
 @contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
+def folder_lock(folder: Path) -> Iterator[None]:
     """An exclusive lock on ``folder`` itself (flock on its descriptor: no lock file left
     behind), waiting for another holder; none where folders cannot be locked (Windows)."""
     try:
@@ -219,7 +219,7 @@ def _umask() -> int:
     return mask
 
 
-def _existing_parent(path: Path) -> Path:
+def existing_parent(path: Path) -> Path:
     for parent in path.parents:
         if parent.exists():
             return parent

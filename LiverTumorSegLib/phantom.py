@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import _existing_parent, _folder_lock, atomic_write_text, check_writable_dir, uninterrupted
+from .atomic import existing_parent, folder_lock, atomic_write_text, check_writable_dir, uninterrupted
 from .errors import OutputError
 from .phantom_anatomy import Anatomy, PhantomError, draw_anatomy, finish_anatomy
 from .phantom_render import Grid, Textures, make_textures, render
@@ -299,7 +299,7 @@ def _publish_dataset(stage: Path, root: Path, files: list[str]) -> None:
     moved = 0
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with _folder_lock(root):
+        with folder_lock(root):
             earlier = _check_target(root)
             with uninterrupted():
                 for name in files + ["dataset.json"]:
@@ -344,7 +344,7 @@ def write_dataset(out_dir, cases: int, seed: int, *, test_cases: int | None = No
     n_test = max(1, cases // 5) if test_cases is None else int(test_cases)
     root = check_writable_dir(Path(out_dir))
     _check_target(root)  # refuse another program's folder now, not after making every case
-    base = root if root.is_dir() else (root.parent if root.parent.is_dir() else _existing_parent(root))
+    base = root if root.is_dir() else (root.parent if root.parent.is_dir() else existing_parent(root))
     try:
         stage = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=base))
     except OSError as exc:
