@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import existing_parent, folder_lock, atomic_write_text, check_writable_dir, uninterrupted
+from .atomic import atomic_write_text, check_writable_dir, existing_parent, folder_lock, uninterrupted
 from .errors import OutputError
 from .phantom_anatomy import Anatomy, PhantomError, draw_anatomy, finish_anatomy
 from .phantom_render import Grid, Textures, make_textures, render
