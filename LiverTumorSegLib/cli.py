@@ -186,7 +186,7 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
             segmenter.check_memory(*header)
         reporter(0.0, "reading")
         t = time.perf_counter()
-        provenance = {"input": str(input_path)}
+        provenance = {"input": str(Path(input_path).resolve())}  # as typed, it depends on where the run was
         if input_path.is_dir():  # a DICOM folder: also record which series was segmented
             ct, provenance["series"] = read_dicom_series(input_path, getattr(args, "series", None))
         else:

@@ -53,7 +53,13 @@ def test_segment_real_3mm_abdomen_end_to_end(tmp_path, tiny_model, capsys):
         assert {"volume_ml", "max_diameter_mm", "centroid_mm"} <= set(lesion)
     rows = list(csv.DictReader((out / "stats.csv").open()))
     assert float(rows[0]["volume_ml"]) == pytest.approx(stats["liver"]["volume_ml"], rel=1e-6)
-    assert stats["run"]["input"] == str(ct_path)
+    assert stats["run"]["input"] == str(ct_path.resolve())
+    relative = subprocess.run([sys.executable, "-m", "LiverTumorSegLib", "segment", os.path.relpath(ct_path, tmp_path),
+                               "-o", "rel", "--model", str(tiny_model), "--progress", "none", "--no-surfaces",
+                               "--no-preview"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert relative.returncode == 0, relative.stderr  # a path as typed depends on where the run was: recorded whole
+    assert json.loads((tmp_path / "rel" / "stats.json").read_text())["run"]["input"] == str(ct_path.resolve())
     preview = sitk.ReadImage(str(out / "preview.png"))
     assert preview.GetNumberOfComponentsPerPixel() == 3
 
