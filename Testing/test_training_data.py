@@ -280,6 +280,50 @@ def test_a_read_only_data_folder_names_cache_dir_instead_of_a_traceback(tmp_path
         build_cache(training_cases(root), _config(), cache, workers=1, progress=False)
 
 
+def _read_only(monkeypatch, root: Path) -> None:
+    """Make ``root`` behave as read-only storage does (tests may run as root, whom chmod
+    does not stop): no file or folder can be created, written or removed under it."""
+    import errno
+    import os
+    import shutil
+
+    top = os.path.abspath(root)
+
+    def inside(path) -> bool:
+        path = os.path.abspath(os.fspath(path))
+        return path == top or path.startswith(top + os.sep)
+
+    def refuse(path):
+        raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+
+    real_access, real_open, real_mkdir, real_rmtree = os.access, os.open, Path.mkdir, shutil.rmtree
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if mode & os.W_OK and inside(path)
+                        else real_access(path, mode, **kw))
+    monkeypatch.setattr(os, "open", lambda path, flags, *a, **kw: refuse(path) if flags & writing and inside(path)
+                        else real_open(path, flags, *a, **kw))
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **kw: refuse(self) if inside(self) and not self.is_dir()
+                        else real_mkdir(self, *a, **kw))
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **kw: refuse(path) if inside(path)
+                        else real_rmtree(path, *a, **kw))
+
+
+def test_a_complete_cache_on_read_only_storage_is_used_and_a_stale_one_names_cache_dir(tmp_path, monkeypatch):
+    """A cache built once beside a shared, read-only data set only has to be read (the
+    write check refused it); one that needs rebuilding there is one line, not the
+    PermissionError traceback of deleting it."""
+    root = make_dataset(tmp_path / "d")
+    cache = root / ".livertumorseg-cache" / "x"
+    cases = training_cases(root)
+    built = build_cache(cases, _config(), cache, workers=1, progress=False)
+    _read_only(monkeypatch, root)
+    assert build_cache(cases, _config(), cache, workers=1, progress=False) == built
+    with pytest.raises(DatasetError, match=r"cannot write the preprocessed cache in .*Read-only file system; "
+                                           r"pass --cache-dir DIR on a writable disk"):
+        build_cache(cases, _config(spacing_mm=[2.0, 2.0, 2.0]), cache, workers=1, progress=False)
+    assert read_manifest(cache)["cases"].keys() == built.keys()  # the old cache is still there
+
+
 def test_cache_is_rebuilt_when_the_preprocessing_code_changes(tmp_path, monkeypatch):
     from livertumorseg_training import cache as cache_module
 

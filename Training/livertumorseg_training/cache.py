@@ -189,24 +189,19 @@ def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optio
     cache_dir = Path(cache_dir)
     params = cache_params(config)
     manifest = read_manifest(cache_dir)
-    if manifest is not None and manifest.get("params") != params:
+    stale = manifest is not None and manifest.get("params") != params
+    if stale:
         old = manifest.get("params") if isinstance(manifest.get("params"), dict) else {}
         changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
         if not rebuild_stale:
             raise DatasetError(f"the cache in {cache_dir} was made with other preprocessing ({', '.join(changed)} "
                                "differ); another run may still be reading it. Choose another --cache-dir, or "
                                "delete that folder to rebuild it there.")
-        shutil.rmtree(cache_dir)
         manifest = None
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(cache_dir, os.W_OK | os.X_OK):
-            raise PermissionError(f"[Errno 13] Permission denied: '{cache_dir}'")
-    except OSError as exc:  # a read-only data set (shared storage) holds the default cache folder
-        raise DatasetError(f"cannot write the preprocessed cache in {cache_dir}: {exc.strerror or exc}; "
-                           "pass --cache-dir DIR on a writable disk") from None
     entries = dict((manifest or {}).get("cases", {}))
     todo = [c for c in cases if not (c.case_id in entries and _entry_is_fresh(entries[c.case_id], c, cache_dir))]
+    if stale or todo:  # a complete, fresh cache is only read: it may lie on read-only storage
+        _make_writable(cache_dir, clear=stale)
     errors = []
     if todo:
         workers = max(1, min(int(workers or os.cpu_count() or 1), len(todo)))
@@ -231,6 +226,23 @@ def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optio
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise DatasetError(f"{len(errors)} case(s) cannot be used:\n  {listed}{more}")
     return {c.case_id: entries[c.case_id] for c in cases}
+
+
+def _make_writable(cache_dir: Path, clear: bool) -> None:
+    """Empty (``clear``) or create ``cache_dir`` and prove a file can be written there;
+    a read-only data set (shared storage, where the default cache folder lies) is a
+    one-line error naming ``--cache-dir``, not a ``PermissionError`` traceback."""
+    import tempfile
+
+    try:
+        if clear:
+            shutil.rmtree(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise DatasetError(f"cannot write the preprocessed cache in {cache_dir}: {exc.strerror or exc}; "
+                           "pass --cache-dir DIR on a writable disk") from None
 
 
 def _limit_threads(threads: int) -> None:
