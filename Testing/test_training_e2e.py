@@ -178,6 +178,29 @@ def test_resume_refuses_another_recipe_or_split_before_writing_anything(smoke_ru
     assert after == before  # config.yaml and everything else untouched
 
 
+def test_resume_check_names_every_differing_key_and_lets_the_caching_workers_change(smoke_run):
+    """Another recipe named four keys and "12 more" (the network's among the hidden);
+    data.cache_workers (how many processes cache, not what) was refused."""
+    import copy
+
+    from livertumorseg_training.config import load_config
+    from livertumorseg_training.errors import ConfigError
+    from livertumorseg_training.exporting import read_checkpoint
+    from livertumorseg_training.run import check_resume
+
+    checkpoint = smoke_run / "checkpoints" / "last.ckpt"
+    saved = read_checkpoint(checkpoint)["livertumorseg"]
+    config = copy.deepcopy(saved["config"])
+    config["data"]["cache_workers"], config["trainer"]["max_epochs"] = 1, 5
+    check_resume(checkpoint, config, saved["data"])  # allowed changes go through
+    with pytest.raises(ConfigError) as refused:
+        check_resume(checkpoint, load_config("demo"), saved["data"])
+    message = str(refused.value)
+    assert "\n" not in message and "more" not in message
+    for key in ("data.spacing_mm", "model.widths", "sampling.patch_size"):
+        assert f"{key}" in message, key
+
+
 def test_stopped_and_resumed_run_trains_as_one_that_went_straight_through(smoke_run, phantoms, tmp_path):
     """Epoch 1 of a run resumed after epoch 0 sees the same patches and augmentation as
     an uninterrupted run's epoch 1 (it used to replay epoch 0's), so the weights agree."""

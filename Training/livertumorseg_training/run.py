@@ -221,7 +221,7 @@ def train(argv: Optional[List[str]] = None) -> int:
 #: exported. Everything else (data, grid, sampling, augmentation, network, loss,
 #: optimiser, schedule, seed) is what the checkpoint was trained with.
 RESUMABLE_CHANGES = ("name", "description", "recipe_file", "trainer.", "validation.", "checkpoint.", "export.",
-                     "sampling.num_workers")
+                     "sampling.num_workers", "data.cache_workers")
 
 
 def check_resume(checkpoint_path: Path, config: dict, data_summary: dict) -> None:
@@ -235,11 +235,12 @@ def check_resume(checkpoint_path: Path, config: dict, data_summary: dict) -> Non
     old, new = _flatten(saved.get("config", {})), _flatten(config)
     changed = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key)
                      and not key.startswith(RESUMABLE_CHANGES))
-    if changed:
-        shown = ", ".join(f"{key} ({old.get(key)!r} -> {new.get(key)!r})" for key in changed[:4])
-        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        raise ConfigError(f"--resume: the recipe differs from the one {checkpoint_path} was trained with: {shown}{more}; "
-                          "resume with the run's own config.yaml (drop --config), changing only trainer.*, "
+    if changed:  # every key named; the values of the first few (a whole other recipe would be a page)
+        shown = ", ".join(f"{key} ({old.get(key)!r} -> {new.get(key)!r})" if i < 4 else key
+                          for i, key in enumerate(changed))
+        raise ConfigError(f"--resume: the recipe differs from the one {checkpoint_path} was trained with in "
+                          f"{len(changed)} key(s): {shown}; "
+                          "resume with the run's own config.yaml (drop --config), changing only trainer.*, worker counts, "
                           "validation.*, checkpoint.* or export.*, or start a new run")
     data = saved.get("data", {})
     for split in ("training_cases", "validation_cases"):
