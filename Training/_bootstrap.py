@@ -18,7 +18,9 @@ def add_repo_to_path() -> None:
             sys.path.remove(str(REPO_ROOT))
         sys.path.insert(0, str(REPO_ROOT))
     elif importlib.util.find_spec("LiverTumorSegLib") is None:
-        raise SystemExit("LiverTumorSegLib is neither beside these scripts nor installed: pip install livertumorseg")
+        print(f"{Path(sys.argv[0]).name}: error: LiverTumorSegLib is neither beside these scripts ({REPO_ROOT}) nor "
+              "installed: pip install 'livertumorseg[train]'", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def run_script(prog: str, main) -> int:
