@@ -7,7 +7,7 @@ in array order. Conventions (the LiTS ones):
 * Dice and IoU are 1 when both masks are empty and 0 when exactly one is;
 * HD95 is the larger of the two directed 95th-percentile surface distances and ASSD
   the mean of all surface-to-surface distances in both directions, in mm; both are
-  ``None`` (undefined) when a mask is empty and 0 when both are;
+  ``None`` (undefined) when either mask is empty, both included (no surface to measure);
 * a lesion is a 26-connected tumor component; a reference lesion is *detected* when
   its IoU with the predicted components that touch it reaches ``iou_threshold``
   (LiTS reports 0.5), and a predicted lesion is a true positive likewise against the
