@@ -238,12 +238,12 @@ class Segmenter:
 
     def check_memory(self, size_xyz, spacing) -> int:
         """Estimate the peak memory for an input of this size; refuse if over budget."""
-        widths = self.card.architecture.get("widths") or (32,)
+        widths = self.card.architecture.get("widths") or (32, 64, 128, 256)  # build_network's default
         # A batch never holds more patches than the model grid has windows.
         grid_zyx = model_grid_size(size_xyz, spacing, self.card.spacing_mm)[::-1]
         windows = int(np.prod([len(patch_starts(int(n), p, self.overlap()))
                                for n, p in zip(grid_zyx, self.card.patch_size)]))
-        batch = batch_activation_bytes(self.card.patch_size, int(widths[0]), min(self.options.batch_size, windows),
+        batch = batch_activation_bytes(self.card.patch_size, widths, min(self.options.batch_size, windows),
                                        half_precision=self.autocast is not None)
         return check_memory(size_xyz, spacing, self.card.spacing_mm, self.options.memory_budget_gb,
                             self.card.num_classes, batch)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -77,17 +77,49 @@ def available_memory_bytes() -> int:
 # measured (peak RSS of command-line runs on a small CT, extrapolated to no batch).
 RUNTIME_BYTES = int(0.5 * (1 << 30))
 # Host memory of one forward pass, per patch voxel and channel of the network's first
-# level, for a batch's patches at once. Measured on the CPU with the seed U-Net (widths
-# 32-256, 96³ patches) and the demo model (8-64, 48³): 16-19 bytes in bf16, 29-43 in
-# fp32, including the freed buffers kept for reuse (:mod:`.allocator`).
+# level, for a batch's patches at once, for a U-Net whose widths double at each level.
+# Measured on the CPU with the seed U-Net (widths 32-256, 96³ patches) and the demo
+# model (8-64, 48³): 16-19 bytes in bf16, 29-43 in fp32, including the freed buffers
+# kept for reuse (:mod:`.allocator`). Other widths count through :func:`effective_width`.
 ACTIVATION_BYTES = {"half": 24, "full": 52}
 
 
-def batch_activation_bytes(patch_size: Sequence[int] = (96, 96, 96), first_width: int = 32,
+def _level_load(widths: Sequence[int]) -> float:
+    """Channels a forward pass holds at each level, weighted by the level's share of the
+    patch's voxels (1/8 per pooling step). Above the bottom: 3 x the lower level's width
+    (the tensor upsampled from it is held three times over: itself, in the concatenation
+    with the skip connection, and as the convolution's reordered input) + this level's
+    width; the bottom level: 2 x its width (its block's two convolution outputs). Set
+    with the peaks measured for widths 2 then 96 (128³ patches): 3.2-4.0 GiB over runs."""
+    w = [int(x) for x in widths]
+    return sum((3 * w[level + 1] + w[level] if level + 1 < len(w) else 2 * w[level]) / 8 ** level
+               for level in range(len(w)))
+
+
+#: :func:`_level_load` of widths (1, 2, 4, 8): the seed's and the demo model's shape.
+DOUBLING_LOAD = _level_load((1, 2, 4, 8))
+
+
+def effective_width(widths: Union[int, Sequence[int]]) -> float:
+    """The first-level width of a channel-doubling 4-level U-Net that takes as much
+    activation memory as a network of these ``widths`` (an int: such a network's first
+    width). The measured constants (:data:`ACTIVATION_BYTES`) are per first-level
+    channel of such networks; a card whose widths grow faster (e.g. 2 then 96) holds far
+    more channels at full resolution than its first width says. Never less than the
+    first width, so no doubling network's estimate falls below what was measured."""
+    if isinstance(widths, (int, np.integer)):
+        return float(widths)
+    widths = [int(w) for w in widths]
+    return max(float(widths[0]), _level_load(widths) / DOUBLING_LOAD)
+
+
+def batch_activation_bytes(patch_size: Sequence[int] = (96, 96, 96),
+                           widths: Union[int, Sequence[int]] = (32, 64, 128, 256),
                            batch_size: int = 2, half_precision: bool = False) -> int:
-    """Host memory a batch's forward pass takes (see :data:`ACTIVATION_BYTES`)."""
+    """Host memory a batch's forward pass takes (see :data:`ACTIVATION_BYTES`):
+    batch x patch voxels x :func:`effective_width` of the card's ``widths`` x bytes."""
     per = ACTIVATION_BYTES["half" if half_precision else "full"]
-    return int(batch_size * float(np.prod([int(p) for p in patch_size])) * int(first_width) * per)
+    return int(batch_size * float(np.prod([int(p) for p in patch_size])) * effective_width(widths) * per)
 
 
 def model_grid_size(input_size_xyz: Sequence[int], input_spacing: Sequence[float],
