@@ -126,8 +126,8 @@ def _parse(d: dict) -> ModelCard:
     it = d.get("intensity", {})
     intensity = IntensityTransform(
         mode=str(it.get("mode", "window")),
-        window_hu=tuple(float(v) for v in it.get("window_hu", (-200.0, 250.0))),
-        output_range=tuple(float(v) for v in it.get("output_range", (-1.0, 1.0))),
+        window_hu=_numbers(it.get("window_hu", (-200.0, 250.0)), "intensity.window_hu"),
+        output_range=_numbers(it.get("output_range", (-1.0, 1.0)), "intensity.output_range"),
     )
     if intensity.mode not in ("window", "minmax"):
         raise ModelError(f"intensity.mode {intensity.mode!r} must be 'window' or 'minmax'")
