@@ -153,10 +153,21 @@ def check_memory(input_size_xyz: Sequence[int], input_spacing: Sequence[float],
                  num_classes: int = 3, batch_bytes: Optional[int] = None) -> int:
     """Refuse (:class:`ResourceError`) a job whose estimate exceeds the budget.
 
-    The default budget is 85 % of the memory available now. Returns the estimate.
+    The default budget is 85 % of the memory available now. When the runtime and one
+    batch alone exceed it, the message names the model's patches and the batch size, not
+    the volume (no crop would help). Returns the estimate.
     """
     need = estimate_peak_bytes(input_size_xyz, input_spacing, model_spacing, num_classes, batch_bytes)
     budget = budget_gb * (1 << 30) if budget_gb else 0.85 * available_memory_bytes()
+    model_alone = RUNTIME_BYTES + (batch_activation_bytes() if batch_bytes is None else batch_bytes)
+    if model_alone > budget:  # no crop of the volume helps: the model's patches are the cost
+        raise ResourceError(
+            f"the engine with this model needs about {model_alone / (1 << 30):.1f} GiB of memory before any "
+            f"volume (the runtime and one batch of the model's patches), more than the budget of "
+            f"{budget / (1 << 30):.2f} GiB: use "
+            "--batch-size 1, a machine with more memory or a larger --memory-budget-gb, or a model whose card "
+            "has a smaller patch_size or widths."
+        )
     if need > budget:
         raise ResourceError(
             f"this volume ({'x'.join(str(int(s)) for s in input_size_xyz)} voxels) needs about "

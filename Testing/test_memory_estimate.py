@@ -48,3 +48,16 @@ def test_the_budget_refuses_a_card_whose_widths_grow_faster_than_doubling(tmp_pa
     assert Segmenter(narrow, budget).check_memory(*header) == need_narrow
     with pytest.raises(ResourceError, match="memory"):
         Segmenter(wide, budget).check_memory(*header)
+
+
+def test_a_model_too_large_for_the_budget_is_blamed_not_the_volume(tmp_path):
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    huge_patches = make_tiny_model(tmp_path / "huge", widths=(4, 8), patch=(256, 256, 256))
+    options = SegmentOptions(device="cpu", batch_size=1, precision="fp32", memory_budget_gb=2.0)
+    with pytest.raises(ResourceError, match="needs about .* before any volume .*patch_size") as info:
+        Segmenter(huge_patches, options).check_memory((32, 32, 32), (3.0, 3.0, 3.0))  # a tiny volume
+    assert "Crop the volume" not in str(info.value)
+    small = make_tiny_model(tmp_path / "small", widths=(4, 8), patch=(32, 32, 32))
+    with pytest.raises(ResourceError, match="Crop the volume"):  # a volume too large is still the volume's fault
+        Segmenter(small, options).check_memory((1024, 1024, 1024), (0.5, 0.5, 0.5))
