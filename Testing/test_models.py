@@ -159,9 +159,11 @@ def test_download_with_wrong_checksum_installs_nothing(registry):
     reg, cache, entries = registry
     entries["models"][0]["sha256"] = "0" * 64
     reg.write_text(json.dumps(entries))
-    with pytest.raises(ModelError, match="verification"):
+    with pytest.raises(ModelError, match="verification") as info:
         resolve_model("tiny-remote")
     assert _left_in(cache) == []
+    size = (reg.parent / "tiny.zip").stat().st_size  # says how much arrived: a short file shows as such
+    assert f"the {size} bytes received from file:" in str(info.value) and "run again" in str(info.value)
 
 
 def test_offline_download_says_so(registry):

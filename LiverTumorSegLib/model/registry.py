@@ -226,9 +226,13 @@ def download_model(entry: ModelEntry, *, progress: Optional[Callable[[float, str
             _fetch(entry.url, archive, progress, entry.max_bytes)
             actual = sha256_of(archive)
             if actual != entry.sha256:
+                size = archive.stat().st_size
+                received = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size} bytes"
                 raise ModelError(
-                    f"download of model {entry.name!r} failed verification: expected SHA-256 "
-                    f"{entry.sha256[:16]}..., got {actual[:16]}...; nothing was installed"
+                    f"download of model {entry.name!r} failed verification: the {received} received from "
+                    f"{entry.url} have SHA-256 {actual[:16]}..., the registry expects {entry.sha256[:16]}...; "
+                    "nothing was installed. A transfer that was cut or damaged on the way gives this: run again; "
+                    "if it persists, the file at that address is not the one the registry entry names"
                 )
             unpacked = work / "unpacked"
             _extract(archive, unpacked, entry.max_bytes)
