@@ -339,7 +339,7 @@ class Segmenter:
                                 left_out_warning(left_out_ml, stats["liver"]["volume_ml"])) if w]
         info = {
             "model": self.card.name, "model_version": self.card.version,
-            "model_folder": str(self.model.folder), "model_weights_sha256": self.card.weights_sha256,
+            "model_folder": str(Path(self.model.folder).absolute()), "model_weights_sha256": self.card.weights_sha256,
             "device": self.device,
             "precision": self.precision_name,
             "overlap": self.overlap(), "weighting": self.options.weighting,

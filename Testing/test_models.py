@@ -317,3 +317,20 @@ def test_models_command_lists_cache_folder(registry, capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert str(registry[1]) in out and "tiny-remote" in out
+
+
+def test_stats_json_records_an_absolute_model_folder_for_a_relative_cache(registry, tmp_path, monkeypatch):
+    """A relative LIVERTUMORSEG_CACHE (or a model loaded from a relative folder) is recorded
+    as the absolute folder, so the result still names it when read from elsewhere."""
+    import numpy as np
+
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    from .oracle import analytic_ct
+
+    reg, cache, _ = registry
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LIVERTUMORSEG_CACHE", "cache")
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    result = Segmenter("tiny-remote", SegmentOptions(device="cpu", precision="fp32")).segment(ct)
+    assert result.info["model_folder"] == str(cache / "tiny-remote") and (cache / "tiny-remote").is_absolute()
