@@ -334,3 +334,36 @@ def test_stats_json_records_an_absolute_model_folder_for_a_relative_cache(regist
     ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
     result = Segmenter("tiny-remote", SegmentOptions(device="cpu", precision="fp32")).segment(ct)
     assert result.info["model_folder"] == str(cache / "tiny-remote") and (cache / "tiny-remote").is_absolute()
+
+
+def test_an_outdated_copy_is_not_used_when_the_new_archive_cannot_be_fetched(registry):
+    reg, cache, entries = registry
+    folder = resolve_model("tiny-remote")
+    entries["models"][0].update(url="http://127.0.0.1:9/v2.zip", sha256="1" * 64)  # nothing listens on port 9
+    reg.write_text(json.dumps(entries))
+    with pytest.raises(ModelError, match="not known to be.* from the archive the registry names now"):
+        resolve_model("tiny-remote", download=False)
+    with pytest.raises(ModelError, match=r"offline.*came from another archive than the registry names now, "
+                                         r"so it is not used"):
+        resolve_model("tiny-remote")
+    assert load_model(folder).card.name == "tiny-test"  # left as it was: nothing half-replaced
+
+
+def test_a_cached_copy_with_no_record_of_its_archive_is_downloaded_again(registry):
+    from LiverTumorSegLib.model.registry import SOURCE_RECORD
+
+    reg, cache, entries = registry
+    folder = resolve_model("tiny-remote")
+    assert (folder / SOURCE_RECORD).read_text().strip() == entries["models"][0]["sha256"]
+    (folder / SOURCE_RECORD).unlink()  # installed by an engine before the record, or copied in by hand
+    (folder / "model.json").write_text((folder / "model.json").read_text().replace("tiny-test", "hand-made"))
+    assert {e.name: e for e in list_models()}["tiny-remote"].source == "outdated"
+    assert load_model(resolve_model("tiny-remote")).card.name == "tiny-test"
+    assert _left_in(cache) == ["tiny-remote"]  # the replaced copy went with the work folder
+
+
+def test_an_unwritable_cache_names_the_variable_that_moves_it(registry):
+    reg, cache, _ = registry
+    (cache / ".tiny-remote.lock").mkdir(parents=True)  # the lock file cannot be opened (as on a read-only mount)
+    with pytest.raises(ModelError, match="cannot lock .*set LIVERTUMORSEG_CACHE"):
+        resolve_model("tiny-remote")

@@ -181,6 +181,9 @@ def resolve_model(name_or_path: Optional[str] = None, *, download: bool = True,
     if entry.installed:
         return entry.path
     if not download:
+        if entry.source == "outdated":
+            raise ModelError(f"model {spec!r} is cached, but not (or not known to be) from the archive the registry "
+                             "names now; it needs downloading again")
         raise ModelError(f"model {spec!r} is registered but not downloaded yet")
     return download_model(entry, progress=progress)
 
@@ -213,6 +216,19 @@ def download_model(entry: ModelEntry, *, progress: Optional[Callable[[float, str
         raise ModelError(f"cannot create the model cache {root}: {exc}; set {CACHE_ENV}") from None
     target = root / entry.name  # a plain name (checked above): always inside the cache
     lock = root / f".{entry.name}.lock"
+    try:
+        return _install(entry, root, target, lock, progress)
+    except ModelError as exc:
+        recorded = installed_archive_sha256(target)
+        if (target / CARD_NAME).is_file() and recorded != entry.sha256:
+            why = "came from another archive than the registry names now" if recorded else \
+                f"has no record ({SOURCE_RECORD}) of the archive it came from"
+            raise ModelError(f"{exc} (the copy cached at {target} {why}, so it is not used)") from None
+        raise
+
+
+def _install(entry: ModelEntry, root: Path, target: Path, lock: Path,
+             progress: Optional[Callable[[float, str], None]]) -> Path:
     with _install_lock(lock, progress) as locked:
         if (target / CARD_NAME).is_file() and installed_archive_sha256(target) == entry.sha256:
             return target  # another process installed it while this one waited
@@ -239,12 +255,10 @@ def download_model(entry: ModelEntry, *, progress: Optional[Callable[[float, str
             cards = list(unpacked.rglob(CARD_NAME))
             if len(cards) != 1:
                 raise ModelError(f"the archive of model {entry.name!r} must hold exactly one {CARD_NAME}")
-            (cards[0].parent / SOURCE_RECORD).write_text(entry.sha256 + "\n", encoding="utf-8")
             try:
-                if target.is_symlink() or target.is_file():
-                    target.unlink()
-                elif target.exists():
-                    shutil.rmtree(target)  # an outdated or broken earlier install
+                (cards[0].parent / SOURCE_RECORD).write_text(entry.sha256 + "\n", encoding="utf-8")
+                if os.path.lexists(target):  # an outdated or broken earlier install: moved aside in one
+                    os.replace(target, work / "replaced")  # step (never seen half-deleted), deleted with work
                 os.replace(cards[0].parent, target)
             except OSError as exc:
                 raise ModelError(f"could not install model {entry.name!r} into {target}: {exc}") from None
