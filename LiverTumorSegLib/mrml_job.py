@@ -14,7 +14,6 @@ The caller drives it: ``start()``, then ``poll()`` from a timer (or ``wait()``),
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from .errors import LiverTumorSegError
+from .locks import lock_now
 from .runner import CANCELLED, FAILED, RUNNING, SUCCEEDED, EngineRun, RunEvent, build_command
 
 FOLDER_PREFIX = "LiverTumorSeg-"
@@ -194,15 +194,7 @@ def _lock_file(path: Path):
     it is locked already (a live job) or this file system has no locks."""
     handle = open(path, "a+b")
     try:
-        if os.name == "nt":
-            import msvcrt
-
-            handle.seek(0)
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock_now(handle)
         return handle
     except OSError:
         handle.close()

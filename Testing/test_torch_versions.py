@@ -103,31 +103,3 @@ def test_the_slicer_module_asks_for_the_engine_floor():
     requirement = next(line for line in (REPO / "pyproject.toml").read_text().splitlines() if '"torch>=' in line)
     assert '"torch>={}.{}"'.format(*TORCH_MINIMUM) in requirement
     assert np.all(np.array(TORCH_SAFE_PICKLE) >= np.array(TORCH_MINIMUM))
-
-
-def test_a_pickle_of_python_objects_is_refused_without_torchs_unsafe_advice(tmp_path):
-    """torch's refusal text suggests weights_only=False; the engine's message never does."""
-    import hashlib
-    import json
-
-    folder = make_tiny_model(tmp_path / "evil", weights_format="torch-state-dict")
-    torch.save({"payload": _Payload()}, folder / "weights.pt")
-    card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
-    card["weights"]["sha256"] = hashlib.sha256((folder / "weights.pt").read_bytes()).hexdigest()
-    (folder / "model.json").write_text(json.dumps(card))
-    if release(torch.__version__) < TORCH_SAFE_PICKLE:
-        pytest.skip("this torch refuses every pickled weights file outside the bundled models (tested above)")
-    with pytest.raises(ModelError, match="holds Python objects other than tensors") as info:
-        load_model(folder)
-    assert "weights_only" not in str(info.value) and not _Payload.ran
-
-
-class _Payload:
-    ran = False
-
-    def __reduce__(self):
-        return (_Payload._run, ())
-
-    @staticmethod
-    def _run():
-        _Payload.ran = True

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ..errors import ModelError
+from ..locks import lock_now
 from .card import CARD_NAME
 from .loading import sha256_of
 
@@ -298,15 +299,7 @@ def _install_lock(path: Path, progress: Optional[Callable[[float, str], None]] =
         last_seen, since, told = _mtime(path), time.monotonic(), False
         while True:
             try:
-                if os.name == "nt":
-                    import msvcrt
-
-                    handle.seek(0)
-                    msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-                else:
-                    import fcntl
-
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock_now(handle)
                 locked = True
                 break
             except OSError as exc:
