@@ -108,6 +108,24 @@ def test_export_with_safetensors_weights_loads_the_same_network(smoke_run, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_on_torch_older_than_2_6_the_export_is_safetensors_and_loads_back(smoke_run, tmp_path, monkeypatch):
+    """Training is allowed on torch 2.2-2.5; its end-of-run export must be a model that
+    torch can load there (pickled weights load only from the bundled models)."""
+    import torch
+
+    pytest.importorskip("safetensors")
+    from livertumorseg_training.exporting import export_checkpoint
+
+    from LiverTumorSegLib.model import load_model
+
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")
+    folder = export_checkpoint(smoke_run / "checkpoints" / "last.ckpt", tmp_path / "model")
+    assert load_model(folder).card.weights_format == "safetensors"
+    monkeypatch.setattr(torch, "__version__", "2.6.0")
+    assert load_model(export_checkpoint(smoke_run / "checkpoints" / "last.ckpt", tmp_path / "m2")).card.weights_format \
+        == "torch-state-dict"
+
+
 def test_evaluate_writes_metrics_plots_and_overlays(smoke_run, phantoms, tmp_path):
     out = tmp_path / "eval"
     _run("evaluate.py", "--model", smoke_run / "model", "--data-dir", phantoms, "--split", "all", "--out", out,

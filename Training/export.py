@@ -25,9 +25,10 @@ def main() -> int:
     parser.add_argument("checkpoint", type=Path,
                         help="a .ckpt written by train.py (e.g. RUN_DIR/checkpoints/last.ckpt)")
     parser.add_argument("out_dir", type=Path, help="model folder to write")
-    parser.add_argument("--weights-format", choices=("torch-state-dict", "safetensors"), default="torch-state-dict",
-                        help="weights.pt (default), or weights.safetensors, which torch older than 2.6 "
-                             "(e.g. 3D Slicer on macOS) can load safely too; needs the safetensors package")
+    parser.add_argument("--weights-format", choices=("torch-state-dict", "safetensors"), default=None,
+                        help="weights.pt, or weights.safetensors, which torch older than 2.6 (e.g. 3D Slicer on "
+                             "macOS) can load safely too (needs the safetensors package); default: weights.pt, or "
+                             "safetensors when this torch is older than 2.6")
     args = parser.parse_args()
     folder = export_checkpoint(args.checkpoint, args.out_dir, weights_format=args.weights_format)
     card = load_model(folder).card

@@ -79,11 +79,12 @@ def card_from_config(config: dict, provenance: dict, metrics: dict) -> ModelCard
 
 
 def export_checkpoint(checkpoint_path: Path, out_dir: Path, *, extra_provenance: Optional[dict] = None,
-                      extra_metrics: Optional[dict] = None, weights_format: str = "torch-state-dict") -> Path:
+                      extra_metrics: Optional[dict] = None, weights_format: Optional[str] = None) -> Path:
     """Write the model folder for a checkpoint into ``out_dir``; returns ``out_dir``.
 
     ``weights_format``: ``torch-state-dict`` (weights.pt) or ``safetensors``, which torch
-    older than 2.6 can load too (:func:`LiverTumorSegLib.model.save_model`)."""
+    older than 2.6 can load too (:func:`LiverTumorSegLib.model.save_model`); None: the
+    one this torch can load back (:func:`default_weights_format`)."""
     checkpoint = read_checkpoint(checkpoint_path)
     saved = checkpoint[CHECKPOINT_KEY]
     config = saved["config"]
@@ -103,7 +104,16 @@ def export_checkpoint(checkpoint_path: Path, out_dir: Path, *, extra_provenance:
     metrics = {"validation": dict(saved.get("val_metrics", {}))}
     metrics.update(extra_metrics or {})
     card = card_from_config(config, provenance, metrics)
-    return save_model(Path(out_dir), network, card, weights_format=weights_format)
+    return save_model(Path(out_dir), network, card, weights_format=weights_format or default_weights_format())
+
+
+def default_weights_format() -> str:
+    """``torch-state-dict``, or ``safetensors`` on torch older than 2.6, whose engine
+    loads pickled weights only from the bundled models (CVE-2025-32434): a model trained
+    and exported there must load back there."""
+    from LiverTumorSegLib.torch_versions import TORCH_SAFE_PICKLE, release
+
+    return "torch-state-dict" if release(torch.__version__) >= TORCH_SAFE_PICKLE else "safetensors"
 
 
 def update_card_metrics(model_dir: Path, metrics: dict) -> None:
