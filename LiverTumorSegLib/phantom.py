@@ -271,6 +271,11 @@ def earlier_dataset_files(root: Path) -> list[str] | None:
     return sorted({p[2:] for p in listed if isinstance(p, str) and _LISTED.match(p)})
 
 
+#: Files a file manager puts into any folder it shows (macOS Finder, Windows Explorer):
+#: they do not make a folder someone else's data set.
+OS_METADATA = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
 def _check_target(root: Path) -> list[str]:
     """What an earlier run of this command wrote into ``root`` (to remove what this run
     does not write again); refuses a folder with other contents, whose files could have
@@ -282,7 +287,7 @@ def _check_target(root: Path) -> list[str]:
         return listed
     staging = f".{root.name}.partial-"  # left by a killed run of ours: not the user's data
     for entry in root.iterdir():
-        if entry.name.startswith(staging):
+        if entry.name.startswith(staging) or entry.name in OS_METADATA or entry.name.startswith("._"):
             continue
         if entry.name in _SUBFOLDERS and entry.is_dir() and not entry.is_symlink() and not any(entry.iterdir()):
             continue

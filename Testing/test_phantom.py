@@ -243,6 +243,11 @@ def test_a_folder_not_written_by_the_phantom_command_is_refused(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no data set written by the phantom command" in err and "Traceback" not in err
     assert _files(real) == ["dataset.json", "imagesTr/liver_0.nii.gz"]
+    browsed = tmp_path / "made-in-finder"  # a folder a file manager has shown is still empty
+    browsed.mkdir()
+    for name in (".DS_Store", "Thumbs.db", "desktop.ini", "._x"):
+        (browsed / name).write_bytes(b"metadata")
+    assert (write_dataset(browsed, 1, seed=0, preset="coarse") / "dataset.json").is_file()
     assert (real / "imagesTr" / "liver_0.nii.gz").read_bytes() == b"a real case"
     empty = tmp_path / "empty"
     (empty / "imagesTr").mkdir(parents=True)  # empty folders (an older run killed at once) are no data
