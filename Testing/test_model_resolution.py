@@ -60,6 +60,10 @@ def test_stats_json_records_the_models_folder_and_weights_checksum(tmp_path):
     ({"0": "Background", "1": "Liver", "2": "cancer"}, True),  # the Decathlon's own names
     ({"0": "background", "1": "liver", "2": "Tumour"}, True),
     ({"0": "background", "1": "liver"}, True),
+    ({"0": "Background", "1": "Liver", "2": "liver_tumor"}, True),  # nnU-Net / MONAI style names
+    ({"0": "background", "1": "liver", "2": "Liver-Tumors"}, True),
+    ({"0": "background", "1": "liver", "2": "HCC"}, True),
+    ({"0": "background", "1": "liver", "2": "metastases"}, True),
     ({"0": "background", "1": "tumor", "2": "liver"}, False),
     ({"0": "background", "1": "tumor"}, False),
     ({"0": "background", "1": "spleen", "2": "kidney"}, False),

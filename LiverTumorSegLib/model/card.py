@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,8 +179,15 @@ SPACING_RANGE_MM = (0.1, 20.0)
 LABEL_NAMES = {
     "0": {"background", "bg", "none"},
     "1": {"liver"},
-    "2": {"tumor", "tumour", "cancer", "lesion", "liver tumor", "liver tumour", "liver lesion", "neoplasm"},
+    "2": {"tumor", "tumour", "cancer", "lesion", "liver tumor", "liver tumour", "liver lesion", "liver cancer",
+          "neoplasm", "hcc", "metastasis", "metastases", "liver metastasis", "liver metastases"},
 }
+
+
+def _label_name(name: str) -> str:
+    """``Liver_Tumors`` -> ``liver tumor``: case, separators and a plural s do not matter."""
+    words = re.sub(r"[\s_\-]+", " ", name).strip().lower()
+    return words[:-1] if words.endswith(("tumors", "tumours", "lesions", "cancers", "neoplasms")) else words
 
 
 def _numbers(value, name: str, whole: bool = False) -> tuple:
@@ -200,7 +208,7 @@ def _check_labels(labels: dict) -> None:
     if set(labels) not in ({"0", "1"}, {"0", "1", "2"}):
         raise ModelError(f"labels must be classes 0 (background), 1 (liver) and optionally 2 (tumor), not "
                          f"{sorted(labels)}: this engine reports class 1 as liver and 2 as tumor")
-    wrong = {k: v for k, v in labels.items() if v.strip().lower() not in LABEL_NAMES[k]}
+    wrong = {k: v for k, v in labels.items() if _label_name(v) not in LABEL_NAMES[k]}
     if wrong:
         expected = {k: sorted(LABEL_NAMES[k])[0] if k != "2" else "tumor" for k in wrong}
         raise ModelError(f"labels {wrong} do not mean what this engine reports them as ({expected}); "
