@@ -44,8 +44,13 @@ def uninterrupted() -> Iterator[None]:
     _CRITICAL["depth"] += 1
     try:
         yield
-    finally:
+    except BaseException:
         _CRITICAL["depth"] -= 1
+        if not _CRITICAL["depth"] and _CRITICAL["pending"]:
+            _CRITICAL["pending"] = False  # the block failed: the held interrupt wins over its error
+            raise KeyboardInterrupt("stopped by signal") from None
+        raise
+    _CRITICAL["depth"] -= 1
     if not _CRITICAL["depth"] and _CRITICAL["pending"]:
         _CRITICAL["pending"] = False
         raise InterruptedAfterwards("stopped by signal once the outputs were in place")

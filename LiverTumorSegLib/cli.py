@@ -292,7 +292,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         # signal lands on (torch's load_state_dict has one) would report as another error.
         raise Terminated("stopped by signal")
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # A signal a launcher set to be ignored (SIGINT of a background job) stays ignored.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     args.written_to = None  # set once a run's outputs are all in place
     try:
         code = _run_command(args, lambda: stop["requested"])

@@ -158,6 +158,39 @@ def test_a_signal_while_outputs_are_moved_in_waits_until_they_all_are(tmp_path, 
     assert "preview.png" not in listed and not any(name.endswith(".stl") for name in listed)
 
 
+def test_a_held_signal_is_not_lost_when_the_moves_fail_and_does_not_outlive_them():
+    """A signal held during the moves, then a failing move: the run stops as cancelled
+    (not as the move's error), and the next block starts with nothing held."""
+    from LiverTumorSegLib.atomic import InterruptedAfterwards, defer_interrupt, uninterrupted
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        with uninterrupted():
+            assert defer_interrupt()  # the signal handler's call: held
+            raise OSError("disk full")
+    assert not isinstance(info.value, InterruptedAfterwards)
+    with uninterrupted():
+        pass  # nothing pending any more: no spurious interrupt
+    assert not defer_interrupt()
+
+
+def test_an_ignored_sigint_stays_ignored(monkeypatch):
+    """A job started in the background of a script has SIGINT ignored: a Ctrl-C in that
+    terminal must not cancel it."""
+    import LiverTumorSegLib.cli as cli
+
+    def models_while_ctrl_c_is_pressed():
+        os.kill(os.getpid(), signal.SIGINT)
+        return 0
+
+    monkeypatch.setattr(cli, "run_models", models_while_ctrl_c_is_pressed)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["models"]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_bad_option_values(tmp_path, tiny_model, capsys):
     ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
     write_volume(ct, tmp_path / "ct.nii.gz")
