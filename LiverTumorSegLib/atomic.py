@@ -129,8 +129,10 @@ class StagedOutput:
             write(stage.path / "a.json") ...
         # on success every file now lies in outdir; on any exception none does.
 
-    ``replaces``: names of files an earlier run wrote into the target (its own record,
-    never a guess), or a function giving them, called when publishing. Those the new set
+    Files may lie in subfolders of the set; they are published by their relative path.
+    ``replaces``: relative paths of files an earlier run wrote into the target (its own
+    record, never a guess), or a function giving them, called when publishing (it may
+    refuse the target by raising). Those the new set
     does not include (a ``tumor.stl`` when no tumor is found this time) are removed once
     the new files are in; no other file is touched. ``last``: the name to move in after
     all the others (the record of the set). Publishing holds a lock on the target folder
@@ -170,9 +172,11 @@ class StagedOutput:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def _publish(self) -> None:
-        items = sorted(self.path.iterdir(), key=lambda item: (item.name == self.last, item.name))
-        in_the_way = [self.target / item.name for item in items
-                      if (self.target / item.name).is_dir() and not (self.target / item.name).is_symlink()]
+        # Files by their path inside the set (``imagesTr/liver_0.nii.gz``); the record last.
+        names = sorted((item.relative_to(self.path).as_posix() for item in self.path.rglob("*") if item.is_file()),
+                       key=lambda name: (name == self.last, name))
+        in_the_way = [self.target / name for name in names
+                      if (self.target / name).is_dir() and not (self.target / name).is_symlink()]
         if in_the_way:
             raise OutputError(f"cannot write {in_the_way[0]}: a folder of that name is there; move it away or "
                               "choose another output folder")
@@ -182,11 +186,12 @@ class StagedOutput:
             # (a signal then would leave two runs' files mixed): it is held until they are in.
             with folder_lock(self.target), uninterrupted():
                 replaces = self.replaces() if callable(self.replaces) else self.replaces
-                for item in items:
-                    destination = self.target / item.name
-                    os.replace(item, destination)
+                for name in names:
+                    destination = self.target / name
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(self.path / name, destination)
                     self.published.append(destination)
-                for name in sorted(set(replaces) - {item.name for item in items}):
+                for name in sorted(set(replaces) - set(names)):
                     stale = self.target / name
                     if stale.is_file() or stale.is_symlink():
                         stale.unlink()

@@ -18,10 +18,7 @@ from separate random streams, so overriding the grid keeps the same patient.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,7 +26,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_write_text, check_writable_dir, existing_parent, folder_lock, uninterrupted
+from .atomic import StagedOutput, atomic_write_text, check_writable_dir
 from .errors import OutputError
 from .phantom_anatomy import Anatomy, PhantomError, draw_anatomy, finish_anatomy
 from .phantom_render import Grid, Textures, make_textures, render
@@ -296,34 +293,6 @@ def _check_target(root: Path) -> list[str]:
     return []
 
 
-def _publish_dataset(stage: Path, root: Path, files: list[str]) -> None:
-    """Move the staged case files into ``root``, then dataset.json, then remove the files
-    the earlier data set listed that this one does not have. Under the folder's lock (the
-    earlier record is read again there: another run may have published meanwhile); a
-    signal that comes while the files are moved waits until all are."""
-    moved = 0
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with folder_lock(root):
-            earlier = _check_target(root)
-            with uninterrupted():
-                for name in files + ["dataset.json"]:
-                    destination = root / name
-                    if destination.is_dir() and not destination.is_symlink():
-                        raise OutputError(f"cannot write {destination}: a folder of that name is there; move it "
-                                          "away or choose another output folder")
-                    destination.parent.mkdir(exist_ok=True)
-                    os.replace(stage / name, destination)
-                    moved += 1
-                for name in sorted(set(earlier) - set(files)):
-                    stale = root / name
-                    if stale.is_file() or stale.is_symlink():
-                        stale.unlink()
-    except OSError as exc:
-        raise OutputError(f"cannot move the data set into {root}: {exc}; it may now be incomplete ({moved} of "
-                          f"{len(files) + 1} files were moved in), so run again") from None
-
-
 def write_dataset(out_dir, cases: int, seed: int, *, test_cases: int | None = None, preset: str = "full",
                   progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a synthetic data set in the MSD Task03_Liver layout and return its folder.
@@ -349,14 +318,12 @@ def write_dataset(out_dir, cases: int, seed: int, *, test_cases: int | None = No
     n_test = max(1, cases // 5) if test_cases is None else int(test_cases)
     root = check_writable_dir(Path(out_dir))
     _check_target(root)  # refuse another program's folder now, not after making every case
-    base = root if root.is_dir() else (root.parent if root.parent.is_dir() else existing_parent(root))
-    try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=base))
-    except OSError as exc:
-        raise OutputError(f"cannot create a staging folder in {base}: {exc}; choose a writable output folder") from None
-    try:
+    # The earlier set's record is read again when publishing, under the folder's lock:
+    # another run may have published meanwhile.
+    with StagedOutput(root, replaces=lambda: _check_target(root), last="dataset.json") as staged:
+        stage = staged.path
         total = cases + n_test
-        training, test, files = [], [], []
+        training, test = [], []
         for index in range(total):
             case = make_phantom(case_seed(seed, index), preset=preset)
             name = f"liver_{index}.nii.gz"
@@ -364,11 +331,9 @@ def write_dataset(out_dir, cases: int, seed: int, *, test_cases: int | None = No
                 _write_image(case.image.to_sitk(), stage / "imagesTr" / name)
                 _write_image(case.labels.to_sitk(), stage / "labelsTr" / name)
                 training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-                files += [f"imagesTr/{name}", f"labelsTr/{name}"]
             else:
                 _write_image(case.image.to_sitk(), stage / "imagesTs" / name)
                 test.append(f"./imagesTs/{name}")
-                files.append(f"imagesTs/{name}")
             if progress is not None:
                 progress(index + 1, total)
         meta = {
@@ -381,9 +346,6 @@ def write_dataset(out_dir, cases: int, seed: int, *, test_cases: int | None = No
             "numTraining": cases, "numTest": n_test, "training": training, "test": test,
         }
         atomic_write_text(stage / "dataset.json", json.dumps(meta, indent=4) + "\n")
-        _publish_dataset(stage, root, files)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     for sub in _SUBFOLDERS:  # the layout's folders, as before, even those without a case
         (root / sub).mkdir(exist_ok=True)
     return root
