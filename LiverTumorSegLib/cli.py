@@ -105,6 +105,10 @@ def _positive(kind, zero: bool = False):
     return parse
 
 
+#: Where writing the files starts in a segment run's progress: 1.0 means they are all in.
+WRITE_START = 0.9
+
+
 class _Reporter:
     """Progress as a tqdm bar (stderr), JSON lines (stdout) or nothing.
 
@@ -136,6 +140,10 @@ class _Reporter:
         elif self.mode == "lines" and int(fraction * 10) != self._last:
             self._last = int(fraction * 10)
             print(f"{fraction:4.0%} {message}", file=sys.stderr)
+
+    def part(self, start: float, end: float) -> Callable[[float, str], None]:
+        """A callback whose 0..1 is this job's ``start``..``end``."""
+        return lambda fraction, message: self(start + (end - start) * fraction, message)
 
     def event(self, kind: str, **fields) -> None:
         if self.mode == "json":
@@ -192,12 +200,12 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
         else:
             ct = read_volume(input_path, series_uid=getattr(args, "series", None))
         read_s = time.perf_counter() - t
-        result = segmenter.segment(ct, progress=reporter, cancel=cancel)
+        result = segmenter.segment(ct, progress=reporter.part(0.0, WRITE_START), cancel=cancel)
         result.timings = {"read": read_s, **result.timings}
         t = time.perf_counter()
         written = write_outputs(result, ct, args.output, surfaces=not args.no_surfaces,
                                 mesh_format=args.mesh_format, preview=not args.no_preview,
-                                extra=provenance)
+                                extra=provenance, progress=reporter.part(WRITE_START, 1.0))
         args.written_to = args.output
         result.timings["surfaces_and_write"] = time.perf_counter() - t
     finally:

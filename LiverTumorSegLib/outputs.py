@@ -18,7 +18,7 @@ from typing import List, Optional
 
 from .atomic import StagedOutput, atomic_write_text
 from .io import write_volume
-from .pipeline import SegmentationResult
+from .pipeline import ProgressFn, SegmentationResult
 from .volume import Volume
 
 SURFACE_CLASSES = {"liver": (1, 2), "tumor": (2,)}
@@ -48,21 +48,32 @@ def earlier_outputs(outdir: Path) -> List[str]:
 
 def write_outputs(result: SegmentationResult, ct: Volume, outdir: Path, *, surfaces: bool = True,
                   mesh_format: str = "stl", smoothing_iterations: int = 10,
-                  preview: bool = True, extra: Optional[dict] = None) -> dict:
-    """Write every output of ``result`` into ``outdir``; returns {kind: path}."""
+                  preview: bool = True, extra: Optional[dict] = None,
+                  progress: Optional[ProgressFn] = None) -> dict:
+    """Write every output of ``result`` into ``outdir``; returns {kind: path}.
+
+    ``progress(fraction, message)`` hears of each file; it hears 1.0 only once every file
+    is in ``outdir``.
+    """
     from .preview import write_preview_png
     from .stats import write_stats_csv
     from .surfaces import surfaces_for_labels, write_obj, write_stl
+
+    def report(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(fraction, message)
 
     written = {}
     # The earlier run's list is read when publishing, under the folder's lock: a run that
     # published meanwhile is the earlier run then.
     with StagedOutput(outdir, replaces=lambda: earlier_outputs(outdir), last="stats.json") as stage:
+        report(0.0, "writing the segmentation")
         write_volume(result.labels, stage.path / "segmentation.nii.gz")
         written["segmentation"] = "segmentation.nii.gz"
         write_stats_csv(result.stats, stage.path / "stats.csv")
         written["stats_csv"] = "stats.csv"
         if surfaces:
+            report(0.15, "building surfaces")
             meshes = surfaces_for_labels(result.labels, SURFACE_CLASSES, smoothing_iterations=smoothing_iterations)
             writer = write_stl if mesh_format == "stl" else write_obj
             for name, mesh in meshes.items():
@@ -72,6 +83,7 @@ def write_outputs(result: SegmentationResult, ct: Volume, outdir: Path, *, surfa
                 writer(mesh, stage.path / filename)
                 written[f"{name}_surface"] = filename
         if preview:
+            report(0.85, "writing the preview")
             write_preview_png(ct, result.labels, stage.path / "preview.png")
             written["preview"] = "preview.png"
         written["stats_json"] = "stats.json"  # last: it lists every file of the run
@@ -79,4 +91,6 @@ def write_outputs(result: SegmentationResult, ct: Volume, outdir: Path, *, surfa
         document["run"] = dict(result.info, timings_s={k: round(v, 3) for k, v in result.timings.items()},
                                **(extra or {}), outputs=sorted(written.values()))
         atomic_write_text(stage.path / "stats.json", json.dumps(document, indent=2) + "\n")
+        report(0.95, "publishing the files")
+    report(1.0, "written")
     return {kind: str(stage.target / name) for kind, name in written.items()}

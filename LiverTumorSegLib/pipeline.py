@@ -333,7 +333,7 @@ class Segmenter:
         report = steps.stage("statistics")
         label_volume = ct.with_array(labels)
         stats = compute_statistics(label_volume, ct)
-        report(1.0, "done")
+        report(1.0, "segmented")
         timings["statistics"] = time.perf_counter() - t
         warnings = [w for w in (liver_in_air_warning(labels, ct.array),
                                 left_out_warning(left_out_ml, stats["liver"]["volume_ml"])) if w]

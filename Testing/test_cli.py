@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LiverTumorSegLib.cli import main
+from LiverTumorSegLib.cli import WRITE_START, main
 from LiverTumorSegLib.io import read_volume, write_volume
 from LiverTumorSegLib.model.registry import BUNDLED_DIR, DEFAULT_MODEL
 
@@ -75,6 +75,12 @@ def test_json_progress_lines(tmp_path, tiny_model, capsys):
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     progress = [e["progress"] for e in events if e["event"] == "progress"]
     assert progress == sorted(progress) and progress[-1] == pytest.approx(1.0)
+    # 1.0 means the files are in: segmenting ends before it, and only the last report reaches it
+    messages = [e["message"] for e in events if e["event"] == "progress"]
+    assert progress.count(1.0) == 1 and messages[-1] == "written"
+    segmented = messages.index("segmented")
+    assert progress[segmented] == pytest.approx(WRITE_START) and WRITE_START < 1.0
+    assert "writing the segmentation" in messages[segmented:] and "writing the preview" in messages[segmented:]
     done = events[-1]
     assert done["event"] == "done" and set(done["outputs"]) >= {"segmentation", "stats_json", "preview"}
     assert not any(name.endswith(".stl") for name in os.listdir(tmp_path / "o"))
@@ -266,6 +272,25 @@ def test_earlier_outputs_trusts_only_our_own_record(tmp_path):
     (folder / "stats.json").unlink()
     (folder / "stats.json").symlink_to(other)
     assert earlier_outputs(folder) == []  # a linked stats.json is not this folder's record
+
+
+def test_write_progress_reaches_one_only_once_every_file_is_in(tmp_path, tiny_model):
+    from LiverTumorSegLib.outputs import write_outputs
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    result = Segmenter(tiny_model, SegmentOptions(fast=True)).segment(ct)
+    out = tmp_path / "out"
+    seen = []
+
+    def listen(fraction, message):
+        seen.append((fraction, message, set(os.listdir(out)) if out.exists() else set()))
+
+    written = write_outputs(result, ct, out, progress=listen)
+    fractions = [fraction for fraction, _, _ in seen]
+    assert fractions == sorted(fractions) and fractions.count(1.0) == 1 and fractions[-1] == 1.0
+    assert not any("stats.json" in files for _, _, files in seen[:-1])  # nothing published before the end
+    assert {Path(path).name for path in written.values()} <= seen[-1][2]
 
 
 def test_outputs_publish_the_record_last_and_never_replace_a_folder(tmp_path, monkeypatch):
