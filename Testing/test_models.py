@@ -125,6 +125,27 @@ def test_nan_weights_are_refused_and_linked_weights_checked(tiny_model, tmp_path
         load_model(linked)
 
 
+def test_integer_weights_are_refused_and_half_precision_ones_load(tiny_model, tmp_path):
+    import shutil
+
+    import torch
+
+    def rewritten(name, change):
+        folder = tmp_path / name
+        shutil.copytree(tiny_model, folder)
+        state = {key: change(value) for key, value in read_weights(folder).items()}
+        card = json.loads((folder / "model.json").read_text())
+        card["weights"]["sha256"] = sha256_of(write_weights(folder, state))
+        (folder / "model.json").write_text(json.dumps(card))
+        return folder
+
+    # weights rounded to whole numbers (a quantisation or a wrong export) would load as a broken network
+    with pytest.raises(ModelError, match=r"non-floating-point tensors .*\(int32\)"):
+        load_model(rewritten("int", lambda t: (t * 100).to(torch.int32)))
+    half = load_model(rewritten("half", lambda t: t.to(torch.float16)))
+    assert all(p.dtype == torch.float32 for p in half.network.parameters())
+
+
 def test_missing_card_and_unknown_names(tmp_path):
     with pytest.raises(ModelError, match="no model.json"):
         resolve_model(str(tmp_path))

@@ -135,6 +135,7 @@ def load_model(folder: Path) -> LoadedModel:
         network = build_network(card.architecture)
     except (ValueError, TypeError) as exc:
         raise ModelError(f"{folder / 'model.json'}: bad architecture: {exc}") from None
+    _check_dtypes(network, state, folder)
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -145,6 +146,20 @@ def load_model(folder: Path) -> LoadedModel:
         ) from None
     network.eval()
     return LoadedModel(card=card, network=network, folder=folder)
+
+
+def _check_dtypes(network, state: dict, folder: Path) -> None:
+    """Refuse integer, boolean or complex tensors where the network holds floating-point
+    ones: ``load_state_dict`` would cast them silently, giving a network of whole-number
+    (or truncated) weights. Half-precision weights are fine; integer buffers (a
+    BatchNorm's batch count) are compared with integer buffers."""
+    expected = network.state_dict()
+    bad = [f"{name} ({str(tensor.dtype).replace('torch.', '')})" for name, tensor in state.items()
+           if name in expected and expected[name].is_floating_point() and not tensor.is_floating_point()]
+    if bad:
+        raise ModelError(f"the weights in {folder} hold non-floating-point tensors where the network has "
+                         f"floating-point ones: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; "
+                         "the file was not written from a trained network's state_dict")
 
 
 WEIGHTS_FORMATS = {"torch-state-dict": "weights.pt", "safetensors": "weights.safetensors"}
