@@ -59,6 +59,12 @@ def write_outputs(result: SegmentationResult, ct: Volume, outdir: Path, *, surfa
     from .stats import write_stats_csv
     from .surfaces import surfaces_for_labels, write_obj, write_stl
 
+    if not isinstance(result, SegmentationResult):
+        from .errors import OutputError
+
+        raise OutputError(f"write_outputs() takes the SegmentationResult that Segmenter.segment() returned, "
+                          f"not {type(result).__name__}")
+
     def report(fraction: float, message: str) -> None:
         if progress is not None:
             progress(fraction, message)

@@ -6,7 +6,9 @@ training evaluation all call, so every front end gets the same numbers.
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -53,7 +55,8 @@ class SegmentOptions:
             which moved a benchmark model's liver Dice by up to 0.005 (BENCHMARKS.md).
             See :func:`~.boxes.window_box`.
         memory_budget_gb: refuse jobs estimated above this; None = 85 % of free RAM.
-        threads: torch CPU threads; None leaves torch's default.
+        threads: torch CPU threads while a segmentation runs (torch's setting is
+            put back after it); None leaves torch's setting.
     """
 
     device: str = "auto"
@@ -163,11 +166,43 @@ def _prepare_and_warm(network, device: str, autocast, card, batch_size: int) -> 
     return prepared, left
 
 
+_THREADS_LOCK = threading.Lock()
+_THREADS_USERS = [0, None]  # runs inside torch_threads, and torch's count before the first
+
+
+@contextmanager
+def torch_threads(threads: Optional[int]):
+    """torch's CPU thread count set to ``threads`` (None: left as it is) while the block
+    runs, and put back when the last overlapping block ends; yields the count in force.
+    torch's setting is process-wide, so a Segmenter leaves its caller's setting alone."""
+    import torch
+
+    if not threads:
+        yield torch.get_num_threads()
+        return
+    with _THREADS_LOCK:
+        if _THREADS_USERS[0] == 0:
+            _THREADS_USERS[1] = torch.get_num_threads()
+        _THREADS_USERS[0] += 1
+        torch.set_num_threads(int(threads))
+    try:
+        yield int(threads)
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_USERS[0] -= 1
+            if _THREADS_USERS[0] == 0:
+                torch.set_num_threads(_THREADS_USERS[1])
+
+
 def _check_numbers(options: SegmentOptions) -> None:
     """Refuse (:class:`InputError`) option values no run can use."""
     o = options
-    rules = (("batch_size", o.batch_size, "at least 1", lambda v: v >= 1),
-             ("threads", o.threads, "at least 1, or None", lambda v: v is None or v >= 1),
+    whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
+    rules = (("batch_size", o.batch_size, "a whole number of at least 1", lambda v: whole(v) and v >= 1),
+             ("threads", o.threads, "a whole number of at least 1, or None",
+              lambda v: v is None or (whole(v) and v >= 1)),
+             ("overlap", o.overlap, "a number in [0, 1), or None",
+              lambda v: v is None or (not isinstance(v, bool) and 0.0 <= v < 1.0)),
              ("min_lesion_ml", o.min_lesion_ml, "0 or more", lambda v: v >= 0),
              ("memory_budget_gb", o.memory_budget_gb, "above 0, or None", lambda v: v is None or v > 0))
     for name, value, wanted, ok in rules:
@@ -190,20 +225,21 @@ class Segmenter:
 
     def __init__(self, model: Union[LoadedModel, str, Path, None] = None,
                  options: Optional[SegmentOptions] = None) -> None:
+        if options is not None and not isinstance(options, SegmentOptions):
+            raise InputError(f"options must be a SegmentOptions, not {type(options).__name__}")
         self.options = options or SegmentOptions()
         _check_numbers(self.options)
-        if self.options.window_grid not in WINDOW_GRIDS:
-            raise InputError(f"window grid must be one of {', '.join(WINDOW_GRIDS)}, "
-                             f"not {self.options.window_grid!r}")
+        for name, value, allowed in (("window grid", self.options.window_grid, WINDOW_GRIDS),
+                                     ("weighting", self.options.weighting, WEIGHTINGS)):
+            if value not in allowed:
+                raise InputError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
         self.model = model if isinstance(model, LoadedModel) else load_model(resolve_model(
             None if model is None else str(model)))
         self.device = resolve_device(self.options.device)
         self.autocast = resolve_precision(self.options.precision, self.device)
         import torch
 
-        if self.options.threads:
-            torch.set_num_threads(int(self.options.threads))
-        self.threads = torch.get_num_threads()
+        self.threads = int(self.options.threads or torch.get_num_threads())  # as of now; see segment()
         # On the CPU: a channels-last copy, with bf16 weights when the precision is bf16.
         # On a GPU: starting CUDA, moving the weights and cuDNN's first kernels take a
         # second or more, so that runs in a background thread while the caller reads
@@ -272,12 +308,13 @@ class Segmenter:
                      progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> np.ndarray:
         pad_value = air_value(self.card.intensity)
         network, autocast_dtype = self._network_and_autocast()
-        return sliding_window_inference(
-            net_input, network, self.card.patch_size, num_classes=self.card.num_classes,
-            overlap=self.overlap(), batch_size=self.options.batch_size, weighting=self.options.weighting,
-            device=self.device, autocast_dtype=autocast_dtype, pad_value=pad_value,
-            compute_mask=body, progress=progress, cancel=cancel,
-        )
+        with torch_threads(self.options.threads) as self.threads:
+            return sliding_window_inference(
+                net_input, network, self.card.patch_size, num_classes=self.card.num_classes,
+                overlap=self.overlap(), batch_size=self.options.batch_size, weighting=self.options.weighting,
+                device=self.device, autocast_dtype=autocast_dtype, pad_value=pad_value,
+                compute_mask=body, progress=progress, cancel=cancel,
+            )
 
     def infer_logits(self, hu: np.ndarray, progress: Optional[ProgressFn] = None,
                      cancel: Optional[CancelFn] = None) -> tuple:

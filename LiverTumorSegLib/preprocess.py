@@ -20,14 +20,52 @@ BODY_THRESHOLD_HU = -500.0
 PADDING_BELOW_HU = -3100.0
 
 
+#: Voxel types the engine reads (SimpleITK resamples them); others are refused with a hint.
+VOXEL_TYPES = tuple(np.dtype(t) for t in ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+                                          "float32", "float64"))
+
+
+def check_volume(volume) -> None:
+    """Refuse (:class:`InputError`) what is not a 3D :class:`Volume` the engine can
+    resample: another type (a bare array, a path), an array that is not 3D or of a voxel
+    type SimpleITK cannot take, or a geometry that is not 3 positive finite spacings, 3
+    finite origin values and an invertible 3x3 direction. Python API users get one line
+    instead of an error from deep inside numpy or ITK."""
+    if not isinstance(volume, Volume):
+        raise InputError(f"expected a Volume, not {type(volume).__name__}: read a file with "
+                         "LiverTumorSegLib.read_volume(path), or wrap an array as "
+                         "Volume(array_zyx, spacing_xyz, origin_xyz, direction)")
+    a = volume.array
+    if not isinstance(a, np.ndarray):
+        raise InputError(f"Volume.array must be a numpy array, not {type(a).__name__}")
+    if a.ndim != 3:
+        raise InputError(f"the volume must be 3D (z, y, x); its array has shape {a.shape}")
+    if a.dtype == np.bool_:
+        raise InputError("the volume is boolean (a mask), not a CT in Hounsfield units")
+    if a.dtype not in VOXEL_TYPES:
+        raise InputError(f"voxel type {a.dtype} is not supported: convert it first, e.g. "
+                         "Volume(array.astype(numpy.float32), ...)")
+    spacing, origin = np.asarray(volume.spacing, dtype=float), np.asarray(volume.origin, dtype=float)
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"spacing must be 3 positive values in mm (x, y, z), not {volume.spacing}")
+    if origin.shape != (3,) or not np.all(np.isfinite(origin)):
+        raise InputError(f"origin must be 3 finite values in mm (x, y, z), not {volume.origin}")
+    direction = np.asarray(volume.direction, dtype=float)
+    if direction.shape != (3, 3) or not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
+        raise InputError(f"direction must be an invertible 3x3 matrix of direction cosines, not "
+                         f"{direction.round(4).tolist()}")
+
+
 def validate_ct(volume: Volume, *, allow_non_ct: bool = False) -> None:
     """Refuse volumes that cannot be a CT in Hounsfield units.
 
-    Checks: finite voxels, not constant, spacing in a sane range, and (unless
+    Checks: a 3D :class:`Volume` (:func:`check_volume`), finite voxels, not constant,
+    spacing in a sane range, and (unless
     ``allow_non_ct``) intensities that look like HU: some voxels at or below -500
     (air or lung, present in every abdominal CT field of view) and values within
     [-3100, 32767].
     """
+    check_volume(volume)
     a = volume.array
     if a.size == 0:
         raise InputError("the volume is empty (no voxels)")

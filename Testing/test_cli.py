@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from LiverTumorSegLib.cli import WRITE_START, main
 from LiverTumorSegLib.io import read_volume, write_volume
+from LiverTumorSegLib.volume import Volume
 from LiverTumorSegLib.model.registry import BUNDLED_DIR, DEFAULT_MODEL
 
 from .helpers import REPO, real_data
@@ -220,9 +221,59 @@ def test_python_api_refuses_unusable_option_values(tiny_model):
     from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
 
     for field, value in (("threads", 0), ("batch_size", 0), ("min_lesion_ml", -0.5), ("memory_budget_gb", 0.0),
-                         ("memory_budget_gb", float("nan"))):
-        with pytest.raises(InputError, match=field):
+                         ("memory_budget_gb", float("nan")), ("threads", 1.5), ("batch_size", True),
+                         ("overlap", 1.5), ("overlap", "0.5"), ("weighting", "gauss")):
+        with pytest.raises(InputError, match=field):  # when the Segmenter is made, not once a CT is read
             Segmenter(tiny_model, SegmentOptions(**{field: value}))
+    with pytest.raises(InputError, match="must be a SegmentOptions, not dict"):
+        Segmenter(tiny_model, {"batch_size": 2})
+
+
+def test_python_api_refuses_what_is_not_a_3d_volume_in_one_line(tiny_model, tmp_path):
+    from LiverTumorSegLib.errors import InputError
+    from LiverTumorSegLib.pipeline import Segmenter
+
+    segmenter = Segmenter(tiny_model)
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    cases = [(ct.array, "expected a Volume, not ndarray.*read_volume"),
+             (str(tmp_path / "ct.nii.gz"), "expected a Volume, not str"),
+             (Volume(ct.array[0], (1.0, 1.0), (0.0, 0.0)), r"must be 3D.*shape \("),
+             (Volume(ct.array[None], ct.spacing), "must be 3D"),
+             (Volume(ct.array.astype(np.float16), ct.spacing), "voxel type float16 is not supported"),
+             (Volume(ct.array, (1.0, 1.0)), "spacing must be 3 positive values"),
+             (Volume(ct.array, (1.0, 0.0, 1.0)), "spacing must be 3 positive values"),
+             (Volume(ct.array, ct.spacing, (0.0, float("nan"), 0.0)), "origin must be 3 finite"),
+             (Volume(ct.array, ct.spacing, direction=np.zeros((3, 3))), "invertible 3x3"),
+             (Volume(ct.array > 0, ct.spacing), "boolean")]
+    for volume, message in cases:
+        with pytest.raises(InputError, match=message):
+            segmenter.segment(volume)
+    assert segmenter.segment(ct).labels.array.shape == ct.array.shape  # the good one still runs
+    from LiverTumorSegLib.errors import OutputError
+    from LiverTumorSegLib.outputs import write_outputs
+
+    with pytest.raises(OutputError, match="takes the SegmentationResult.*not Volume"):
+        write_outputs(ct, ct, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_threads_apply_while_segmenting_and_torch_setting_is_put_back(tiny_model):
+    import torch
+
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    seen = []
+    segmenter = Segmenter(tiny_model, SegmentOptions(threads=wanted))
+    assert torch.get_num_threads() == before  # making a Segmenter changes nothing process-wide
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    result = segmenter.segment(ct, progress=lambda f, m: seen.append(torch.get_num_threads()) if "patch" in m else None)
+    assert seen and set(seen) == {wanted} and result.info["threads"] == wanted
+    assert torch.get_num_threads() == before
+    result = Segmenter(tiny_model).segment(ct)
+    assert result.info["threads"] == before  # what the run used, not another Segmenter's choice
 
 
 def test_a_rerun_into_the_same_folder_leaves_only_its_own_outputs(tmp_path, tiny_model, capsys):
