@@ -112,7 +112,8 @@ WRITE_START = 0.9
 class _Reporter:
     """Progress as a tqdm bar (stderr), JSON lines (stdout) or nothing.
 
-    The bar is created on the first report, so an early error prints no empty bar.
+    The bar is created on the first report, and a failed run wipes it (see
+    :meth:`close`), so an error is the last line on stderr.
     """
 
     def __init__(self, mode: str) -> None:
@@ -149,8 +150,11 @@ class _Reporter:
         if self.mode == "json":
             _out(json.dumps({"event": kind, **fields}), flush=True)
 
-    def close(self) -> None:
+    def close(self, clear: bool = False) -> None:
+        """End the bar; ``clear`` wipes its line (a failed run ends on its error alone)."""
         if self.bar is not None:
+            if clear:
+                self.bar.leave = False
             self.bar.close()
             self.bar = None
 
@@ -208,6 +212,9 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
                                 extra=provenance, progress=reporter.part(WRITE_START, 1.0))
         args.written_to = args.output
         result.timings["surfaces_and_write"] = time.perf_counter() - t
+    except BaseException:
+        reporter.close(clear=True)  # the error that follows is the run's last line
+        raise
     finally:
         reporter.close()
     for warning in result.info.get("warnings", []):  # also in stats.json (run.warnings)

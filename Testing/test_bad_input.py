@@ -55,6 +55,17 @@ def test_missing_file(capsys, tmp_path, tiny_model):
     _assert_refused(_run(capsys, tmp_path, tmp_path / "nope.nii.gz", "--model", str(tiny_model)), "not found")
 
 
+def test_with_the_progress_bar_an_error_is_the_only_line_left(capsys, tmp_path, tiny_model):
+    ct = Volume(np.full((8, 8, 8), -1000.0, dtype=np.float32), (2.0, 2.0, 2.0))
+    write_volume(ct, tmp_path / "constant.nii.gz")
+    code = main(["segment", str(tmp_path / "constant.nii.gz"), "-o", str(tmp_path / "out"), "--model", str(tiny_model)])
+    err = capsys.readouterr().err
+    # what a terminal shows: each line's text after its last carriage return
+    shown = [line.split("\r")[-1].rstrip() for line in err.split("\n")]
+    assert code == 2 and [line for line in shown if line] == [
+        "livertumorseg: error: the volume is constant (every voxel is -1000); there is nothing to segment"], err
+
+
 def test_corrupt_and_truncated_files(capsys, tmp_path, tiny_model, good_ct):
     truncated = tmp_path / "truncated.nii.gz"
     truncated.write_bytes(good_ct.read_bytes()[:300])
