@@ -36,6 +36,7 @@ from .mrml_check import assert_results, check_results, segment_array
 from .mrml_nodes import LABELMAP_REPRESENTATION, SEGMENTS, fill_segmentation, fill_table, local_ijk_to_ras, \
     place_beside, restore_segmentation, restore_table, snapshot_segmentation, snapshot_table, table_statistics, \
     unique_name, world_matrix
+from .result_checks import result_warnings
 from .stats import stats_to_rows
 from .volume import Volume
 
@@ -46,6 +47,9 @@ __all__ = [
 ]
 
 TABLE_REFERENCE_ROLE = "liverTumorSegStatistics"
+#: ``run`` entries about the run's postprocessing, left out once statistics are updated
+#: from edited segments (they no longer describe those).
+RUN_POSTPROCESSING_KEYS = ("min_lesion_ml", "small_lesions_dropped", "liver_left_out_ml", "warnings")
 GEOMETRY_TOLERANCE_MM = 1e-3
 
 
@@ -271,7 +275,9 @@ def update_statistics(segmentation_node, volume_node=None):
 
     Liver is the whole organ and Tumor counts as liver too, wherever it was painted. The
     CT is ``volume_node``, by default the volume the segmentation was made on. The
-    statistics keep the run's provenance, marked ``run.updated_from_segments``.
+    statistics keep the run's provenance, marked ``run.updated_from_segments``; the
+    segments are measured as drawn, so the run's postprocessing entries
+    (:data:`RUN_POSTPROCESSING_KEYS`) are left out and the warnings are the segments' own.
 
     Raises:
         InputError: no Liver segment, or no volume to measure on.
@@ -294,7 +300,10 @@ def update_statistics(segmentation_node, volume_node=None):
     stats = compute_statistics(ct.with_array(labels), ct)
     table_node = statistics_table(segmentation_node)
     previous = table_statistics(table_node) if table_node is not None else None
-    stats["run"] = dict((previous or {}).get("run", {}), updated_from_segments=True)
+    # The run's provenance stays; what described its postprocessing does not describe the
+    # segments as corrected (no small lesion is dropped from what the user drew).
+    run = {key: value for key, value in (previous or {}).get("run", {}).items() if key not in RUN_POSTPROCESSING_KEYS}
+    stats["run"] = dict(run, updated_from_segments=True, warnings=result_warnings(labels, ct.array, stats))
     if table_node is None:  # a segmentation made elsewhere: the table goes beside the volume
         scene = segmentation_node.GetScene()
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode",

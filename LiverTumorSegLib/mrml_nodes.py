@@ -25,7 +25,7 @@ import numpy as np
 
 from .boxes import class_mask
 from .errors import InputError, LiverTumorSegError
-from .stats import ROW_COLUMNS, stats_to_rows
+from .stats import ROW_COLUMNS, YES_NO_COLUMNS, stats_to_rows
 
 DICOM_CONTEXT = "Segmentation category and type - DICOM master list"
 ANATOMY_CONTEXT = "Anatomic codes - DICOM master list"
@@ -59,9 +59,14 @@ COLUMN_INFO = {  # column -> (title shown in Slicer, unit, description)
     "centroid_a_mm": ("Centroid A (mm)", "mm", "Centroid, A coordinate (RAS)"),
     "centroid_s_mm": ("Centroid S (mm)", "mm", "Centroid, S coordinate (RAS)"),
     "mean_hu": ("Mean (HU)", "HU", "Mean intensity"),
-    "std_hu": ("Std (HU)", "HU", "Standard deviation of the intensity"),
+    "std_hu": ("Std (HU)", "HU", "Standard deviation of the intensity (population; Segment Statistics "
+                                 "shows the sample one, a little larger for small lesions)"),
     "min_hu": ("Min (HU)", "HU", "Minimum intensity"),
     "max_hu": ("Max (HU)", "HU", "Maximum intensity"),
+    "touches_image_edge": ("At image edge", "", "yes: it reaches the edge of the image and may go on outside the "
+                                                "scan, so its volume and size are lower bounds"),
+    "recist_measurable": ("RECIST measurable", "", "yes: axial long axis of at least 10 mm (twice the slice "
+                                                   "thickness on slices thicker than 5 mm), RECIST 1.1"),
 }
 TEXT_COLUMNS = ("name", "kind")
 
@@ -250,11 +255,14 @@ def fill_table(table_node, stats: dict) -> None:
     table_node.RemoveAllColumns()
     table = table_node.GetTable()
     for column in ROW_COLUMNS:
-        array = vtk.vtkStringArray() if column in TEXT_COLUMNS else vtk.vtkDoubleArray()
+        text = column in TEXT_COLUMNS or column in YES_NO_COLUMNS
+        array = vtk.vtkStringArray() if text else vtk.vtkDoubleArray()
         array.SetName(column)
         for row in rows:
             value = row[column]
-            if column in TEXT_COLUMNS:
+            if column in YES_NO_COLUMNS:
+                array.InsertNextValue("" if value is None else "yes" if value else "no")
+            elif text:
                 array.InsertNextValue("" if value is None else str(value))
             else:
                 array.InsertNextValue(math.nan if value is None else float(value))
@@ -284,7 +292,9 @@ def table_rows(table_node) -> List[dict]:
         for c in range(table.GetNumberOfColumns()):
             column = table.GetColumn(c)
             name = column.GetName()
-            if column.IsA("vtkStringArray"):
+            if name in YES_NO_COLUMNS:
+                row[name] = {"yes": True, "no": False}.get(column.GetValue(r))
+            elif column.IsA("vtkStringArray"):
                 row[name] = column.GetValue(r)
             else:
                 value = float(column.GetValue(r))

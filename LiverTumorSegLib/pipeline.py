@@ -20,7 +20,8 @@ from .errors import InputError
 from .inference import prepare_network, sliding_window_inference
 from .model import LoadedModel, load_model, resolve_model
 from .postprocess import argmax_labels, clean_labels, drop_small_lesions, to_input_grid
-from .preprocess import BODY_THRESHOLD_HU, air_value, body_bounding_box, scale_intensity, to_model_grid, validate_ct
+from .preprocess import air_value, body_bounding_box, scale_intensity, to_model_grid, validate_ct
+from .result_checks import result_warnings
 from .resources import batch_activation_bytes, check_memory, model_grid_size, resolve_device, resolve_precision
 from .volume import Volume
 
@@ -71,39 +72,6 @@ class SegmentOptions:
     window_grid: str = WINDOW_GRIDS[0]
     memory_budget_gb: Optional[float] = None
     threads: Optional[int] = None
-
-
-#: Above this share of the found liver in air, the result is flagged (see below).
-LIVER_IN_AIR_WARNING = 0.10
-
-
-def liver_in_air_warning(labels: np.ndarray, hu: np.ndarray) -> Optional[str]:
-    """A warning when much of the found liver lies in air (below -500 HU): what a scan
-    that misses the liver (a thin slab, a crop outside the abdomen) or a non-CT image
-    gives, where the numbers would otherwise look plausible. None when all is well."""
-    liver = labels > 0
-    found = int(np.count_nonzero(liver))
-    if not found:
-        return None
-    in_air = int(np.count_nonzero(hu[liver] < BODY_THRESHOLD_HU))
-    if in_air <= LIVER_IN_AIR_WARNING * found:
-        return None
-    return (f"{100.0 * in_air / found:.0f} % of the liver found lies in air (below -500 HU): the scan may not cover "
-            "the liver, or not be an abdominal CT in HU; check the result before using its figures")
-
-
-#: Above this share of the kept liver, liver-labelled parts left out are flagged.
-LEFT_OUT_WARNING = 0.05
-
-
-def left_out_warning(left_out_ml: float, liver_ml: float) -> Optional[str]:
-    """A warning when postprocessing left out liver-labelled parts of more than 5 % of
-    the liver kept: a lobe that looks disconnected at the model's resolution, or a
-    large false positive elsewhere. Either way, the volume needs a look."""
-    if left_out_ml <= LEFT_OUT_WARNING * max(liver_ml, 0.0):
-        return None
-    return (f"{left_out_ml:.1f} mL labelled liver apart from the largest liver region ({liver_ml:.1f} mL) was left "
-            "out: a lobe the model sees as disconnected, or a false positive; check the liver volume")
 
 
 @dataclass
@@ -372,8 +340,7 @@ class Segmenter:
         stats = compute_statistics(label_volume, ct)
         report(1.0, "segmented")
         timings["statistics"] = time.perf_counter() - t
-        warnings = [w for w in (liver_in_air_warning(labels, ct.array),
-                                left_out_warning(left_out_ml, stats["liver"]["volume_ml"])) if w]
+        warnings = result_warnings(labels, ct.array, stats, left_out_ml)
         info = {
             "model": self.card.name, "model_version": self.card.version,
             "model_folder": str(Path(self.model.folder).absolute()), "model_weights_sha256": self.card.weights_sha256,

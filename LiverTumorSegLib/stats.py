@@ -46,7 +46,15 @@ ROW_COLUMNS = (
     "std_hu",
     "min_hu",
     "max_hu",
+    "touches_image_edge",
+    "recist_measurable",
 )
+#: Columns of yes/no values (``None`` where they do not apply); "yes"/"no" in CSV.
+YES_NO_COLUMNS = ("touches_image_edge", "recist_measurable")
+#: RECIST 1.1: a lesion is measurable from a 10 mm long axis on CT with slices of 5 mm
+#: or thinner, and from twice the slice thickness on thicker slices.
+RECIST_MIN_DIAMETER_MM = 10.0
+RECIST_MAX_THIN_SLICE_MM = 5.0
 
 
 # -- public API ---------------------------------------------------------------------
@@ -62,8 +70,15 @@ def compute_statistics(labels: Volume, ct: Volume | None = None) -> dict:
         A JSON-ready dict (schema version 1). Volumes in mL, lengths in mm, HU
         statistics over the voxels of each region (std is the population standard
         deviation), lesion centroids in RAS mm. Lesions are the 26-connected
-        components of label 2, sorted by volume (largest first) and numbered from 1
-        in that order. HU entries are ``None`` when there is no CT or no voxel.
+        components of label 2 (lesions that touch, even at a corner, count as one),
+        sorted by volume (largest first) and numbered from 1 in that order. HU entries
+        are ``None`` when there is no CT or no voxel. ``liver.image_edges`` names the
+        sides of the image the liver reaches (``superior``, ``left``...): there it may go
+        on outside the scan, and its volume is a lower bound; each lesion has
+        ``touches_image_edge`` likewise, and ``recist_measurable`` (RECIST 1.1: an axial
+        long axis of at least 10 mm, or twice the slice thickness on slices thicker than
+        5 mm; the axial diameter runs centre to centre, so a lesion right at the limit
+        can be a voxel short).
 
     Raises:
         InputError: if ``ct`` is not on the label grid or ``labels`` holds values
@@ -99,6 +114,7 @@ def compute_statistics(labels: Volume, ct: Volume | None = None) -> dict:
     n_liver = n_par + n_tum
 
     lesions = _lesions(tumor, ct_crop, labels, offset) if n_tum else []
+    edges = image_edges(labels, box) if n_liver else []
     return {
         "schema_version": SCHEMA_VERSION,
         "coordinate_system": "RAS",
@@ -115,12 +131,16 @@ def compute_statistics(labels: Volume, ct: Volume | None = None) -> dict:
             "parenchyma_voxels": n_par,
             "hu": _hu_stats(ct_crop, crop != 0),
             "parenchyma_hu": _hu_stats(ct_crop, parenchyma),
+            "touches_image_edge": bool(edges),
+            "image_edges": edges,
         },
         "tumor": {
             "volume_ml": n_tum * voxel_ml,
             "voxels": n_tum,
             "count": len(lesions),
             "burden_percent": 100.0 * n_tum / n_liver if n_liver else 0.0,
+            "count_measurable": sum(1 for lesion in lesions if lesion["recist_measurable"]),
+            "recist_min_diameter_mm": recist_min_diameter_mm(labels),
             "hu": _hu_stats(ct_crop, tumor),
             "lesions": lesions,
         },
@@ -150,7 +170,8 @@ def stats_to_rows(stats: dict) -> list:
         return row
 
     rows = [
-        segment("Liver", liver["volume_ml"], liver["voxels"], liver["hu"]),
+        dict(segment("Liver", liver["volume_ml"], liver["voxels"], liver["hu"]),
+             touches_image_edge=liver.get("touches_image_edge")),
         segment("Liver parenchyma", liver["parenchyma_volume_ml"], liver.get("parenchyma_voxels"),
                 liver["parenchyma_hu"]),
         segment("Tumor", tumor["volume_ml"], tumor["voxels"], tumor["hu"]),
@@ -170,6 +191,11 @@ def stats_to_rows(stats: dict) -> list:
             centroid_a_mm=a,
             centroid_s_mm=s,
             mean_hu=lesion["mean_hu"],
+            std_hu=lesion.get("std_hu"),
+            min_hu=lesion.get("min_hu"),
+            max_hu=lesion.get("max_hu"),
+            touches_image_edge=lesion.get("touches_image_edge"),
+            recist_measurable=lesion.get("recist_measurable"),
         )
         rows.append(row)
     return rows
@@ -202,7 +228,8 @@ def write_stats_csv(stats: dict, path: str | os.PathLike) -> None:
     """Write :func:`stats_to_rows` as CSV (header line, empty cell for ``None``), atomically.
 
     Numbers are written with 15 significant digits (``1637.7795``, not the binary
-    artefact ``1637.7794999999999``); ``stats.json`` keeps every digit.
+    artefact ``1637.7794999999999``); ``stats.json`` keeps every digit. Yes/no columns
+    read ``yes`` or ``no``.
 
     Raises:
         OutputError: if the file cannot be written.
@@ -211,9 +238,51 @@ def write_stats_csv(stats: dict, path: str | os.PathLike) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(ROW_COLUMNS), lineterminator="\n")
     writer.writeheader()
     for row in stats_to_rows(stats):
-        writer.writerow({k: ("" if v is None else format(v, ".15g") if isinstance(v, float) else v)
-                         for k, v in row.items()})
+        writer.writerow({k: _csv_cell(v) for k, v in row.items()})
     atomic_write_text(path, buffer.getvalue())
+
+
+def _csv_cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return format(value, ".15g") if isinstance(value, float) else str(value)
+
+
+#: Names of the patient's sides along LPS x, y and z: (towards negative, towards positive).
+_SIDES = (("right", "left"), ("anterior", "posterior"), ("inferior", "superior"))
+
+
+def image_edges(geometry: Volume, box) -> list:
+    """The sides of ``geometry``'s image (``superior``, ``left``...; each axis named by
+    the patient axis nearest to it) that the index box ``box`` ((z, y, x) slices)
+    reaches: where what it bounds may go on outside the image."""
+    shape = geometry.array.shape
+    sides = []
+    for axis in range(3):  # z, y, x = the k, j, i columns of direction
+        column = geometry.direction[:, 2 - axis]
+        nearest = int(np.argmax(np.abs(column)))
+        towards_last = _SIDES[nearest][1 if column[nearest] > 0 else 0]
+        towards_first = _SIDES[nearest][0 if column[nearest] > 0 else 1]
+        if box[axis].start == 0:
+            sides.append(towards_first)
+        if box[axis].stop == shape[axis]:
+            sides.append(towards_last)
+    order = [side for pair in _SIDES[::-1] for side in pair[::-1]]  # superior, inferior, posterior...
+    return sorted(set(sides), key=order.index)
+
+
+def slice_thickness_mm(geometry: Volume) -> float:
+    """The spacing along the grid axis nearest to the patient's superior-inferior axis."""
+    return float(geometry.spacing[int(np.argmax(np.abs(geometry.direction[2])))])
+
+
+def recist_min_diameter_mm(geometry: Volume) -> float:
+    """The smallest axial long axis RECIST 1.1 measures on this grid: 10 mm on slices of
+    5 mm or thinner, else twice the slice thickness."""
+    thickness = slice_thickness_mm(geometry)
+    return RECIST_MIN_DIAMETER_MM if thickness <= RECIST_MAX_THIN_SLICE_MM else 2.0 * thickness
 
 
 def max_diameter_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0, 0, 0)) -> float:
@@ -273,11 +342,10 @@ def _lesions(tumor: np.ndarray, ct_crop: np.ndarray | None, geometry: Volume, of
     shape = sitk.LabelShapeStatisticsImageFilter()
     shape.Execute(components)
 
-    means = None
+    hu = {}
     if ct_crop is not None:
-        ids = cc[tumor]
-        total = np.bincount(ids, weights=ct_crop[tumor].astype(np.float64))
-        means = total / np.maximum(np.bincount(ids), 1)
+        hu = _hu_by_label(cc[tumor], ct_crop[tumor])
+    minimum = recist_min_diameter_mm(geometry)
 
     ijk_to_ras = geometry.ijk_to_ras()
     off_xyz = np.asarray(offset[::-1], dtype=np.float64)
@@ -288,17 +356,36 @@ def _lesions(tumor: np.ndarray, ct_crop: np.ndarray | None, geometry: Volume, of
         centroid_ijk = np.asarray(shape.GetCentroid(label), dtype=np.float64) + off_xyz
         centroid = ijk_to_ras @ np.append(centroid_ijk, 1.0)
         voxels = int(shape.GetNumberOfPixels(label))
+        corner = (offset[0] + z0, offset[1] + y0, offset[2] + x0)
+        axial = max_axial_diameter_mm(sub, geometry, corner)
+        own_box = tuple(slice(start, start + size) for start, size in zip(corner, (sz, sy, sx)))
         lesions.append({
             "volume_ml": voxels * geometry.voxel_volume_ml,
             "voxels": voxels,
-            "max_diameter_mm": max_diameter_mm(sub, geometry, (offset[0] + z0, offset[1] + y0, offset[2] + x0)),
-            "max_axial_diameter_mm": max_axial_diameter_mm(sub, geometry,
-                                                           (offset[0] + z0, offset[1] + y0, offset[2] + x0)),
+            "max_diameter_mm": max_diameter_mm(sub, geometry, corner),
+            "max_axial_diameter_mm": axial,
             "centroid_mm": [float(c) for c in centroid[:3]],
-            "mean_hu": None if means is None else float(means[label]),
+            **{f"{key}_hu": (float(values[label]) if hu else None) for key, values in
+               (("mean", hu.get("mean")), ("std", hu.get("std")), ("min", hu.get("min")), ("max", hu.get("max")))},
+            "recist_measurable": bool(axial >= minimum),
+            "touches_image_edge": bool(image_edges(geometry, own_box)),
         })
     lesions.sort(key=lambda item: -item["voxels"])
     return [{"id": i + 1, **item} for i, item in enumerate(lesions)]
+
+
+def _hu_by_label(ids: np.ndarray, values: np.ndarray) -> dict:
+    """Mean, population std, min and max of ``values`` for each label in ``ids``
+    (arrays indexed by label)."""
+    values = values.astype(np.float64)
+    count = np.maximum(np.bincount(ids), 1)
+    mean = np.bincount(ids, weights=values) / count
+    variance = np.bincount(ids, weights=(values - mean[ids]) ** 2) / count
+    low = np.full(count.shape, np.inf)
+    high = np.full(count.shape, -np.inf)
+    np.minimum.at(low, ids, values)
+    np.maximum.at(high, ids, values)
+    return {"mean": mean, "std": np.sqrt(variance), "min": low, "max": high}
 
 
 def _hu_stats(ct_crop: np.ndarray | None, mask: np.ndarray) -> dict:

@@ -291,7 +291,7 @@ def test_outside_field_of_view_padding_below_minus_3100_is_accepted_when_air_is_
 def test_a_liver_found_in_air_is_flagged():
     """A scan that misses the liver (a thin slab, a crop outside the abdomen) can give a
     plausible-looking volume; most of that 'liver' then lies in air."""
-    from LiverTumorSegLib.pipeline import liver_in_air_warning
+    from LiverTumorSegLib.result_checks import liver_in_air_warning
 
     hu = np.full((10, 10, 10), 50.0, np.float32)
     hu[:, :, :5] = -1000.0
@@ -306,11 +306,12 @@ def test_a_liver_found_in_air_is_flagged():
 
 
 def test_the_warning_reaches_stderr_and_stats_json(capsys, tmp_path, tiny_model, monkeypatch):
-    from LiverTumorSegLib import pipeline
+    from LiverTumorSegLib import result_checks
 
-    monkeypatch.setattr(pipeline, "liver_in_air_warning", lambda labels, hu: "flagged for the test")
+    monkeypatch.setattr(result_checks, "liver_in_air_warning", lambda labels, hu: "flagged for the test")
     ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
     write_volume(ct, tmp_path / "ct.nii.gz")
     code, err, written, _ = _run(capsys, tmp_path, tmp_path / "ct.nii.gz", "--model", str(tiny_model), "--fast")
     assert code == 0 and "livertumorseg: warning: flagged for the test" in err.splitlines()
-    assert json.loads((tmp_path / "out" / "stats.json").read_text())["run"]["warnings"] == ["flagged for the test"]
+    warnings = json.loads((tmp_path / "out" / "stats.json").read_text())["run"]["warnings"]
+    assert warnings[0] == "flagged for the test" and f"livertumorseg: warning: {warnings[-1]}" in err.splitlines()

@@ -27,6 +27,7 @@ from LiverTumorSegLib.mrml_job import SegmentationJob  # noqa: E402
 from LiverTumorSegLib.mrml_nodes import SEGMENTS, get_terminology, local_ijk_to_ras, table_rows, vtk_matrix  # noqa: E402
 from LiverTumorSegLib.runner import EngineRun, build_command, missing_dependencies, parse_stderr_line, \
     parse_stdout_line  # noqa: E402
+from LiverTumorSegLib.result_checks import result_warnings  # noqa: E402
 from LiverTumorSegLib.stats import compute_statistics, stats_to_rows, write_stats_csv  # noqa: E402
 from LiverTumorSegLib.volume import Volume  # noqa: E402
 
@@ -665,6 +666,8 @@ def test_statistics_follow_the_segments_after_a_correction(tmp_path):
     from LiverTumorSegLib.mrml_nodes import oriented_mask, table_statistics
 
     ct, labels, scene, node, stats = phantom_in_scene(tmp_path)
+    stats["run"] = dict(stats.get("run", {}), model="the-model", min_lesion_ml=0.5, small_lesions_dropped=3,
+                        liver_left_out_ml=12.0, warnings=["the run's own warning"])
     seg, table = mrml.results_to_nodes(node, labels.array, stats)
     edited = labels.array.copy()
     edited[:, :, :30][edited[:, :, :30] == 1] = 0   # part of the liver erased
@@ -682,6 +685,9 @@ def test_statistics_follow_the_segments_after_a_correction(tmp_path):
         assert row == {k: (pytest.approx(v, rel=1e-9) if isinstance(v, float) else v) for k, v in ref.items()}
     updated = table_statistics(table)
     assert updated["tumor"]["count"] == stats["tumor"]["count"] + 1
-    assert updated["run"]["updated_from_segments"] is True
+    assert updated["run"]["updated_from_segments"] is True and updated["run"]["model"] == "the-model"
+    # measured as drawn: the run's postprocessing no longer describes them, its warnings neither
+    assert not (set(mrml.RUN_POSTPROCESSING_KEYS) - {"warnings"}) & set(updated["run"])
+    assert updated["run"]["warnings"] == result_warnings(edited, ct.array, expected)
     with pytest.raises(InputError, match="no Liver segment"):
         mrml.update_statistics(scene.AddNewNodeByClass("vtkMRMLSegmentationNode"))

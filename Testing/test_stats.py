@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from LiverTumorSegLib.errors import InputError
 from LiverTumorSegLib.stats import (
@@ -232,6 +233,51 @@ def test_grid_mismatch_raises():
     assert exact["liver"]["voxels"] == 124 and exact["tumor"]["voxels"] == 1  # 0.5 rounds to 0, 1.5 to 2
 
 
+def test_lesion_intensities_are_each_lesions_own(sphere_phantom):
+    labels, ct, _, _ = sphere_phantom
+    stats = compute_statistics(labels, ct)
+    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(
+        (labels.array == 2).astype(np.uint8)), True))
+    by_size = sorted(range(1, components.max() + 1), key=lambda i: -np.count_nonzero(components == i))
+    for lesion, label in zip(stats["tumor"]["lesions"], by_size):
+        values = ct.array[components == label].astype(np.float64)
+        assert lesion["voxels"] == values.size
+        assert lesion["mean_hu"] == pytest.approx(values.mean(), rel=1e-9)
+        assert lesion["std_hu"] == pytest.approx(values.std(), rel=1e-9)  # population, as the segments' rows
+        assert (lesion["min_hu"], lesion["max_hu"]) == (values.min(), values.max())
+    assert compute_statistics(labels)["tumor"]["lesions"][0]["std_hu"] is None  # no CT, no intensities
+
+
+def test_image_edges_are_named_by_the_patients_sides_and_lesions_flagged():
+    labels = np.zeros((20, 30, 40), dtype=np.uint8)
+    labels[0:12, 5:25, 10:39] = 1  # reaches k = 0 and the last i column
+    labels[3:6, 10:14, 12:16] = 2  # inside
+    labels[8:11, 20:24, 36:40] = 2  # reaches the last i column too
+    flipped = np.diag([-1.0, 1.0, -1.0])  # i towards the right, k towards inferior
+    for direction, expected in ((np.eye(3), ["inferior", "left"]), (flipped, ["superior", "right"])):
+        stats = compute_statistics(Volume(labels, (1.0, 1.0, 2.0), direction=direction))
+        assert stats["liver"]["image_edges"] == expected and stats["liver"]["touches_image_edge"] is True
+        assert [lesion["touches_image_edge"] for lesion in stats["tumor"]["lesions"]] == [False, True]
+    inside = np.pad(labels[:, :, :36], 1)
+    assert compute_statistics(Volume(inside))["liver"]["image_edges"] == []
+    assert compute_statistics(Volume(np.zeros((4, 4, 4), np.uint8)))["liver"]["touches_image_edge"] is False
+
+
+@pytest.mark.parametrize("thickness, minimum", [(1.0, 10.0), (5.0, 10.0), (6.0, 12.0)])
+def test_recist_measurability_follows_the_slice_thickness(thickness, minimum):
+    """RECIST 1.1: measurable from 10 mm on slices of 5 mm or thinner, else from twice the thickness."""
+    labels = np.zeros((9, 40, 40), dtype=np.uint8)
+    labels[1:8, 2:38, 2:38] = 1
+    labels[4, 5:16, 5:6] = 2  # an 11 mm long lesion on 1 mm pixels (10 mm centre to centre)
+    labels[4, 20:31, 20:30] = 2  # 10 x 9 pixels: 13.5 mm across its diagonal
+    stats = compute_statistics(Volume(labels, (1.0, 1.0, thickness)))
+    assert stats["tumor"]["recist_min_diameter_mm"] == minimum
+    axial = [lesion["max_axial_diameter_mm"] for lesion in stats["tumor"]["lesions"]]
+    measurable = [lesion["recist_measurable"] for lesion in stats["tumor"]["lesions"]]
+    assert measurable == [d >= minimum for d in axial] and stats["tumor"]["count_measurable"] == sum(measurable)
+    assert measurable == ([True, True] if minimum == 10.0 else [True, False])
+
+
 def test_rows_csv_and_json_agree(sphere_phantom, tmp_path):
     labels, ct, _, _ = sphere_phantom
     stats = compute_statistics(labels, ct)
@@ -241,7 +287,9 @@ def test_rows_csv_and_json_agree(sphere_phantom, tmp_path):
     assert rows[0]["volume_ml"] == stats["liver"]["volume_ml"]
     assert rows[3]["max_diameter_mm"] == stats["tumor"]["lesions"][0]["max_diameter_mm"]
     assert rows[3]["centroid_s_mm"] == stats["tumor"]["lesions"][0]["centroid_mm"][2]
-    assert rows[3]["std_hu"] is None and rows[0]["centroid_r_mm"] is None
+    assert rows[3]["std_hu"] == stats["tumor"]["lesions"][0]["std_hu"] and rows[0]["centroid_r_mm"] is None
+    assert rows[0]["touches_image_edge"] is False and rows[0]["recist_measurable"] is None
+    assert rows[3]["recist_measurable"] is True and rows[1]["touches_image_edge"] is None
     assert rows[0]["percent_of_liver"] == 100.0
     assert rows[2]["percent_of_liver"] == pytest.approx(stats["tumor"]["burden_percent"], rel=1e-12)
     assert rows[1]["percent_of_liver"] + rows[2]["percent_of_liver"] == pytest.approx(100.0)
@@ -262,6 +310,8 @@ def test_rows_csv_and_json_agree(sphere_phantom, tmp_path):
         for key, value in row.items():
             if value is None:
                 assert written[key] == ""
+            elif isinstance(value, bool):
+                assert written[key] == ("yes" if value else "no")
             elif isinstance(value, str):
                 assert written[key] == value
             else:
