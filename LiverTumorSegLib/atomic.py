@@ -106,9 +106,23 @@ def atomic_path(path: Path) -> Iterator[Path]:
         _remove_quietly(tmp)
 
 
+def check_path_text(path, error=OutputError, what: str = "output") -> None:
+    """Refuse a path whose name is not valid UTF-8 (bytes from another system's encoding,
+    e.g. a Latin-1 name unpacked from an old zip): SimpleITK's C++ aborts the whole
+    process on such a name, with no message and after all the work."""
+    try:
+        os.fsencode(str(path)).decode("utf-8")
+    except UnicodeError:
+        shown = os.fsencode(str(path)).decode("utf-8", "replace")
+        raise error(f"the {what} path {shown} holds characters that are not valid UTF-8 (a name from another "
+                    "system's encoding?), which the image library cannot open; rename it") from None
+
+
 def check_writable_dir(folder: Path) -> Path:
     """Check that ``folder`` (made later, on success, if it does not exist) can be
-    written: it or its nearest existing parent must be a writable folder."""
+    written: it or its nearest existing parent must be a writable folder, and its path
+    valid UTF-8 (:func:`check_path_text`)."""
+    check_path_text(Path(folder).expanduser().absolute())
     folder = Path(folder).expanduser().resolve()
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"output path {folder} exists and is not a folder")

@@ -9,11 +9,12 @@ the NIfTI RAS <-> LPS conversion on read and write.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_path_text
 from .errors import InputError, OutputError
 from .volume import Volume
 
@@ -32,6 +33,7 @@ def read_volume(path: Path, series_uid: "str | None" = None) -> Volume:
     import SimpleITK as sitk
 
     path = Path(path).expanduser()
+    check_path_text(path.absolute(), InputError, "input")
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if path.is_dir():
@@ -220,6 +222,12 @@ MIN_SERIES_SLICES = 10
 SPACING_TOLERANCE = 0.05
 #: Larger tilts of the slice stack against the slice normal are refused (degrees).
 MAX_TILT_DEGREES = 0.5
+#: A slice further than this fraction of the spacing from the evenly spaced place the
+#: reader puts it in (first to last, evenly) is refused: spacing that drifts little by
+#: little passes :data:`SPACING_TOLERANCE` step by step, yet misplaces slices.
+DRIFT_TOLERANCE = 0.2
+#: How many folder levels below a folder without a series are searched for one.
+MAX_SEARCH_DEPTH = 4
 
 
 def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
@@ -227,23 +235,21 @@ def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
 
     With several series of :data:`MIN_SERIES_SLICES` or more slices (e.g. arterial and
     venous phases), ``series_uid`` must say which one; otherwise the largest series is
-    taken (a scout or dose report beside the CT is ignored).
+    taken (a scout or dose report beside the CT is ignored). A folder holding no series
+    itself (a PACS export: ``DICOMDIR`` and ``PATIENT/STUDY/SERIES/`` folders) is searched
+    below, :data:`MAX_SEARCH_DEPTH` levels deep, and the series found there count as one
+    folder's.
     """
-    import SimpleITK as sitk
-
     folder = Path(folder)
-    reader = sitk.ImageSeriesReader()
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found": the error below says it
-    try:
-        series = reader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError:
-        series = ()
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-    if not series:
-        raise InputError(f"{folder} is a folder without a readable DICOM series")
-    files = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
+    files = _series_in(folder)
+    if not files:
+        for below in _subfolders(folder):
+            found = _series_in(below)
+            files.update({sid: names for sid, names in found.items() if sid not in files})
+    if not files:
+        raise InputError(f"{folder} is a folder without a readable DICOM series (its subfolders were searched "
+                         f"{MAX_SEARCH_DEPTH} levels deep too)")
+    series = list(files)
     if series_uid is not None:
         if series_uid not in files:
             raise InputError(f"{folder} holds no DICOM series {series_uid}; it holds: {_list_series(files)}")
@@ -256,6 +262,35 @@ def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
     return chosen, files[chosen]
 
 
+def _series_in(folder: Path) -> dict:
+    """{series UID: sorted file names} of the DICOM series in ``folder`` itself."""
+    import SimpleITK as sitk
+
+    for entry in os.scandir(folder):  # GDCM aborts the process on a name it cannot encode
+        check_path_text(Path(entry.path), InputError, "DICOM file")
+    reader = sitk.ImageSeriesReader()
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found": the error says it
+    try:
+        series = reader.GetGDCMSeriesIDs(str(folder))
+        return {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
+    except RuntimeError:
+        return {}
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _subfolders(folder: Path) -> list:
+    """The folders below ``folder``, :data:`MAX_SEARCH_DEPTH` levels deep, in name order
+    (links not followed)."""
+    found, level = [], [folder]
+    for _ in range(MAX_SEARCH_DEPTH):
+        level = sorted(Path(entry.path) for parent in level for entry in os.scandir(parent)
+                       if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."))
+        found += level
+    return found
+
+
 def read_dicom_series(folder: Path, series_uid: "str | None" = None) -> tuple:
     """(Volume, record) of a DICOM folder's CT series (:func:`choose_series`); the record
     identifies it for provenance (``stats.json``'s ``run.series``): UID, number,
@@ -264,8 +299,12 @@ def read_dicom_series(folder: Path, series_uid: "str | None" = None) -> tuple:
     uid, names = choose_series(folder, series_uid)
     _check_slices(names, folder)
     description, number = _dicom_tags(names[0], "0008|103e", "0020|0011")
-    record = {"uid": uid, "number": number, "description": description, "slices": len(names)}
-    return _to_volume(_read_series(names, folder), folder), record
+    volume = _to_volume(_read_series(names, folder), folder)
+    record = {"uid": uid, "number": number, "description": description,
+              "slices": int(volume.array.shape[0])}  # frames, for a multi-frame file
+    if len(set(Path(name).parent for name in names)) == 1 and Path(names[0]).parent != folder:
+        record["folder"] = str(Path(names[0]).parent)  # found below the folder given
+    return volume, record
 
 
 def _read_series(names: list, folder: Path):
@@ -273,10 +312,14 @@ def _read_series(names: list, folder: Path):
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # its spacing warning: _check_slices judged the spacing
     try:
         return reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read the DICOM series in {folder}: {str(exc).strip()[-200:]}") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _dicom_tags(path: str, *tags: str) -> tuple:
@@ -289,7 +332,29 @@ def _dicom_tags(path: str, *tags: str) -> tuple:
         reader.ReadImageInformation()
     except RuntimeError:
         return ("",) * len(tags)
-    return tuple(reader.GetMetaData(t).strip() if reader.HasMetaDataKey(t) else "" for t in tags)
+    charset = reader.GetMetaData("0008|0005") if reader.HasMetaDataKey("0008|0005") else ""
+    return tuple(_dicom_text(reader.GetMetaData(t), charset).strip() if reader.HasMetaDataKey(t) else ""
+                 for t in tags)
+
+
+#: Python codecs of DICOM's Specific Character Sets (0008,0005) that carry text the
+#: reader hands over undecoded; text in another set is decoded as Latin-1.
+_DICOM_CHARSETS = {"ISO_IR 192": "utf-8", "ISO_IR 100": "latin-1", "ISO_IR 101": "iso8859-2",
+                   "ISO_IR 109": "iso8859-3", "ISO_IR 110": "iso8859-4", "ISO_IR 144": "iso8859-5",
+                   "ISO_IR 127": "iso8859-6", "ISO_IR 126": "iso8859-7", "ISO_IR 138": "iso8859-8",
+                   "ISO_IR 148": "iso8859-9", "ISO_IR 166": "tis-620", "GB18030": "gb18030", "GBK": "gbk"}
+
+
+def _dicom_text(value: str, charset: str) -> str:
+    """A tag's text as the characters its file means: SimpleITK passes bytes that are not
+    UTF-8 through as surrogates, which ``stats.json`` could not hold."""
+    raw = value.encode("utf-8", "surrogateescape")
+    names = [part.strip() for part in charset.split("\\") if part.strip()]
+    codec = _DICOM_CHARSETS.get(names[-1] if names else "", "utf-8")
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError:
+        return raw.decode("latin-1" if codec == "utf-8" else codec, "replace")
 
 
 def _list_series(files: dict) -> str:
@@ -311,8 +376,14 @@ def _numbers(text: str, count: int) -> "np.ndarray | None":
 
 def _check_slices(names: list, folder: Path) -> None:
     """Refuse a series whose slices do not make one regular grid (the reader would average
-    the spacing or misplace slices): mixed sizes or orientations, duplicate or missing
-    slices, a gantry tilt. Series without position tags are left to the reader."""
+    the spacing or misplace slices): too few slices for a CT, slices without position or
+    orientation, mixed sizes or orientations, duplicate or missing slices, spacing that
+    drifts, a gantry tilt. A single file (a multi-frame image) is left to the reader."""
+    if len(names) < 2:
+        return
+    if len(names) < MIN_SERIES_SLICES:
+        raise InputError(f"the DICOM series in {folder} has only {len(names)} slices: a scout, localizer or "
+                         f"dose report, not a CT of the liver ({MIN_SERIES_SLICES} slices or more)")
     tags = [_dicom_tags(n, "0020|0032", "0020|0037", "0028|0010", "0028|0011") for n in names]
     sizes = sorted({(int(rows), int(cols)) for _, _, rows, cols in tags if rows.isdigit() and cols.isdigit()})
     if len(sizes) > 1:
@@ -321,10 +392,18 @@ def _check_slices(names: list, folder: Path) -> None:
                          "export the CT series alone")
     positions = [_numbers(position, 3) for position, _, _, _ in tags]
     orientations = [_numbers(orientation, 6) for _, orientation, _, _ in tags]
-    if len(names) < 3 or any(p is None for p in positions) or any(o is None for o in orientations):
-        return
-    if np.max(np.abs(np.array(orientations) - orientations[0])) > 1e-4:
-        raise InputError(f"the DICOM series in {folder} mixes slice orientations; export the CT series alone")
+    lacking = [Path(name).name for name, p, o in zip(names, positions, orientations) if p is None or o is None]
+    if lacking:
+        raise InputError(f"{len(lacking)} slice(s) of the DICOM series in {folder} (e.g. {lacking[0]}) carry no "
+                         "Image Position/Orientation (Patient) (0020,0032/0037): where each slice lies, and so the "
+                         "slice spacing, cannot be known; export the series with its geometry")
+    odd = [Path(name).name for name, o in zip(names, orientations) if np.max(np.abs(o - orientations[0])) > 1e-4]
+    if odd:
+        minority = odd if len(odd) <= len(names) / 2 else \
+            [Path(name).name for name, o in zip(names, orientations) if np.max(np.abs(o - orientations[0])) <= 1e-4]
+        raise InputError(f"the DICOM series in {folder} mixes slice orientations: {len(minority)} image(s), e.g. "
+                         f"{', '.join(minority[:3])}, lie in another plane than the other {len(names) - len(minority)} "
+                         "(a localizer?); remove them, or export the CT series alone")
     row, col = orientations[0][:3], orientations[0][3:]
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
@@ -350,6 +429,14 @@ def _check_slices(names: list, folder: Path) -> None:
             f"the DICOM series in {folder} is not evenly spaced: {along[worst]:.2f} mm between the slices at "
             f"{where[worst]:.2f} and {where[worst + 1]:.2f} mm along the slice normal, {median:.2f} mm elsewhere "
             "(a missing slice?); export the complete series")
+    even = where[0] + (where[-1] - where[0]) * np.arange(len(where)) / (len(where) - 1)
+    off = int(np.argmax(np.abs(where - even)))
+    mean = (where[-1] - where[0]) / (len(where) - 1)
+    if abs(where[off] - even[off]) > DRIFT_TOLERANCE * mean:
+        raise InputError(
+            f"the slice spacing of the DICOM series in {folder} drifts ({np.min(along):.2f} to {np.max(along):.2f} "
+            f"mm): read as evenly spaced ({mean:.3f} mm), the slice at {where[off]:.2f} mm along the slice normal "
+            f"would be placed {abs(where[off] - even[off]):.2f} mm away; resample the series onto an even grid first")
 
 
 def _to_volume(image, source: Path) -> Volume:
@@ -383,6 +470,7 @@ def write_volume(volume: Volume, path: Path) -> None:
     import SimpleITK as sitk
 
     path = Path(path)
+    check_path_text(path.absolute())
     try:
         if path.suffix.lower() in (".mhd", ".nhdr"):
             _write_header_and_data(volume, path)
@@ -430,6 +518,10 @@ def read_header(path: Path):
     path = Path(path).expanduser()
     if not path.is_file():
         return None
+    try:
+        check_path_text(path.absolute(), InputError, "input")
+    except InputError:
+        return None  # read_volume says why
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LiverTumorSegLib.errors import InputError
+from LiverTumorSegLib.errors import InputError, OutputError
 from LiverTumorSegLib.preprocess import resample_to
 from LiverTumorSegLib.io import input_name, read_header, read_volume, write_volume
 from LiverTumorSegLib.volume import Volume
@@ -14,9 +16,9 @@ from LiverTumorSegLib.volume import Volume
 from .oracle import rotation
 
 
-def _volume() -> Volume:
+def _volume(depth: int = 6) -> Volume:
     rng = np.random.default_rng(0)
-    array = rng.integers(-1000, 1500, size=(6, 20, 24)).astype(np.int16)
+    array = rng.integers(-1000, 1500, size=(depth, 20, 24)).astype(np.int16)
     return Volume(array, spacing=(0.7, 0.8, 2.5), origin=(-100.0, 50.0, 12.5),
                   direction=rotation("z", 12.0) @ np.diag([-1.0, 1.0, 1.0]))
 
@@ -35,11 +37,13 @@ def test_file_formats_round_trip_geometry(tmp_path, suffix):
 
 
 def _write_dicom_series(folder, v: Volume, compressor=None, *, skip=(), duplicate=None, tilt_mm=0.0,
-                        series_uid="1.2.826.0.1.3680043.2.1125.2", description="", small_slice=None):
+                        series_uid="1.2.826.0.1.3680043.2.1125.2", description="", small_slice=None,
+                        drift_mm=0.0, decimals=6, prefix=""):
     """One file per slice; ``skip`` leaves slices out, ``duplicate`` writes slice k
     twice, ``tilt_mm`` shifts each slice's position that far along the rows (a gantry
-    tilt), ``small_slice`` writes slice k at half size."""
-    folder.mkdir(exist_ok=True)
+    tilt), ``small_slice`` writes slice k at half size, ``drift_mm`` lengthens each
+    step by that much more than the one before, ``decimals`` rounds the positions."""
+    folder.mkdir(parents=True, exist_ok=True)
     image = v.to_sitk()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -49,14 +53,14 @@ def _write_dicom_series(folder, v: Volume, compressor=None, *, skip=(), duplicat
     for n, k in enumerate(slices):
         s = image[:, :, k] if k != small_slice else image[::2, ::2, k]
         position = v.ijk_to_lps() @ np.array([0, 0, k, 1.0])
-        position[:3] += tilt_mm * k * direction[:, 1]
+        position[:3] += tilt_mm * k * direction[:, 1] + drift_mm * k * (k - 1) / 2 * direction[:, 2]
         tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": series_uid,
                 "0008|103e": description, "0008|0018": f"{series_uid}.{n + 1}",
-                "0020|0013": str(n + 1), "0020|0032": "\\".join(f"{c:.6f}" for c in position[:3]),
+                "0020|0013": str(n + 1), "0020|0032": "\\".join(f"{c:.{decimals}f}" for c in position[:3]),
                 "0020|0037": orientation, "0018|0050": str(v.spacing[2]), "0028|1052": "0", "0028|1053": "1"}
         for key, value in tags.items():
             s.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"{series_uid[-1]}slice{n:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{prefix}{series_uid[-1]}slice{n:03d}.dcm"))
         if compressor:
             writer.SetUseCompression(True)
             writer.SetCompressor(compressor)
@@ -66,7 +70,7 @@ def _write_dicom_series(folder, v: Volume, compressor=None, *, skip=(), duplicat
 @pytest.mark.parametrize("compressor,syntax", [(None, None), ("JPEG2000", b"1.2.840.10008.1.2.4.9"),
                                                 ("JPEG", b"1.2.840.10008.1.2.4.")])
 def test_dicom_series_folder(tmp_path, compressor, syntax):
-    v = _volume()
+    v = _volume(12)
     folder = tmp_path / "series"
     _write_dicom_series(folder, v, compressor)
     if syntax:  # the files really use a compressed transfer syntax
@@ -76,7 +80,7 @@ def test_dicom_series_folder(tmp_path, compressor, syntax):
     np.testing.assert_allclose(back.spacing, v.spacing, atol=1e-3)
     # GDCM may store the slices in the other order (k flipped, origin at the far end);
     # what must hold is the physical position of every voxel.
-    corners = np.array([[0, 0, 0, 1], [23, 19, 5, 1], [23, 0, 5, 1], [0, 19, 0, 1]], dtype=float).T
+    corners = np.array([[0, 0, 0, 1], [23, 19, 11, 1], [23, 0, 11, 1], [0, 19, 0, 1]], dtype=float).T
     world = np.sort((v.ijk_to_lps() @ corners)[:3].T, axis=0)
     back_corners = corners.copy()
     np.testing.assert_allclose(np.sort((back.ijk_to_lps() @ back_corners)[:3].T, axis=0)[[0, -1]],
@@ -238,3 +242,95 @@ def test_the_series_read_is_recorded(tmp_path, tiny_model):
                  "--model", str(tiny_model), "--progress", "none", "--fast", "--no-surfaces", "--no-preview"]) == 0
     run = json.loads((tmp_path / "out" / "stats.json").read_text())["run"]
     assert run["series"] == {"uid": "1.2.3.2", "number": "", "description": "VENOUS", "slices": ct.array.shape[0]}
+
+
+def test_dicom_series_with_drifting_spacing_or_too_few_slices_is_refused(tmp_path, capfd):
+    """Steps 2.5, 2.508, 2.516 ... mm: each within 5 % of the median, yet read as evenly
+    spaced the middle slices would sit 0.8 mm away from where they are."""
+    tall = _tall_volume()
+    longer = Volume(np.concatenate([tall.array, tall.array, tall.array[:2]]), tall.spacing, tall.origin)
+    _write_dicom_series(tmp_path / "drift", longer, drift_mm=0.008)  # 30 slices
+    with pytest.raises(InputError, match=r"slice spacing .* drifts \(2\.50 to 2\.72 mm\).* placed 0\.8\d mm away"):
+        read_volume(tmp_path / "drift")
+    _write_dicom_series(tmp_path / "few", Volume(_tall_volume().array[:4], (0.8, 0.8, 2.5)))
+    with pytest.raises(InputError, match="has only 4 slices: a scout, localizer or dose report"):
+        read_volume(tmp_path / "few")
+    # positions rounded to 0.01 mm, as many scanners write them, pass without ITK's warning
+    v = _tall_volume()
+    _write_dicom_series(tmp_path / "rounded", Volume(v.array, (0.8, 0.8, 2.503), v.origin), decimals=2)
+    assert read_volume(tmp_path / "rounded").spacing[2] == pytest.approx(2.503, abs=1e-3)
+    assert "WARNING" not in capfd.readouterr().err
+
+
+def test_dicom_slices_without_position_or_orientation_are_refused(tmp_path, monkeypatch):
+    """Without them the reader takes 1 mm slices: a wrong volume, silently."""
+    import LiverTumorSegLib.io as io
+
+    _write_dicom_series(tmp_path / "s", _tall_volume())
+    real = io._dicom_tags
+    monkeypatch.setattr(io, "_dicom_tags", lambda path, *tags: tuple(
+        "" if tag == "0020|0032" else value for tag, value in zip(tags, real(path, *tags))))
+    with pytest.raises(InputError, match=r"14 slice\(s\) .* carry no Image Position/Orientation"):
+        read_volume(tmp_path / "s")
+
+
+def test_a_localizer_inside_the_ct_series_is_named(tmp_path):
+    v = _tall_volume()
+    _write_dicom_series(tmp_path / "s", v)
+    sideways = Volume(v.array[:1], v.spacing, v.origin, direction=np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]]))
+    _write_dicom_series(tmp_path / "s", sideways, prefix="scout")
+    with pytest.raises(InputError, match=r"mixes slice orientations: 1 image\(s\), e\.g\. scout2slice000\.dcm, lie in "
+                                         r"another plane than the other 14 \(a localizer\?\)"):
+        read_volume(tmp_path / "s")
+
+
+def test_a_pacs_export_is_searched_below_the_folder_given(tmp_path, tiny_model):
+    """DICOMDIR plus PATIENT/STUDY/SERIES folders: the series is found; two are listed."""
+    v = _tall_volume()
+    root = tmp_path / "export"
+    _write_dicom_series(root / "PA000000" / "ST000000" / "SE000001", v, series_uid="1.2.3.1", description="VENOUS")
+    (root / "DICOMDIR").write_bytes(b"not a series")
+    back = read_volume(root)
+    np.testing.assert_array_equal(np.sort(back.array, axis=0), np.sort(v.array, axis=0))
+    _write_dicom_series(root / "PA000000" / "ST000000" / "SE000002", v, series_uid="1.2.3.2", description="ARTERIAL")
+    with pytest.raises(InputError, match=r"holds 2 CT series; choose one with --series UID .*'VENOUS'.*'ARTERIAL'"):
+        read_volume(root)
+    assert read_volume(root, series_uid="1.2.3.2").array.shape == v.array.shape
+    with pytest.raises(InputError, match="without a readable DICOM series .*subfolders were searched"):
+        read_volume((tmp_path / "empty" / "a" / "b").mkdir(parents=True) or tmp_path / "empty")
+
+
+def test_names_that_are_not_utf8_are_refused_before_the_image_library_aborts(tmp_path, capsys):
+    """SimpleITK's C++ ends the process (no message, exit -6) on such a name."""
+    import os
+
+    from LiverTumorSegLib.cli import main
+
+    latin1 = os.fsdecode(tmp_path.as_posix().encode() + b"/M\xfcller")
+    try:
+        os.mkdir(latin1)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system does not take names that are not UTF-8")
+    good = tmp_path / "ct.nii.gz"
+    write_volume(_volume(), good)
+    with pytest.raises(InputError, match=r"input path .*M\ufffdller/ct\.nii\.gz holds characters that are not valid UTF-8"):
+        read_volume(Path(latin1) / "ct.nii.gz")
+    assert read_header(Path(latin1) / "ct.nii.gz") is None
+    with pytest.raises(OutputError, match="not valid UTF-8"):
+        write_volume(_volume(), Path(latin1) / "labels.nii.gz")
+    assert main(["segment", str(good), "-o", str(Path(latin1) / "out"), "--progress", "none"]) == 2
+    assert "not valid UTF-8" in capsys.readouterr().err and os.listdir(latin1) == []
+    _write_dicom_series(tmp_path / "series", _tall_volume())
+    os.rename(tmp_path / "series" / "2slice003.dcm", os.fsdecode(os.fsencode(tmp_path / "series") + b"/Bild\xe4.dcm"))
+    with pytest.raises(InputError, match=r"DICOM file path .*Bild\ufffd\.dcm holds characters"):
+        read_volume(tmp_path / "series")
+
+
+def test_dicom_text_is_decoded_with_the_files_character_set():
+    from LiverTumorSegLib.io import _dicom_text
+
+    latin1 = "Abdomen \udcdcbersicht"  # how the reader hands over the Latin-1 byte 0xDC
+    assert _dicom_text(latin1, "ISO_IR 100") == "Abdomen Übersicht"
+    assert _dicom_text(latin1, "") == "Abdomen Übersicht"  # no character set named: Latin-1, not a surrogate
+    assert _dicom_text("Leber é", "ISO_IR 192") == "Leber é"
+    assert _dicom_text("plain", "") == "plain"
