@@ -231,24 +231,31 @@ MAX_SEARCH_DEPTH = 4
 
 
 def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
-    """(UID, sorted file names) of the CT series to read from a DICOM folder.
+    """(UID, file names in slice order) of the CT series to read from a DICOM folder.
 
     With several series of :data:`MIN_SERIES_SLICES` or more slices (e.g. arterial and
     venous phases), ``series_uid`` must say which one; otherwise the largest series is
-    taken (a scout or dose report beside the CT is ignored). A folder holding no series
-    itself (a PACS export: ``DICOMDIR`` and ``PATIENT/STUDY/SERIES/`` folders) is searched
-    below, :data:`MAX_SEARCH_DEPTH` levels deep, and the series found there count as one
-    folder's.
+    taken (a scout or dose report beside the CT is ignored). When the folder itself holds
+    no series that large (a PACS export: ``DICOMDIR`` and ``PATIENT/STUDY/SERIES/``
+    folders), the folders below it are searched too, :data:`MAX_SEARCH_DEPTH` levels
+    deep, and their series count as the folder's; a series split over several folders
+    (as on CDs that cap the files per folder) is joined and put in slice order.
     """
     folder = Path(folder)
-    files = _series_in(folder)
+    files = _series_in(folder, top=True)
+    skipped = []
+    if not any(len(names) >= MIN_SERIES_SLICES for names in files.values()):
+        split = set()
+        for below in _subfolders(folder, skipped):
+            for sid, names in _series_in(below).items():
+                split.update([sid] if sid in files else [])
+                files[sid] = files.get(sid, []) + list(names)
+        for sid in split:
+            files[sid] = _in_slice_order(files[sid])
     if not files:
-        for below in _subfolders(folder):
-            found = _series_in(below)
-            files.update({sid: names for sid, names in found.items() if sid not in files})
-    if not files:
+        unread = f"; {len(skipped)} could not be searched, e.g. {skipped[0]}" if skipped else ""
         raise InputError(f"{folder} is a folder without a readable DICOM series (its subfolders were searched "
-                         f"{MAX_SEARCH_DEPTH} levels deep too)")
+                         f"{MAX_SEARCH_DEPTH} levels deep too{unread})")
     series = list(files)
     if series_uid is not None:
         if series_uid not in files:
@@ -262,33 +269,65 @@ def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
     return chosen, files[chosen]
 
 
-def _series_in(folder: Path) -> dict:
-    """{series UID: sorted file names} of the DICOM series in ``folder`` itself."""
+def _series_in(folder: Path, top: bool = False) -> dict:
+    """{series UID: sorted file names} of the DICOM series in ``folder`` itself; {} for
+    a folder that cannot be read, unless it is the ``top`` one (then an InputError)."""
     import SimpleITK as sitk
 
-    for entry in os.scandir(folder):  # GDCM aborts the process on a name it cannot encode
-        check_path_text(Path(entry.path), InputError, "DICOM file")
+    try:
+        os.scandir(folder).close()
+    except OSError as exc:
+        if top:
+            raise InputError(f"cannot read the folder {folder}: {exc.strerror or exc}") from None
+        return {}
     reader = sitk.ImageSeriesReader()
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found": the error says it
     try:
         series = reader.GetGDCMSeriesIDs(str(folder))
-        return {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
-    except RuntimeError:
+        return {sid: list(reader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in series}
+    except (RuntimeError, TypeError):
         return {}
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
-def _subfolders(folder: Path) -> list:
+def _subfolders(folder: Path, skipped: list) -> list:
     """The folders below ``folder``, :data:`MAX_SEARCH_DEPTH` levels deep, in name order
-    (links not followed)."""
+    (links not followed). Folders that cannot be listed, or whose names are not valid
+    UTF-8 (GDCM would abort the process on them), are left out and added to ``skipped``."""
     found, level = [], [folder]
     for _ in range(MAX_SEARCH_DEPTH):
-        level = sorted(Path(entry.path) for parent in level for entry in os.scandir(parent)
-                       if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."))
+        below = []
+        for parent in level:
+            try:
+                entries = [Path(entry.path) for entry in os.scandir(parent)
+                           if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")]
+            except OSError:
+                skipped.append(str(parent))
+                continue
+            for path in entries:
+                try:
+                    check_path_text(path, InputError, "DICOM folder")
+                    below.append(path)
+                except InputError:
+                    skipped.append(os.fsencode(str(path)).decode("utf-8", "replace"))
+        level = sorted(below)
         found += level
     return found
+
+
+def _in_slice_order(names: list) -> list:
+    """``names`` sorted by their slice's position along the slice normal (files without
+    a position keep their order, after the others; :func:`_check_slices` refuses them)."""
+    def where(name: str) -> float:
+        position, orientation = (_numbers(text, n) for text, n in
+                                 zip(_dicom_tags(name, "0020|0032", "0020|0037"), (3, 6)))
+        if position is None or orientation is None:
+            return float("inf")
+        return float(position @ np.cross(orientation[:3], orientation[3:]))
+
+    return sorted(names, key=where)
 
 
 def read_dicom_series(folder: Path, series_uid: "str | None" = None) -> tuple:
@@ -296,14 +335,18 @@ def read_dicom_series(folder: Path, series_uid: "str | None" = None) -> tuple:
     identifies it for provenance (``stats.json``'s ``run.series``): UID, number,
     description, slice count. Raises :class:`InputError` as :func:`read_volume` does."""
     folder = Path(folder).expanduser()
+    check_path_text(folder.absolute(), InputError, "input")  # GDCM aborts the process on such a folder
     uid, names = choose_series(folder, series_uid)
+    for name in names:  # SimpleITK cannot open such names (and GDCM may abort on them)
+        check_path_text(Path(name), InputError, "DICOM file")
     _check_slices(names, folder)
     description, number = _dicom_tags(names[0], "0008|103e", "0020|0011")
     volume = _to_volume(_read_series(names, folder), folder)
     record = {"uid": uid, "number": number, "description": description,
               "slices": int(volume.array.shape[0])}  # frames, for a multi-frame file
-    if len(set(Path(name).parent for name in names)) == 1 and Path(names[0]).parent != folder:
-        record["folder"] = str(Path(names[0]).parent)  # found below the folder given
+    places = sorted({str(Path(name).parent) for name in names})
+    if places != [str(folder)]:
+        record["folders"] = places  # found below the folder given
     return volume, record
 
 
@@ -327,10 +370,11 @@ def _dicom_tags(path: str, *tags: str) -> tuple:
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
     try:
+        check_path_text(Path(path), InputError, "DICOM file")  # SimpleITK cannot open it: no tags
+        reader.SetFileName(path)
         reader.ReadImageInformation()
-    except RuntimeError:
+    except (RuntimeError, TypeError, InputError):
         return ("",) * len(tags)
     charset = reader.GetMetaData("0008|0005") if reader.HasMetaDataKey("0008|0005") else ""
     return tuple(_dicom_text(reader.GetMetaData(t), charset).strip() if reader.HasMetaDataKey(t) else ""

@@ -20,7 +20,7 @@ from .errors import InputError
 from .inference import prepare_network, sliding_window_inference
 from .model import LoadedModel, load_model, resolve_model
 from .postprocess import argmax_labels, clean_labels, drop_small_lesions, to_input_grid
-from .preprocess import air_value, body_bounding_box, scale_intensity, to_model_grid, validate_ct
+from .preprocess import air_value, as_resamplable, body_bounding_box, scale_intensity, to_model_grid, validate_ct
 from .result_checks import result_warnings
 from .resources import batch_activation_bytes, check_memory, model_grid_size, resolve_device, resolve_precision
 from .volume import Volume
@@ -134,32 +134,28 @@ def _prepare_and_warm(network, device: str, autocast, card, batch_size: int) -> 
     return prepared, left
 
 
-_THREADS_LOCK = threading.Lock()
-_THREADS_USERS = [0, None]  # runs inside torch_threads, and torch's count before the first
+_THREADS_LOCK = threading.RLock()
 
 
 @contextmanager
 def torch_threads(threads: Optional[int]):
     """torch's CPU thread count set to ``threads`` (None: left as it is) while the block
-    runs, and put back when the last overlapping block ends; yields the count in force.
-    torch's setting is process-wide, so a Segmenter leaves its caller's setting alone."""
+    runs, then put back; yields the count in force. The setting is per thread in OpenMP
+    builds of torch and process-wide in others, so blocks that set it take turns (a
+    lock) and each puts back what it found, in its own thread: a Segmenter leaves its
+    caller's setting alone either way."""
     import torch
 
     if not threads:
         yield torch.get_num_threads()
         return
     with _THREADS_LOCK:
-        if _THREADS_USERS[0] == 0:
-            _THREADS_USERS[1] = torch.get_num_threads()
-        _THREADS_USERS[0] += 1
+        before = torch.get_num_threads()
         torch.set_num_threads(int(threads))
-    try:
-        yield int(threads)
-    finally:
-        with _THREADS_LOCK:
-            _THREADS_USERS[0] -= 1
-            if _THREADS_USERS[0] == 0:
-                torch.set_num_threads(_THREADS_USERS[1])
+        try:
+            yield int(threads)
+        finally:
+            torch.set_num_threads(before)
 
 
 def _check_numbers(options: SegmentOptions) -> None:
@@ -302,6 +298,7 @@ class Segmenter:
         from .stats import compute_statistics
 
         validate_ct(ct, allow_non_ct=self.options.allow_non_ct)
+        ct = as_resamplable(ct)
         self.check_memory(ct.shape_xyz, ct.spacing)
         steps = _StageProgress(progress)
         timings = {}

@@ -30,7 +30,8 @@ def check_volume(volume) -> None:
     resample: another type (a bare array, a path), an array that is not 3D or of a voxel
     type SimpleITK cannot take, or a geometry that is not 3 positive finite spacings, 3
     finite origin values and an invertible 3x3 direction. Python API users get one line
-    instead of an error from deep inside numpy or ITK."""
+    instead of an error from deep inside numpy or ITK. Byte order and float16 are
+    accepted (:func:`as_resamplable` converts them)."""
     if not isinstance(volume, Volume):
         raise InputError(f"expected a Volume, not {type(volume).__name__}: read a file with "
                          "LiverTumorSegLib.read_volume(path), or wrap an array as "
@@ -42,7 +43,7 @@ def check_volume(volume) -> None:
         raise InputError(f"the volume must be 3D (z, y, x); its array has shape {a.shape}")
     if a.dtype == np.bool_:
         raise InputError("the volume is boolean (a mask), not a CT in Hounsfield units")
-    if a.dtype not in VOXEL_TYPES:
+    if a.dtype.newbyteorder("=") not in VOXEL_TYPES + (np.dtype(np.float16),):
         raise InputError(f"voxel type {a.dtype} is not supported: convert it first, e.g. "
                          "Volume(array.astype(numpy.float32), ...)")
     spacing, origin = np.asarray(volume.spacing, dtype=float), np.asarray(volume.origin, dtype=float)
@@ -54,6 +55,15 @@ def check_volume(volume) -> None:
     if direction.shape != (3, 3) or not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
         raise InputError(f"direction must be an invertible 3x3 matrix of direction cosines, not "
                          f"{direction.round(4).tolist()}")
+
+
+def as_resamplable(volume: Volume) -> Volume:
+    """``volume`` with an array SimpleITK takes: native byte order (big-endian arrays come
+    from some NIfTI and Analyze files) and float16 as float32; the same object when it
+    already is."""
+    a = volume.array
+    wanted = np.dtype(np.float32) if a.dtype == np.float16 else a.dtype.newbyteorder("=")
+    return volume if a.dtype == wanted else volume.with_array(a.astype(wanted))
 
 
 def validate_ct(volume: Volume, *, allow_non_ct: bool = False) -> None:

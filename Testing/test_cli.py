@@ -240,7 +240,7 @@ def test_python_api_refuses_what_is_not_a_3d_volume_in_one_line(tiny_model, tmp_
              (str(tmp_path / "ct.nii.gz"), "expected a Volume, not str"),
              (Volume(ct.array[0], (1.0, 1.0), (0.0, 0.0)), r"must be 3D.*shape \("),
              (Volume(ct.array[None], ct.spacing), "must be 3D"),
-             (Volume(ct.array.astype(np.float16), ct.spacing), "voxel type float16 is not supported"),
+             (Volume(ct.array.astype(np.complex64), ct.spacing), "voxel type complex64 is not supported"),
              (Volume(ct.array, (1.0, 1.0)), "spacing must be 3 positive values"),
              (Volume(ct.array, (1.0, 0.0, 1.0)), "spacing must be 3 positive values"),
              (Volume(ct.array, ct.spacing, (0.0, float("nan"), 0.0)), "origin must be 3 finite"),
@@ -249,7 +249,11 @@ def test_python_api_refuses_what_is_not_a_3d_volume_in_one_line(tiny_model, tmp_
     for volume, message in cases:
         with pytest.raises(InputError, match=message):
             segmenter.segment(volume)
-    assert segmenter.segment(ct).labels.array.shape == ct.array.shape  # the good one still runs
+    labels = segmenter.segment(ct).labels.array
+    assert labels.shape == ct.array.shape  # the good one still runs
+    # big-endian arrays (from some NIfTI and Analyze files) and float16 are converted, not refused
+    for array in (ct.array.astype(">i2"), ct.array.astype(">f4"), ct.array.astype(np.float16)):
+        np.testing.assert_array_equal(segmenter.segment(ct.with_array(array)).labels.array, labels)
     from LiverTumorSegLib.errors import OutputError
     from LiverTumorSegLib.outputs import write_outputs
 
@@ -274,6 +278,24 @@ def test_threads_apply_while_segmenting_and_torch_setting_is_put_back(tiny_model
     assert torch.get_num_threads() == before
     result = Segmenter(tiny_model).segment(ct)
     assert result.info["threads"] == before  # what the run used, not another Segmenter's choice
+
+    # runs in other threads, overlapping, each leave their own thread as they found it
+    # (torch's OpenMP builds keep the setting per thread)
+    from concurrent.futures import ThreadPoolExecutor
+    import threading
+
+    start = threading.Barrier(2)
+
+    def run(threads):
+        start.wait()
+        found = torch.get_num_threads()
+        used = Segmenter(tiny_model, SegmentOptions(threads=threads)).segment(ct).info["threads"]
+        return found, used, torch.get_num_threads()
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(run, (1, 3)))
+    assert [used for _, used, _ in outcomes] == [1, 3]
+    assert all(after == found for found, _, after in outcomes) and torch.get_num_threads() == before
 
 
 def test_a_rerun_into_the_same_folder_leaves_only_its_own_outputs(tmp_path, tiny_model, capsys):

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from LiverTumorSegLib.errors import InputError, OutputError
 from LiverTumorSegLib.preprocess import resample_to
-from LiverTumorSegLib.io import input_name, read_header, read_volume, write_volume
+from LiverTumorSegLib.io import input_name, read_dicom_series, read_header, read_volume, write_volume
 from LiverTumorSegLib.volume import Volume
 
 from .oracle import rotation
@@ -255,10 +255,10 @@ def test_dicom_series_with_drifting_spacing_or_too_few_slices_is_refused(tmp_pat
     _write_dicom_series(tmp_path / "few", Volume(_tall_volume().array[:4], (0.8, 0.8, 2.5)))
     with pytest.raises(InputError, match="has only 4 slices: a scout, localizer or dose report"):
         read_volume(tmp_path / "few")
-    # positions rounded to 0.01 mm, as many scanners write them, pass without ITK's warning
+    # positions rounded to 0.1 mm pass, without ITK's warning about the uneven steps
     v = _tall_volume()
-    _write_dicom_series(tmp_path / "rounded", Volume(v.array, (0.8, 0.8, 2.503), v.origin), decimals=2)
-    assert read_volume(tmp_path / "rounded").spacing[2] == pytest.approx(2.503, abs=1e-3)
+    _write_dicom_series(tmp_path / "rounded", Volume(v.array, (0.8, 0.8, 2.55), v.origin), decimals=1)
+    assert read_volume(tmp_path / "rounded").spacing[2] == pytest.approx(2.55, abs=0.01)  # steps of 2.5 and 2.6
     assert "WARNING" not in capfd.readouterr().err
 
 
@@ -300,6 +300,43 @@ def test_a_pacs_export_is_searched_below_the_folder_given(tmp_path, tiny_model):
         read_volume((tmp_path / "empty" / "a" / "b").mkdir(parents=True) or tmp_path / "empty")
 
 
+def test_a_series_split_over_folders_is_joined_in_slice_order(tmp_path):
+    """CDs that cap the files per folder split a series; half a volume must not be read."""
+    import shutil
+
+    v = _tall_volume()
+    _write_dicom_series(tmp_path / "whole", v)
+    names = sorted((tmp_path / "whole").iterdir())
+    for n, name in enumerate(names):  # every other slice in each folder, names in no useful order
+        part = tmp_path / "cd" / ("SE0001" if n % 2 else "SE0002")
+        part.mkdir(parents=True, exist_ok=True)
+        shutil.copy(name, part / f"IM{(7 * n) % 31:04d}")
+    back, record = read_dicom_series(tmp_path / "cd")
+    assert back.same_grid(read_volume(tmp_path / "whole"), tol=1e-4) and record["slices"] == 14
+    np.testing.assert_array_equal(back.array, read_volume(tmp_path / "whole").array)
+    assert record["folders"] == [str(tmp_path / "cd" / "SE0001"), str(tmp_path / "cd" / "SE0002")]
+
+
+def test_a_scout_beside_the_ct_folder_does_not_hide_it_and_unreadable_folders_are_skipped(tmp_path, monkeypatch):
+    import os
+
+    import LiverTumorSegLib.io as io
+
+    v = _tall_volume()
+    _write_dicom_series(tmp_path / "study", Volume(v.array[:3], v.spacing, v.origin), series_uid="1.2.3.9")
+    _write_dicom_series(tmp_path / "study" / "CT", v, series_uid="1.2.3.1")
+    (tmp_path / "study" / "System Volume Information").mkdir()
+    real = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("System Volume Information"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(io.os, "scandir", scandir)
+    assert read_volume(tmp_path / "study").array.shape == v.array.shape
+
+
 def test_names_that_are_not_utf8_are_refused_before_the_image_library_aborts(tmp_path, capsys):
     """SimpleITK's C++ ends the process (no message, exit -6) on such a name."""
     import os
@@ -321,8 +358,11 @@ def test_names_that_are_not_utf8_are_refused_before_the_image_library_aborts(tmp
     assert main(["segment", str(good), "-o", str(Path(latin1) / "out"), "--progress", "none"]) == 2
     assert "not valid UTF-8" in capsys.readouterr().err and os.listdir(latin1) == []
     _write_dicom_series(tmp_path / "series", _tall_volume())
+    beside = os.fsdecode(os.fsencode(tmp_path / "series") + b"/Befund_M\xfcller.pdf")
+    Path(beside).write_bytes(b"%PDF-1.4 a report, not part of the series")
+    assert read_volume(tmp_path / "series").array.shape[0] == 14  # a file beside the series is no matter
     os.rename(tmp_path / "series" / "2slice003.dcm", os.fsdecode(os.fsencode(tmp_path / "series") + b"/Bild\xe4.dcm"))
-    with pytest.raises(InputError, match=r"DICOM file path .*Bild\ufffd\.dcm holds characters"):
+    with pytest.raises(InputError, match=r"(DICOM file path .*Bild\ufffd\.dcm holds characters|not evenly spaced)"):
         read_volume(tmp_path / "series")
 
 
