@@ -228,6 +228,8 @@ MAX_TILT_DEGREES = 0.5
 DRIFT_TOLERANCE = 0.2
 #: How many folder levels below a folder without a series are searched for one.
 MAX_SEARCH_DEPTH = 4
+#: Folders of the operating system on a drive's root, never searched for a series.
+SYSTEM_FOLDERS = ("system volume information", "$recycle.bin", "recycler", "lost+found")
 
 
 def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
@@ -251,7 +253,7 @@ def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
                 split.update([sid] if sid in files else [])
                 files[sid] = files.get(sid, []) + list(names)
         for sid in split:
-            files[sid] = _in_slice_order(files[sid])
+            files[sid] = _joined(files[sid])
     if not files:
         unread = f"; {len(skipped)} could not be searched, e.g. {skipped[0]}" if skipped else ""
         raise InputError(f"{folder} is a folder without a readable DICOM series (its subfolders were searched "
@@ -260,13 +262,26 @@ def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
     if series_uid is not None:
         if series_uid not in files:
             raise InputError(f"{folder} holds no DICOM series {series_uid}; it holds: {_list_series(files)}")
+        _check_nothing_skipped_beside(files[series_uid], skipped, folder)
         return series_uid, files[series_uid]
     large = [sid for sid in series if len(files[sid]) >= MIN_SERIES_SLICES]
     if len(large) > 1:
         raise InputError(f"{folder} holds {len(large)} CT series; choose one with --series UID "
                          f"(or give a folder with one series): {_list_series({sid: files[sid] for sid in large})}")
     chosen = max(series, key=lambda sid: len(files[sid]))
+    _check_nothing_skipped_beside(files[chosen], skipped, folder)
     return chosen, files[chosen]
+
+
+def _check_nothing_skipped_beside(names: list, skipped: list, folder: Path) -> None:
+    """Refuse when a folder that could not be searched lies beside one holding the
+    series: part of a split series may be in it, and the rest would pass as whole."""
+    places = {Path(name).parent for name in names}
+    beside = [s for s in skipped if Path(s).parent in {place.parent for place in places}]
+    if beside:
+        raise InputError(f"the DICOM folder {beside[0]}, beside the series' folder {sorted(places)[0]}, could not be "
+                         "searched (it cannot be listed, or its name is not valid UTF-8) and may hold part of the "
+                         f"series; fix or rename it, or give the series' own folder instead of {folder}")
 
 
 def _series_in(folder: Path, top: bool = False) -> dict:
@@ -294,7 +309,7 @@ def _series_in(folder: Path, top: bool = False) -> dict:
 
 def _subfolders(folder: Path, skipped: list) -> list:
     """The folders below ``folder``, :data:`MAX_SEARCH_DEPTH` levels deep, in name order
-    (links not followed). Folders that cannot be listed, or whose names are not valid
+    (links, hidden folders and :data:`SYSTEM_FOLDERS` left out). Folders that cannot be listed, or whose names are not valid
     UTF-8 (GDCM would abort the process on them), are left out and added to ``skipped``."""
     found, level = [], [folder]
     for _ in range(MAX_SEARCH_DEPTH):
@@ -302,7 +317,8 @@ def _subfolders(folder: Path, skipped: list) -> list:
         for parent in level:
             try:
                 entries = [Path(entry.path) for entry in os.scandir(parent)
-                           if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")]
+                           if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")
+                           and entry.name.lower() not in SYSTEM_FOLDERS]
             except OSError:
                 skipped.append(str(parent))
                 continue
@@ -317,17 +333,23 @@ def _subfolders(folder: Path, skipped: list) -> list:
     return found
 
 
-def _in_slice_order(names: list) -> list:
-    """``names`` sorted by their slice's position along the slice normal (files without
-    a position keep their order, after the others; :func:`_check_slices` refuses them)."""
-    def where(name: str) -> float:
-        position, orientation = (_numbers(text, n) for text, n in
-                                 zip(_dicom_tags(name, "0020|0032", "0020|0037"), (3, 6)))
-        if position is None or orientation is None:
-            return float("inf")
-        return float(position @ np.cross(orientation[:3], orientation[3:]))
-
-    return sorted(names, key=where)
+def _joined(names: list) -> list:
+    """The files of a series found in several folders, each image once (a folder copied
+    twice, a file linked into two: same SOP Instance UID), sorted by their slice's position
+    along the slice normal (files without a position after the others, in their order;
+    :func:`_check_slices` refuses them)."""
+    kept, seen = [], set()
+    for name in names:
+        uid, position, orientation = _dicom_tags(name, "0008|0018", "0020|0032", "0020|0037")
+        key = uid or os.path.realpath(name)
+        if key in seen:
+            continue
+        seen.add(key)
+        position, orientation = _numbers(position, 3), _numbers(orientation, 6)
+        where = (float("inf") if position is None or orientation is None
+                 else float(position @ np.cross(orientation[:3], orientation[3:])))
+        kept.append((where, len(kept), name))
+    return [name for _, _, name in sorted(kept)]
 
 
 def read_dicom_series(folder: Path, series_uid: "str | None" = None) -> tuple:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -137,19 +138,28 @@ def _prepare_and_warm(network, device: str, autocast, card, batch_size: int) -> 
 _THREADS_LOCK = threading.RLock()
 
 
+@lru_cache(maxsize=1)
+def _threads_are_per_thread() -> bool:
+    """Whether torch's CPU thread count is a per-thread setting: so in OpenMP builds
+    (``omp_set_num_threads``), process-wide with other parallel backends (TBB, native)."""
+    import torch
+
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 @contextmanager
 def torch_threads(threads: Optional[int]):
     """torch's CPU thread count set to ``threads`` (None: left as it is) while the block
-    runs, then put back; yields the count in force. The setting is per thread in OpenMP
-    builds of torch and process-wide in others, so blocks that set it take turns (a
-    lock) and each puts back what it found, in its own thread: a Segmenter leaves its
-    caller's setting alone either way."""
+    runs, then put back; yields the count in force. In OpenMP builds the setting is per
+    thread: each block puts back what it found in its own thread, and runs in other
+    threads go on side by side. Where it is process-wide, blocks that set it take turns
+    (a lock). Either way a Segmenter leaves its caller's setting alone."""
     import torch
 
     if not threads:
         yield torch.get_num_threads()
         return
-    with _THREADS_LOCK:
+    with (nullcontext() if _threads_are_per_thread() else _THREADS_LOCK):
         before = torch.get_num_threads()
         torch.set_num_threads(int(threads))
         try:

@@ -62,7 +62,8 @@ def as_resamplable(volume: Volume) -> Volume:
     from some NIfTI and Analyze files) and float16 as float32; the same object when it
     already is."""
     a = volume.array
-    wanted = np.dtype(np.float32) if a.dtype == np.float16 else a.dtype.newbyteorder("=")
+    half = a.dtype.kind == "f" and a.dtype.itemsize == 2  # either byte order
+    wanted = np.dtype(np.float32) if half else a.dtype.newbyteorder("=")
     return volume if a.dtype == wanted else volume.with_array(a.astype(wanted))
 
 

@@ -252,7 +252,7 @@ def test_python_api_refuses_what_is_not_a_3d_volume_in_one_line(tiny_model, tmp_
     labels = segmenter.segment(ct).labels.array
     assert labels.shape == ct.array.shape  # the good one still runs
     # big-endian arrays (from some NIfTI and Analyze files) and float16 are converted, not refused
-    for array in (ct.array.astype(">i2"), ct.array.astype(">f4"), ct.array.astype(np.float16)):
+    for array in (ct.array.astype(">i2"), ct.array.astype(">f4"), ct.array.astype(np.float16), ct.array.astype(">f2")):
         np.testing.assert_array_equal(segmenter.segment(ct.with_array(array)).labels.array, labels)
     from LiverTumorSegLib.errors import OutputError
     from LiverTumorSegLib.outputs import write_outputs
@@ -262,10 +262,14 @@ def test_python_api_refuses_what_is_not_a_3d_volume_in_one_line(tiny_model, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_threads_apply_while_segmenting_and_torch_setting_is_put_back(tiny_model):
+@pytest.mark.parametrize("per_thread", [True, False], ids=["openmp-like", "process-wide-like"])
+def test_threads_apply_while_segmenting_and_torch_setting_is_put_back(tiny_model, per_thread, monkeypatch):
     import torch
 
+    from LiverTumorSegLib import pipeline
     from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    monkeypatch.setattr(pipeline, "_threads_are_per_thread", lambda: per_thread)  # False: runs take turns
 
     before = torch.get_num_threads()
     wanted = 1 if before != 1 else 2

@@ -315,6 +315,26 @@ def test_a_series_split_over_folders_is_joined_in_slice_order(tmp_path):
     assert back.same_grid(read_volume(tmp_path / "whole"), tol=1e-4) and record["slices"] == 14
     np.testing.assert_array_equal(back.array, read_volume(tmp_path / "whole").array)
     assert record["folders"] == [str(tmp_path / "cd" / "SE0001"), str(tmp_path / "cd" / "SE0002")]
+    shutil.copytree(tmp_path / "cd" / "SE0001", tmp_path / "cd" / "SE0001 copy")  # the same images twice
+    assert np.array_equal(read_volume(tmp_path / "cd").array, back.array)
+    # a half the search cannot enter must not leave the other half passing as the whole series
+    import os
+
+    import LiverTumorSegLib.io as io
+
+    real = os.scandir
+    hidden = str(tmp_path / "cd" / "SE0002")
+
+    def scandir(path):
+        if str(path) == hidden:
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(io.os, "scandir", scandir)
+        with pytest.raises(InputError, match=r"DICOM folder .*SE0002, beside the series' folder .*SE0001, could not "
+                                             r"be searched"):
+            read_volume(tmp_path / "cd")
 
 
 def test_a_scout_beside_the_ct_folder_does_not_hide_it_and_unreadable_folders_are_skipped(tmp_path, monkeypatch):
@@ -329,11 +349,13 @@ def test_a_scout_beside_the_ct_folder_does_not_hide_it_and_unreadable_folders_ar
     real = os.scandir
 
     def scandir(path):
-        if str(path).endswith("System Volume Information"):
+        if str(path).endswith(("System Volume Information", "reports")):
             raise PermissionError(13, "Permission denied")
         return real(path)
 
     monkeypatch.setattr(io.os, "scandir", scandir)
+    assert read_volume(tmp_path / "study").array.shape == v.array.shape  # a drive's system folder: never searched
+    (tmp_path / "study" / "CT" / "reports").mkdir()  # below the series' folder, not beside it: no matter
     assert read_volume(tmp_path / "study").array.shape == v.array.shape
 
 
