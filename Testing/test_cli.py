@@ -251,9 +251,13 @@ def test_python_api_refuses_what_is_not_a_3d_volume_in_one_line(tiny_model, tmp_
             segmenter.segment(volume)
     labels = segmenter.segment(ct).labels.array
     assert labels.shape == ct.array.shape  # the good one still runs
-    # big-endian arrays (from some NIfTI and Analyze files) and float16 are converted, not refused
-    for array in (ct.array.astype(">i2"), ct.array.astype(">f4"), ct.array.astype(np.float16), ct.array.astype(">f2")):
-        np.testing.assert_array_equal(segmenter.segment(ct.with_array(array)).labels.array, labels)
+    # big-endian arrays (from some NIfTI and Analyze files) and float16 are converted, not refused;
+    # on a grid other than the model's, so that SimpleITK resamples them
+    other, _ = analytic_ct((2.0, 2.0, 2.5), np.eye(3))
+    labels = segmenter.segment(other).labels.array
+    for dtype in (">i2", ">f4", np.float16, ">f2"):
+        np.testing.assert_array_equal(segmenter.segment(other.with_array(other.array.astype(dtype))).labels.array,
+                                      labels)
     from LiverTumorSegLib.errors import OutputError
     from LiverTumorSegLib.outputs import write_outputs
 
