@@ -248,8 +248,9 @@ class Panel(VTKObservationMixin):
     def onUpdateStatistics(self):
         with slicer.util.tryWithErrorDisplay("Could not update the statistics.", waitCursor=True):
             table = mrml.update_statistics(self._parameterNode.outputSegmentation)
-            summary = summary_text(mrml.table_statistics(table))
-            self.ui.statusLabel.text = f"Statistics updated from the segments: {summary}."
+            stats = mrml.table_statistics(table)
+            notes = " ".join(stats.get("run", {}).get("warnings", []))  # e.g. the liver reaching the image's edge
+            self.ui.statusLabel.text = f"Statistics updated from the segments: {summary_text(stats)}. {notes}".strip()
         self.showResults()
 
     def onExportCsv(self):
