@@ -10,6 +10,7 @@ the NIfTI RAS <-> LPS conversion on read and write.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,20 @@ def _check_nothing_skipped_beside(names: list, skipped: list, folder: Path) -> N
                          f"series; fix or rename it, or give the series' own folder instead of {folder}")
 
 
+@contextmanager
+def _itk_quiet():
+    """ITK's own warnings off while the block runs (they print C++ file names and lines on
+    stderr); the engine's one-line errors say what went wrong."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _series_in(folder: Path, top: bool = False) -> dict:
     """{series UID: sorted file names} of the DICOM series in ``folder`` itself; {} for
     a folder that cannot be read, unless it is the ``top`` one (then an InputError)."""
@@ -296,21 +311,19 @@ def _series_in(folder: Path, top: bool = False) -> dict:
             raise InputError(f"cannot read the folder {folder}: {exc.strerror or exc}") from None
         return {}
     reader = sitk.ImageSeriesReader()
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found": the error says it
     try:
-        series = reader.GetGDCMSeriesIDs(str(folder))
-        return {sid: list(reader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in series}
+        with _itk_quiet():  # "No Series were found": the caller's error says it
+            series = reader.GetGDCMSeriesIDs(str(folder))
+            return {sid: list(reader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in series}
     except (RuntimeError, TypeError):
         return {}
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _subfolders(folder: Path, skipped: list) -> list:
     """The folders below ``folder``, :data:`MAX_SEARCH_DEPTH` levels deep, in name order
-    (links, hidden folders and :data:`SYSTEM_FOLDERS` left out). Folders that cannot be listed, or whose names are not valid
-    UTF-8 (GDCM would abort the process on them), are left out and added to ``skipped``."""
+    (links, hidden folders and :data:`SYSTEM_FOLDERS` left out). Folders that cannot be
+    listed, or whose names are not valid UTF-8 (GDCM would abort the process on them), are
+    left out and added to ``skipped``."""
     found, level = [], [folder]
     for _ in range(MAX_SEARCH_DEPTH):
         below = []
@@ -377,14 +390,11 @@ def _read_series(names: list, folder: Path):
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # its spacing warning: _check_slices judged the spacing
     try:
-        return reader.Execute()
+        with _itk_quiet():  # its spacing warning: _check_slices judged the spacing
+            return reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read the DICOM series in {folder}: {str(exc).strip()[-200:]}") from None
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _dicom_tags(path: str, *tags: str) -> tuple:
@@ -590,14 +600,11 @@ def read_header(path: Path):
         return None  # read_volume says why
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # read_volume gives the reason, in one line
     try:
-        reader.ReadImageInformation()
+        with _itk_quiet():  # read_volume gives the reason, in one line
+            reader.ReadImageInformation()
     except RuntimeError:
         return None
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     size = reader.GetSize()
     if len(size) < 3:
         return None

@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from functools import lru_cache
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional, Union
 
