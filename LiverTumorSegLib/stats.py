@@ -273,9 +273,14 @@ def image_edges(geometry: Volume, box) -> list:
     return sorted(set(sides), key=order.index)
 
 
+def _superior_axis(geometry: Volume) -> int:
+    """The grid axis (0, 1, 2 = i, j, k) nearest to the patient's superior-inferior axis."""
+    return int(np.argmax(np.abs(geometry.direction[2])))  # LPS z row of the direction matrix
+
+
 def slice_thickness_mm(geometry: Volume) -> float:
     """The spacing along the grid axis nearest to the patient's superior-inferior axis."""
-    return float(geometry.spacing[int(np.argmax(np.abs(geometry.direction[2])))])
+    return float(geometry.spacing[_superior_axis(geometry)])
 
 
 def recist_min_diameter_mm(geometry: Volume) -> float:
@@ -316,8 +321,7 @@ def max_axial_diameter_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0
     RECIST measures on axial slices (on an oblique grid, on its own slices nearest to
     axial). Same arguments as :func:`max_diameter_mm`; 0.0 for a one-voxel slice."""
     mask = np.asarray(mask, dtype=bool)
-    axis_xyz = int(np.argmax(np.abs(geometry.direction[2])))  # the i, j or k axis nearest to S (LPS z)
-    axis = 2 - axis_xyz  # the same axis in (z, y, x) array order
+    axis = 2 - _superior_axis(geometry)  # in (z, y, x) array order
     best = 0.0
     for index in np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))):
         one = np.take(mask, [int(index)], axis=axis)
@@ -365,8 +369,7 @@ def _lesions(tumor: np.ndarray, ct_crop: np.ndarray | None, geometry: Volume, of
             "max_diameter_mm": max_diameter_mm(sub, geometry, corner),
             "max_axial_diameter_mm": axial,
             "centroid_mm": [float(c) for c in centroid[:3]],
-            **{f"{key}_hu": (float(values[label]) if hu else None) for key, values in
-               (("mean", hu.get("mean")), ("std", hu.get("std")), ("min", hu.get("min")), ("max", hu.get("max")))},
+            **{f"{key}_hu": float(hu[key][label]) if hu else None for key in ("mean", "std", "min", "max")},
             "recist_measurable": bool(axial >= minimum),
             "touches_image_edge": bool(image_edges(geometry, own_box)),
         })
