@@ -139,12 +139,18 @@ def _label_values(a: np.ndarray, hi: int, most: int = 16):
     return values if len(values) <= most else None
 
 
+#: An extent this fraction of a model voxel over a whole number of voxels gets no extra
+#: voxel: spacings that differ in the last digits (3.0 in DICOM, 3.0000925 from float
+#: positions or a float32 NIfTI header) then give one grid, not grids half a voxel apart.
+GRID_SLACK = 0.01
+
+
 def model_grid_for(volume: Volume, card: ModelCard) -> Volume:
     """An empty (zero-size array) geometry template for the model grid of ``volume``.
 
     Returns a Volume whose ``array`` has the model grid's shape (uint8 zeros are not
     allocated: a broadcast view) with the card's spacing and orientation, covering the
-    physical bounding box of ``volume``.
+    physical bounding box of ``volume`` (to within :data:`GRID_SLACK` of a voxel).
     """
     direction = direction_from_orientation(card.orientation)
     spacing = np.asarray(card.spacing_mm, dtype=np.float64)
@@ -155,7 +161,7 @@ def model_grid_for(volume: Volume, card: ModelCard) -> Volume:
     corners = corners_ijk @ m[:3, :3].T + m[:3, 3]
     local = corners @ direction  # coordinates along the model axes (direction is orthonormal)
     lo, hi = local.min(axis=0), local.max(axis=0)
-    size = np.maximum(np.ceil((hi - lo) / spacing - 1e-6).astype(int), 1)
+    size = np.maximum(np.ceil((hi - lo) / spacing - GRID_SLACK).astype(int), 1)
     centre = (lo + hi) / 2.0
     first_centre_local = centre - (size - 1) * spacing / 2.0
     origin = direction @ first_centre_local

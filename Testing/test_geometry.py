@@ -219,3 +219,16 @@ def test_growing_small_lesions_keeps_them_apart_and_counts_only_what_is_in_the_s
     got = to_input_grid(aligned, fine)
     inside, edge = np.count_nonzero(got[10:, :, :] == TUMOR), np.count_nonzero(got[:10] == TUMOR)
     assert inside == 27 and edge == 18  # 1 mm voxels: a 3 mm voxel is 27 of them, its in-scan part 18
+
+
+def test_spacings_that_differ_in_the_last_digits_give_one_model_grid():
+    """3.0 mm slices from a DICOM header and 3.0000925 mm from float positions (or a
+    float32 NIfTI header) must not put the model grid half a voxel apart."""
+    card = oracle_model(spacing=(3.0, 3.0, 3.0)).card
+    array = np.zeros((69, 40, 40), dtype=np.int16)
+    exact = model_grid_for(Volume(array, (3.0, 3.0, 3.0)), card)
+    nearly = model_grid_for(Volume(array, (3.0, 3.0, 3.0000925)), card)
+    assert exact.array.shape == nearly.array.shape == (69, 40, 40)
+    assert np.allclose(exact.origin, nearly.origin, atol=0.01)
+    longer = model_grid_for(Volume(array, (3.0, 3.0, 3.05)), card)  # 210.45 mm: 70.15 voxels need 71
+    assert longer.array.shape[0] == 71
