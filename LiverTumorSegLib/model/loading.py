@@ -59,7 +59,7 @@ def load_state_dict(path: Path, expected_sha256: str, fmt: str = "torch-state-di
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"weights file {path} is missing")
-    if fmt not in ("safetensors", "torch-state-dict"):
+    if fmt not in WEIGHTS_FORMATS:
         raise ModelError(f"unknown weights format {fmt!r} in model.json")
     if fmt == "torch-state-dict" and not pickle_is_safe(torch.__version__, path):
         raise ModelError(
