@@ -215,7 +215,7 @@ def results_to_nodes(volume_node, labels: np.ndarray, stats: dict, *, segmentati
 
     Args:
         volume_node: the CT the labels belong to; the nodes go into its scene and study.
-        labels: (z, y, x) uint8 array on the volume's voxel grid (0, 1 liver, 2 tumor).
+        labels: (z, y, x) uint8 array on the volume's voxel grid (0, 1 liver parenchyma, 2 tumor).
         stats: :func:`~LiverTumorSegLib.stats.compute_statistics` output (``stats.json``).
         segmentation_node: existing node to update (its previous statistics table is
             reused), or None for new nodes named after the volume. Refused when

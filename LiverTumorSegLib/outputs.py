@@ -4,7 +4,8 @@
 ``stats.csv``, ``liver.stl`` and ``tumor.stl`` (or ``.obj``; the tumor file only when a
 tumor was found; coordinates LPS mm, as 3D Slicer writes STL), and ``preview.png``.
 Files are written into a staging folder and moved into the output folder together.
-``stats.json`` lists the files of its run (``run.outputs``) and is moved in last; when
+``stats.json`` lists the files of its run (``run.outputs``), says the surfaces'
+coordinate system (``surfaces``: LPS, while its own coordinates are RAS) and is moved in last; when
 the folder holds an earlier run's ``stats.json`` (not a link), the files that run listed
 and this one does not write are removed once the new files are in, and no other file is
 touched.
@@ -94,6 +95,9 @@ def write_outputs(result: SegmentationResult, ct: Volume, outdir: Path, *, surfa
             written["preview"] = "preview.png"
         written["stats_json"] = "stats.json"  # last: it lists every file of the run
         document = dict(result.stats)
+        if surfaces:  # LPS, as Slicer writes STL, unlike the statistics' RAS: said where it is read
+            document["surfaces"] = {"coordinate_system": "LPS", "units": "mm",
+                                    "files": sorted(v for k, v in written.items() if k.endswith("_surface"))}
         document["run"] = dict(result.info, timings_s={k: round(v, 3) for k, v in result.timings.items()},
                                **(extra or {}), outputs=sorted(written.values()))
         atomic_write_text(stage.path / "stats.json", json.dumps(document, indent=2) + "\n")

@@ -5,7 +5,7 @@ layers, spine, ribs, lungs, liver with texture, vessels and 0 to several tumours
 spleen, kidneys, stomach with gas, gallbladder, heart, aorta, IVC) described in
 physical millimetres, rendered on a voxel grid of random spacing, size and orientation
 (LPS, RAS-like flips, permuted axes or oblique). The CT image is int16 Hounsfield units
-(air -1000); labels are uint8: 0 background, 1 liver, 2 tumour (tumour is inside liver).
+(air -1000); labels are uint8: 0 background, 1 liver parenchyma, 2 tumour (tumour is inside the liver).
 
 :func:`make_geometry_variants` renders one patient on several grids (for geometry
 round-trip tests) and :func:`write_dataset` writes a data set in the layout of the

@@ -77,7 +77,7 @@ class SegmentOptions:
 
 @dataclass
 class SegmentationResult:
-    """Labels (uint8: 0 background, 1 liver, 2 tumor) in the input grid, with stats."""
+    """Labels (uint8: 0 background, 1 liver parenchyma, 2 tumor; the liver is 1 and 2) in the input grid, with stats."""
 
     labels: Volume
     stats: dict

@@ -48,7 +48,7 @@ def write_preview_png(
 
     Args:
         ct: CT volume in HU.
-        labels: label map (0 background, 1 liver, 2 tumor) on the CT grid.
+        labels: label map (0 background, 1 liver parenchyma, 2 tumor) on the CT grid.
         path: output ``.png`` file; written atomically.
         window: display window (low, high) in HU.
 

@@ -320,8 +320,13 @@ def test_a_rerun_into_the_same_folder_leaves_only_its_own_outputs(tmp_path, tiny
     assert (out / "preview.png").read_bytes() == b"the user's own picture"
     (out / "preview.png").unlink()
     assert main(base + ["--mesh-format", "obj"]) == 0
-    first = json.loads((out / "stats.json").read_text())["run"]["outputs"]
+    document = json.loads((out / "stats.json").read_text())
+    first = document["run"]["outputs"]
     assert first == sorted(p.name for p in out.iterdir()) and "liver.obj" in first and "preview.png" in first
+    # the surfaces are LPS while the statistics are RAS: the record says so, naming the files
+    assert document["coordinate_system"] == "RAS"
+    assert document["surfaces"] == {"coordinate_system": "LPS", "units": "mm",
+                                    "files": sorted(n for n in first if n.endswith(".obj"))}
     (out / "notes.txt").write_text("the user's own file")
     if "tumor.obj" not in first:  # a user file with an output's name, not listed by the earlier run
         (out / "tumor.obj").write_text("the user's own mesh")
@@ -332,7 +337,8 @@ def test_a_rerun_into_the_same_folder_leaves_only_its_own_outputs(tmp_path, tiny
     assert main(base + ["--no-surfaces", "--no-preview"]) == 0
     third = {p.name for p in out.iterdir()} - {"notes.txt", "tumor.obj"}
     assert third == {"segmentation.nii.gz", "stats.json", "stats.csv"}
-    assert json.loads((out / "stats.json").read_text())["run"]["outputs"] == sorted(third)
+    document = json.loads((out / "stats.json").read_text())
+    assert document["run"]["outputs"] == sorted(third) and "surfaces" not in document
     capsys.readouterr()
 
 

@@ -398,3 +398,15 @@ def test_max_axial_diameter_is_the_longest_in_slice_distance_nearest_to_axial():
 def rotation_about_s(angle: float) -> np.ndarray:
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def test_readme_lists_every_csv_column_in_order():
+    """The README's stats.csv table names exactly the columns written, in their order."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### `stats.csv` columns", 1)[1].split("\n## ", 1)[0]
+    listed = [name for line in section.splitlines() if line.startswith("| `")
+              for name in re.findall(r"`([a-z_]+)`", line.split("|")[1])]
+    assert listed == list(ROW_COLUMNS)
