@@ -535,8 +535,7 @@ def _to_volume(image, source: Path) -> Volume:
     if image.GetPixelID() in (sitk.sitkFloat64,):
         image = sitk.Cast(image, sitk.sitkFloat32)
     volume = Volume.from_sitk(image)
-    direction = volume.direction
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+    if not volume.is_orthonormal():
         raise InputError(f"{source} has a non-orthogonal direction matrix; re-export the image")
     return volume
 

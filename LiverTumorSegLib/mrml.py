@@ -81,7 +81,7 @@ def volume_from_node(volume_node) -> Volume:
     array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
     ijk_to_ras = world_matrix(volume_node) @ local_ijk_to_ras(volume_node)
     volume = Volume.from_ijk_to_ras(array, ijk_to_ras)
-    if not np.allclose(volume.direction.T @ volume.direction, np.eye(3), atol=1e-4):
+    if not volume.is_orthonormal(tol=1e-4):
         raise InputError(f"'{name}' (with its transform) is sheared; harden and resample it before segmenting.")
     return volume
 

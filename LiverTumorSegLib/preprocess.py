@@ -29,7 +29,7 @@ def check_volume(volume) -> None:
     """Refuse (:class:`InputError`) what is not a 3D :class:`Volume` the engine can
     resample: another type (a bare array, a path), an array that is not 3D or of a voxel
     type SimpleITK cannot take, or a geometry that is not 3 positive finite spacings, 3
-    finite origin values and an invertible 3x3 direction. Python API users get one line
+    finite origin values and an orthonormal 3x3 direction. Python API users get one line
     instead of an error from deep inside numpy or ITK. Byte order and float16 are
     accepted (:func:`as_resamplable` converts them)."""
     if not isinstance(volume, Volume):
@@ -55,6 +55,11 @@ def check_volume(volume) -> None:
     if direction.shape != (3, 3) or not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
         raise InputError(f"direction must be an invertible 3x3 matrix of direction cosines, not "
                          f"{direction.round(4).tolist()}")
+    if not volume.is_orthonormal():
+        raise InputError(f"direction must be orthonormal (unit columns at right angles; spacing goes in "
+                         f"Volume.spacing), not {direction.round(4).tolist()}: a sheared grid, such as a "
+                         "gantry tilt, would give wrong volumes and distances; resample it first (e.g. "
+                         "3D Slicer's DICOM import corrects a gantry tilt)")
 
 
 def as_resamplable(volume: Volume) -> Volume:

@@ -23,6 +23,10 @@ import numpy as np
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
+#: How far from orthonormal (|D^T D - I|, elementwise) a direction matrix may be.
+ORTHONORMAL_TOLERANCE = 1e-3
+
+
 @dataclass
 class Volume:
     """A 3D image with its full geometry.
@@ -89,6 +93,13 @@ class Volume:
         if array.shape[:3] != self.array.shape[:3]:
             raise ValueError(f"shape {array.shape} does not match {self.array.shape}")
         return Volume(array=array, spacing=self.spacing, origin=self.origin, direction=self.direction.copy())
+
+    def is_orthonormal(self, tol: float = ORTHONORMAL_TOLERANCE) -> bool:
+        """True when the direction's columns are unit length and at right angles (to
+        ``tol``): voxel volumes and distances are then products of spacings. A gantry
+        tilt or a shear is not; nor are direction columns that carry the spacing."""
+        d = np.asarray(self.direction, dtype=np.float64)
+        return bool(np.all(np.isfinite(d)) and np.allclose(d.T @ d, np.eye(3), atol=tol))
 
     def same_grid(self, other: "Volume", tol: float = 1e-4) -> bool:
         """True when both volumes share size, spacing, origin and direction."""

@@ -245,6 +245,10 @@ def test_python_api_refuses_what_is_not_a_3d_volume_in_one_line(tiny_model, tmp_
              (Volume(ct.array, (1.0, 0.0, 1.0)), "spacing must be 3 positive values"),
              (Volume(ct.array, ct.spacing, (0.0, float("nan"), 0.0)), "origin must be 3 finite"),
              (Volume(ct.array, ct.spacing, direction=np.zeros((3, 3))), "invertible 3x3"),
+             # a 20-degree gantry tilt (k sheared towards y) and columns that carry the spacing
+             (Volume(ct.array, ct.spacing, direction=[[1, 0, 0], [0, 1, np.sin(0.35)], [0, 0, np.cos(0.35)]]),
+              "must be orthonormal.*gantry tilt"),
+             (Volume(ct.array, (1.0, 1.0, 1.0), direction=np.diag(ct.spacing)), "must be orthonormal"),
              (Volume(ct.array > 0, ct.spacing), "boolean")]
     for volume, message in cases:
         with pytest.raises(InputError, match=message):
