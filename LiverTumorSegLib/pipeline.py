@@ -21,7 +21,8 @@ from .errors import InputError
 from .inference import prepare_network, sliding_window_inference
 from .model import LoadedModel, load_model, resolve_model
 from .postprocess import argmax_labels, clean_labels, drop_small_lesions, to_input_grid
-from .preprocess import air_value, as_resamplable, body_bounding_box, scale_intensity, to_model_grid, validate_ct
+from .preprocess import (BODY_THRESHOLD_HU, air_value, as_resamplable, body_bounding_box, scale_intensity,
+                         to_model_grid, validate_ct)
 from .result_checks import result_warnings
 from .resources import batch_activation_bytes, check_memory, model_grid_size, resolve_device, resolve_precision
 from .volume import Volume
@@ -275,7 +276,7 @@ class Segmenter:
             box = window_box(box, hu.shape, self.card.patch_size, self.overlap(),
                              getattr(self.model.network, "divisor", 1), grid=self.options.window_grid)
         net_input = scale_intensity(hu[box], self.card.intensity)
-        body = hu[box] > -500.0 if self.options.crop_to_body else None
+        body = hu[box] > BODY_THRESHOLD_HU if self.options.crop_to_body else None
         return net_input, body, box
 
     def _run_network(self, net_input: np.ndarray, body: Optional[np.ndarray],
@@ -330,7 +331,7 @@ class Segmenter:
         model_labels = np.zeros(hu.array.shape, dtype=np.uint8)
         model_labels[box] = argmax_labels(logits)
         del logits
-        model_labels, left_out = clean_labels(model_labels)
+        model_labels, left_out = clean_labels(model_labels, hu.array > BODY_THRESHOLD_HU)
         left_out_ml = left_out * float(np.prod(self.card.spacing_mm)) / 1000.0
         if cancel is not None and cancel():
             from .errors import Cancelled

@@ -1,10 +1,10 @@
 """Postprocessing: logits -> clean labels, then back onto the input's own grid.
 
-Steps (labels 0 background, 1 liver, 2 tumor):
+Steps (labels 0 background, 1 liver parenchyma, 2 tumor):
 
 1. argmax of the logits;
-2. the liver region (liver plus tumor) is its largest 26-connected component, with
-   holes filled (the volume of the other components is reported, see
+2. the liver region (liver plus tumor) is its largest 26-connected component (given
+   the tissue mask, the one with the most voxels in tissue), with holes filled (the volume of the other components is reported, see
    :func:`clean_labels`);
 3. tumor is kept only inside that region, with the holes it encloses filled as tumor
    (a necrotic or cystic core is tumor, as LiTS labels it);
@@ -18,6 +18,8 @@ Steps (labels 0 background, 1 liver, 2 tumor):
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
@@ -36,15 +38,23 @@ def argmax_labels(logits: np.ndarray) -> np.ndarray:
     return np.argmax(logits, axis=0).astype(np.uint8)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a boolean (z, y, x) mask."""
+def largest_component(mask: np.ndarray, counted: Optional[np.ndarray] = None) -> np.ndarray:
+    """The largest 26-connected component of a boolean (z, y, x) mask.
+
+    With ``counted`` (a boolean mask of the same shape), the component with the most
+    voxels in ``counted`` wins, the larger one on a tie.
+    """
     import SimpleITK as sitk
 
     if not mask.any():
         return mask.copy()
     cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
-    relabelled = sitk.RelabelComponent(cc, sortByObjectSize=True)
-    return sitk.GetArrayFromImage(relabelled) == 1
+    relabelled = sitk.GetArrayFromImage(sitk.RelabelComponent(cc, sortByObjectSize=True))  # 1 = largest
+    best = 1
+    if counted is not None:
+        inside = np.bincount(relabelled[counted & mask].ravel(), minlength=int(relabelled.max()) + 1)
+        best = int(np.argmax(inside[1:])) + 1 if inside[1:].any() else 1  # argmax: the first = larger on a tie
+    return relabelled == best
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -57,13 +67,18 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return sitk.GetArrayFromImage(filled).astype(bool)
 
 
-def clean_labels(labels: np.ndarray) -> tuple:
+def clean_labels(labels: np.ndarray, tissue: Optional[np.ndarray] = None) -> tuple:
     """Steps 2-3 on the model grid: largest liver region, holes filled, tumor inside
     with its enclosed holes filled. Returns (labels, voxels of the liver-labelled
     components left out): a lobe that looks disconnected at the model's resolution is
-    one of them, so the caller reports a large number."""
+    one of them, so the caller reports a large number.
+
+    ``tissue`` (boolean, the model grid's voxels above -500 HU): the liver region is
+    then the one with the most voxels in tissue, so that a network's false liver in a
+    large frame of air (padding around an oblique scan) cannot win over the real liver.
+    """
     found = labels > 0
-    region = fill_holes(largest_component(found))
+    region = fill_holes(largest_component(found, tissue))
     left_out = int(np.count_nonzero(found & ~region))
     out = np.zeros(labels.shape, dtype=np.uint8)
     out[region] = LIVER

@@ -41,7 +41,7 @@ def left_out_warning(left_out_ml: float, liver_ml: float) -> Optional[str]:
     large false positive elsewhere. Either way, the volume needs a look."""
     if left_out_ml <= LEFT_OUT_WARNING * max(liver_ml, 0.0):
         return None
-    return (f"{left_out_ml:.1f} mL labelled liver apart from the largest liver region ({liver_ml:.1f} mL) was left "
+    return (f"{left_out_ml:.1f} mL labelled liver apart from the liver region kept ({liver_ml:.1f} mL) was left "
             "out: a lobe the model sees as disconnected, or a false positive; check the liver volume")
 
 
