@@ -11,9 +11,10 @@ Steps (labels 0 background, 1 liver parenchyma, 2 tumor):
 4. the two masks (liver region, tumor) are resampled onto the input grid by linear
    interpolation and thresholded at 0.5 (smoother than nearest neighbour), slab by slab
    to bound memory. That trims convex corners, which costs small lesions much of their
-   volume on input grids finer than the model's, so there tumor components under
-   :data:`SMALL_LESION_VOXELS` model voxels are then grown, one by one, to their volume
-   on the model grid (:func:`_map_keeping_volume`);
+   volume on input grids finer than the model's, and can miss them altogether on
+   coarser ones, so tumor components under :data:`SMALL_LESION_VOXELS` model voxels are
+   then mapped, one by one, keeping their volume on the model grid and at least one
+   input voxel (:func:`_map_keeping_volume`);
 5. tumor components (26-connected) smaller than ``min_lesion_ml`` become liver.
 """
 
@@ -92,10 +93,10 @@ def to_input_grid(labels: Volume, reference: Volume, small_lesion_voxels: int = 
     Each mask (liver region, tumor) is interpolated linearly and thresholded at 0.5.
     Only the part of the output grid that the labelled voxels can reach is resampled
     (outside it the interpolated masks are 0), one slab at a time so memory stays
-    bounded for big inputs. When the input's voxels are smaller than the model's, tumor
-    components (26-connected) of fewer than ``small_lesion_voxels`` model voxels are
-    then grown one at a time to their model-grid volume (:func:`_map_keeping_volume`);
-    0 turns this off.
+    bounded for big inputs. Tumor components (26-connected) of fewer than
+    ``small_lesion_voxels`` model voxels are then mapped one at a time keeping their
+    model-grid volume, and at least one input voxel (:func:`_map_keeping_volume`); 0
+    turns this off.
     """
     import SimpleITK as sitk
 
@@ -114,10 +115,9 @@ def to_input_grid(labels: Volume, reference: Volume, small_lesion_voxels: int = 
     if out_box is None:
         return out
     region_img = _as_float_image(sub, crop > 0)
-    # Grown only onto input voxels smaller than the model's (where the trimming costs most
-    # of a small lesion); on coarser or similar grids the 0.5 rule stays.
-    finer = np.prod(reference.spacing) < np.prod(labels.spacing)
-    small = small_components(crop == TUMOR, small_lesion_voxels if finer else 0)
+    # On finer grids the 0.5 rule trims small lesions; on coarser ones it can miss them
+    # altogether (no input voxel centre close enough): both are mended below.
+    small = small_components(crop == TUMOR, small_lesion_voxels)
     tumor_img = _as_float_image(sub, crop == TUMOR) if (crop == TUMOR).any() else None
     (z_lo, z_hi), (y_lo, y_hi), (x_lo, x_hi) = out_box
     ny, nx = y_hi - y_lo, x_hi - x_lo
@@ -159,18 +159,27 @@ def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, 
     """Grow each component of ``small`` (on ``geometry``'s grid), already in ``out`` as
     mapped at 0.5, to its model-grid volume.
 
-    A component's linearly interpolated mask sums, over the input voxels, to its volume
-    in input voxels (clipped at the scan's edge); the voxels with the highest values, ties
-    broken by distance to its centre, make up that many. Added voxels never touch another
-    lesion (26-connected), so lesions stay as many as the 0.5 rule gave. A lesion on the
-    liver's surface may add voxels outside the liver region as mapped at 0.5; they are
-    tumor, hence liver too. At 0.5 alone a lesion of one model voxel kept about a fifth of
-    its volume on a 0.8 mm grid.
+    A component's volume in input voxels is that of its model voxels whose centres lie
+    in the scan, rounded, and at least one voxel: a lesion the network found is never
+    lost to the mapping. The voxels where its linearly interpolated mask is highest, ties
+    broken by distance to its centre, make up that many; where the mask is 0 on every
+    input voxel centre (a lesion between two thick slices), the input voxel holding its
+    centroid. Added voxels never touch another lesion (26-connected), so lesions stay
+    apart. A lesion on the liver's surface may add voxels outside the liver region as
+    mapped at 0.5; they are tumor, hence liver too. At 0.5 alone a lesion of one model
+    voxel kept about a fifth of its volume on a 0.8 mm grid, and on grids a little
+    coarser than the model's most lesions of one to three model voxels were lost.
+    On an input grid much coarser than the model's, a lesion smaller than one input
+    voxel is one input voxel, so its volume is that voxel's.
     """
     import SimpleITK as sitk
 
     cc = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(small.astype(np.uint8)), True))
     m_src, m_ref = geometry.ijk_to_lps(), reference.ijk_to_lps()
+    src_to_ref = np.linalg.inv(m_ref) @ m_src
+    ratio = float(np.prod(geometry.spacing) / np.prod(reference.spacing))
+    size = np.array(reference.shape_xyz, dtype=np.float64)
+    half = 0.5 * np.abs(src_to_ref[:3, :3]).sum(axis=1)  # a model voxel's half-extent, in input voxels
     for label in range(1, int(cc.max()) + 1):
         component = cc == label
         box = bounding_box(component, margin=1)
@@ -191,11 +200,28 @@ def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, 
         view = out[z0:z1, y0:y1, x0:x1]
         tumor = view == TUMOR
         own = (values >= 0.5) & tumor  # what the 0.5 rule wrote for this lesion
-        missing = int(round(float(values.sum()))) - int(np.count_nonzero(own))
+        # the component's model voxel centres, as continuous input (x, y, z) indices
+        ijk = np.argwhere(component)[:, ::-1].T.astype(np.float64)
+        centres = (src_to_ref[:3, :3] @ ijk + src_to_ref[:3, 3:4]).T
+        # the share of each model voxel inside the scan (exact on grids parallel to the model's)
+        share = np.prod(np.clip((np.minimum(centres + half, size - 0.5) - np.maximum(centres - half, -0.5))
+                                / (2.0 * half), 0.0, 1.0), axis=1)
+        inside = float(share.sum())
+        if inside <= 0.0:
+            continue
+        missing = max(1, int(round(inside * ratio))) - int(np.count_nonzero(own))
         if missing <= 0:
             continue
-        candidates = np.flatnonzero((values > 0) & ~tumor & ~_touching(tumor & ~own))
+        free = ~tumor & ~_touching(tumor & ~own)
+        candidates = np.flatnonzero((values > 0) & free)
         if candidates.size == 0:
+            if own.any():
+                continue
+            # no input voxel centre near it: the voxel holding its centroid
+            at = np.floor(centres.mean(axis=0) + 0.5).astype(np.int64)
+            at = np.clip(at, 0, size.astype(np.int64) - 1) - np.array([x0, y0, z0])
+            if np.all(at >= 0) and np.all(at < np.array(view.shape[::-1])) and free[at[2], at[1], at[0]]:
+                view[at[2], at[1], at[0]] = TUMOR
             continue
         zyx = np.stack(np.unravel_index(candidates, values.shape), axis=1).astype(np.float64)
         centre = np.argwhere(values >= values.max()).mean(axis=0)

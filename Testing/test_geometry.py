@@ -257,6 +257,37 @@ def test_growing_small_lesions_keeps_them_apart_and_counts_only_what_is_in_the_s
     assert inside == 27 and edge == 18  # 1 mm voxels: a 3 mm voxel is 27 of them, its in-scan part 18
 
 
+@pytest.mark.parametrize("spacing", [(3.1, 3.1, 3.1), (5.0, 5.0, 5.0), (0.7, 0.7, 5.0)])
+def test_small_lesions_survive_the_mapping_onto_any_grid_wherever_it_falls(spacing):
+    """On grids a little coarser than the model's, no input voxel centre may land close
+    enough to a lesion of one to three model voxels for the 0.5 rule: most were lost,
+    more or fewer by where the grid fell (the lesion count changed with the origin).
+    Every lesion now keeps at least one voxel, and its volume where the voxels allow."""
+    import SimpleITK as sitk
+
+    from LiverTumorSegLib.postprocess import LIVER, TUMOR, to_input_grid
+
+    model = Volume(np.zeros((30, 30, 30), np.uint8), spacing=(3.0, 3.0, 3.0))
+    model.array[2:28, 2:28, 2:28] = LIVER
+    voxels = []
+    for n, (z, y, x) in enumerate((z, y, x) for z in (6, 14, 22) for y in (6, 14, 22) for x in (6, 14, 22)):
+        model.array[z, y, x:x + n % 3 + 1] = TUMOR
+        voxels.append(n % 3 + 1)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        shape = tuple(int(90 / s) for s in spacing[::-1])
+        ct = Volume(np.zeros(shape, np.int16), spacing=spacing, origin=tuple(rng.uniform(-3.0, 3.0, 3)))
+        out = to_input_grid(model, ct)
+        cc = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((out == TUMOR).astype(np.uint8)),
+                                                            True))
+        assert cc.max() == len(voxels)  # every lesion, each one apart
+        ratio = np.count_nonzero(out == TUMOR) * ct.voxel_volume_ml / (0.027 * sum(voxels))
+        if min(spacing) < 3.0:  # in-plane voxels finer than the model's: the volume is kept
+            assert 0.95 <= ratio <= 1.15
+        else:  # at least one input voxel each, so never less
+            assert ratio >= 0.99
+
+
 def test_spacings_that_differ_in_the_last_digits_give_one_model_grid():
     """3.0 mm slices from a DICOM header and 3.0000925 mm from float positions (or a
     float32 NIfTI header) must not put the model grid half a voxel apart."""
