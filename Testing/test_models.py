@@ -99,6 +99,28 @@ def test_invalid_cards_name_the_field(tiny_model, field, value, message):
         ModelCard.from_dict(card)
 
 
+@pytest.mark.parametrize("sha256", ["", "0" * 63, "0" * 65, "g" * 64, " " + "0" * 63, None])
+def test_a_card_whose_checksum_is_not_64_hex_digits_is_refused(tiny_model, tmp_path, sha256):
+    """An empty or malformed weights.sha256 cannot check the weights: refused by the card
+    and by the loader, whatever the file holds."""
+    from LiverTumorSegLib.model.loading import load_state_dict
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    card["weights"]["sha256"] = sha256
+    (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
+    with pytest.raises(ModelError, match="weights.sha256 must be .* 64 hex digits"):
+        ModelCard.from_dict(card)
+    with pytest.raises(ModelError, match="weights.sha256 must be .* 64 hex digits"):
+        load_model(folder)
+    with pytest.raises(ModelError, match="64 hex digits"):
+        load_state_dict(weights_path(folder), sha256, card["weights"]["format"])
+    card["weights"]["sha256"] = sha256_of(weights_path(folder)).upper()  # the right one, in capitals: fine
+    (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
+    assert load_model(folder).card.weights_sha256 == sha256_of(weights_path(folder))
+
+
 def test_nan_weights_are_refused_and_linked_weights_checked(tiny_model, tmp_path):
     import shutil
 

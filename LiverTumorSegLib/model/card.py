@@ -149,6 +149,7 @@ def _parse(d: dict) -> ModelCard:
     weights_file = Path(str(weights["file"]))
     if weights_file.is_absolute() or ".." in weights_file.parts or not weights_file.parts:
         raise ModelError(f"weights.file {str(weights['file'])!r} must be a file name inside the model folder")
+    check_sha256(weights["sha256"])
     return ModelCard(
         name=str(d["name"]),
         architecture=dict(d["architecture"]),
@@ -173,6 +174,7 @@ def _parse(d: dict) -> ModelCard:
 MAX_WIDTH = 1024
 MAX_PATCH = 512
 SPACING_RANGE_MM = (0.1, 20.0)
+SHA256_DIGITS = re.compile(r"[0-9a-f]{64}")
 #: What the engine makes of each class: 0 background, 1 liver, 2 (if any) tumor; a card
 #: must name its classes so (any case), or its volumes would be reported under the
 #: wrong names.
@@ -188,6 +190,16 @@ def _label_name(name: str) -> str:
     """``Liver_Tumors`` -> ``liver tumor``: case, separators and a plural s do not matter."""
     words = re.sub(r"[\s_\-]+", " ", name).strip().lower()
     return words[:-1] if words.endswith(("tumors", "tumours", "lesions", "cancers", "neoplasms")) else words
+
+
+def check_sha256(value) -> str:
+    """``weights.sha256`` in lower case; :class:`ModelError` unless it is 64 hex digits (an
+    empty or cut checksum would leave the weights unchecked)."""
+    if not isinstance(value, str) or not SHA256_DIGITS.fullmatch(value.lower()):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ModelError(f"weights.sha256 must be the weights file's SHA-256, 64 hex digits, not {shown}: the model "
+                         "card is wrong (Training/export.py writes it), and the weights cannot be checked")
+    return value.lower()
 
 
 def _numbers(value, name: str, whole: bool = False) -> tuple:

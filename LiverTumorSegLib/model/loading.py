@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import ModelError
 from ..torch_versions import TORCH_SAFE_PICKLE, release
-from .card import ModelCard
+from .card import ModelCard, check_sha256
 
 #: Model folders that ship with this code (the registry lists them as "bundled").
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -57,6 +57,7 @@ def load_state_dict(path: Path, expected_sha256: str, fmt: str = "torch-state-di
     import torch
 
     path = Path(path)
+    expected_sha256 = check_sha256(expected_sha256)  # an empty or cut one would check nothing
     if not path.is_file():
         raise ModelError(f"weights file {path} is missing")
     if fmt not in WEIGHTS_FORMATS:
@@ -71,7 +72,7 @@ def load_state_dict(path: Path, expected_sha256: str, fmt: str = "torch-state-di
     try:
         with open(path, "rb") as handle:
             actual = _sha256_of_handle(handle)
-            if actual != expected_sha256.lower():
+            if actual != expected_sha256:
                 raise ModelError(
                     f"checksum mismatch for {path.name}: model.json says {expected_sha256[:16]}..., "
                     f"the file has {actual[:16]}...; the file is corrupt or was replaced — reinstall the model"
