@@ -36,11 +36,14 @@ def test_quick_benchmark_runs_and_writes_every_key(tmp_path):
     from benchmarks.run import REQUIRED_KEYS
 
     out = tmp_path / "bench.json"
+    scratch = tmp_path / "tmp"  # the suite's temporary folders go here, and must be gone afterwards
+    scratch.mkdir()
     env = dict(os.environ, LIVERTUMORSEG_BENCH_INPUTS=str(tmp_path / "inputs"),
-               LIVERTUMORSEG_BENCH_WEIGHTS=str(tmp_path / "no-weights"))
+               LIVERTUMORSEG_BENCH_WEIGHTS=str(tmp_path / "no-weights"), TMPDIR=str(scratch))
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--json", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(scratch.glob("ltsbench-*")), "the benchmark left temporary folders behind"
     document = json.loads(out.read_text(encoding="utf-8"))
     for key in REQUIRED_KEYS:
         _get(document, key)

@@ -66,8 +66,9 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def load_bench_model(args, quick: bool, patch):
-    """(LoadedModel, model folder for the CLI, description of the weights)."""
+def load_bench_model(args, quick: bool, patch, scratch: Path):
+    """(LoadedModel, model folder for the CLI, description of the weights); a model the
+    CLI cannot read from where it came is saved under ``scratch``."""
     from LiverTumorSegLib.model import load_model, save_model
 
     folder = Path(args.weights).expanduser() if args.weights else weights.weights_dir()
@@ -80,7 +81,7 @@ def load_bench_model(args, quick: bool, patch):
     if patch and tuple(model.card.patch_size) != tuple(patch):
         model = dataclasses.replace(model, card=dataclasses.replace(model.card, patch_size=tuple(patch)))
     if patch or not what.startswith("trained"):
-        cli_dir = Path(tempfile.mkdtemp(prefix="ltsbench-model-")) / "model"
+        cli_dir = Path(scratch) / "model"
         save_model(cli_dir, model.network, dataclasses.replace(model.card))
     else:
         cli_dir = folder
@@ -163,6 +164,12 @@ def main(argv=None) -> int:
     parser.add_argument("--overlaps", default=None,
                         help="comma-separated overlaps for item 1 (default: the seed's 8/96, 0.25, 0.5; quick: 8/96)")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ltsbench-model-") as scratch:  # removed when done, or on failure
+        return run_sections(args, argv, Path(scratch))
+
+
+def run_sections(args, argv, scratch: Path) -> int:
+    """The sections ``args`` selects; a model saved for the CLI runs goes into ``scratch``."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -181,7 +188,7 @@ def main(argv=None) -> int:
            "machine": dict(machine.describe(), gemm_peak=machine.gemm_peak(1024 if args.quick else 2048)),
            "glibc_malloc_settled": glibc_settled}
     log(machine.one_line(res["machine"]))
-    model, cli_dir, what = load_bench_model(args, args.quick, cfg["patch"])
+    model, cli_dir, what = load_bench_model(args, args.quick, cfg["patch"], scratch)
     res["model"] = {"weights": what, "card": model.card.name, "patch_size": list(model.card.patch_size),
                     "widths": model.card.architecture.get("widths"), "spacing_mm": list(model.card.spacing_mm),
                     "provenance": model.card.provenance}
