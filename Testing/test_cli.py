@@ -405,6 +405,38 @@ def test_outputs_publish_the_record_last_and_never_replace_a_folder(tmp_path, mo
     assert (out / "preview.png").is_dir() and (out / "stats.json").read_text() == "stats.json"
 
 
+def test_a_failed_rename_leaves_no_temporary_file_and_names_the_output(tmp_path, monkeypatch):
+    import LiverTumorSegLib.atomic as atomic
+    from LiverTumorSegLib.errors import OutputError
+
+    (tmp_path / "stats.json").write_text("the earlier run's")
+
+    def disk_full(source, destination):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "replace", disk_full)
+    with pytest.raises(OutputError, match=r"cannot write .*stats\.json: .*No space left on device"):
+        atomic.atomic_write_text(tmp_path / "stats.json", "new")
+    assert os.listdir(tmp_path) == ["stats.json"] and (tmp_path / "stats.json").read_text() == "the earlier run's"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomically_written_files_get_the_permissions_of_a_plain_open(tmp_path, umask):
+    """mkstemp makes 0600 files; outputs are chmod-ed to what open() would give (0666 less the umask)."""
+    import stat
+
+    from LiverTumorSegLib.atomic import atomic_write_text
+
+    before = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "stats.json", "{}")
+        (tmp_path / "plain.txt").write_text("{}")
+    finally:
+        os.umask(before)
+    mode = stat.S_IMODE((tmp_path / "stats.json").stat().st_mode)
+    assert mode == 0o666 & ~umask == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+
+
 def test_an_output_folder_that_is_a_mount_point_takes_the_results(tmp_path, monkeypatch):
     """Docker's `-v host:/output ... -o /output`: nothing can be renamed into a mount point
     from outside it (EXDEV, even on one file system), so staging happens inside it."""

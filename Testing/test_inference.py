@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from LiverTumorSegLib.inference import importance_map, patch_starts, plan_windows, sliding_window_inference
+from LiverTumorSegLib.inference import (UNCOVERED_LOGIT, importance_map, patch_starts, plan_windows,
+                                        sliding_window_inference)
 from LiverTumorSegLib.model.unet import UNet3D
 
 
@@ -104,10 +105,16 @@ def test_gaussian_differs_from_constant_where_patches_overlap():
 
 
 def test_small_image_is_padded_and_cropped_back():
+    """Padded to a patch (x unevenly: 4 voxels before, 5 after), then cropped back where
+    the image lies: the result is the explicitly padded image's, not shifted by a voxel."""
     image = np.random.default_rng(0).normal(size=(10, 20, 7)).astype(np.float32)
-    out = sliding_window_inference(image, _net(), (16, 16, 16), num_classes=3)
+    net = _net()
+    out = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, weighting="constant")
     assert out.shape == (3, 10, 20, 7)
-    assert np.isfinite(out).all()
+    plan = plan_windows(image.shape, (16, 16, 16), 0.25)
+    assert plan.pad == ((3, 3), (0, 0), (4, 5))
+    padded = _reference(np.pad(image, plan.pad), net, (16, 16, 16), 0.25)
+    np.testing.assert_allclose(out, padded[:, 3:13, :, 4:11], atol=1e-5)
 
 
 def test_skipped_patches_become_background_and_are_not_computed():
@@ -128,6 +135,10 @@ def test_skipped_patches_become_background_and_are_not_computed():
     assert sum(calls) == 1
     labels = out.argmax(0)
     assert (labels[:, :, :16] == 2).all() and (labels[:, :, 16:] == 0).all()
+    # uncovered voxels: background 0, every other class UNCOVERED_LOGIT (not a tie at 0)
+    assert (out[0, :, :, 16:] == 0.0).all() and (out[1:, :, :, 16:] == UNCOVERED_LOGIT).all()
+    np.testing.assert_allclose(out[:, :, :, :16], np.array([0.0, 0.0, 5.0])[:, None, None, None]
+                               * np.ones((1, 16, 16, 16)), rtol=1e-6)
 
 
 def test_progress_and_cancel():
@@ -138,6 +149,12 @@ def test_progress_and_cancel():
     sliding_window_inference(image, _net(), (16, 16, 16), num_classes=3, overlap=0.0, batch_size=4,
                              progress=lambda f, m: seen.append(f))
     assert seen[-1] == pytest.approx(1.0) and seen == sorted(seen) and len(seen) == 4
+    reports = []  # 16 patches in batches of 3: the last batch is short, and progress stops at 1
+    sliding_window_inference(image, _net(), (16, 16, 16), num_classes=3, overlap=0.0, batch_size=3,
+                             progress=lambda f, m: reports.append((f, m)))
+    fractions = [f for f, _ in reports]
+    assert fractions == [3 / 16, 6 / 16, 9 / 16, 12 / 16, 15 / 16, 1.0] and max(fractions) <= 1.0
+    assert fractions[-1] == 1.0 and reports[-1][1] == "inference: 16/16 patches"
     with pytest.raises(Cancelled):
         sliding_window_inference(image, _net(), (16, 16, 16), num_classes=3, cancel=lambda: True)
 

@@ -223,6 +223,8 @@ def test_grid_mismatch_raises():
         compute_statistics(labels, Volume(np.zeros((4, 5, 7))))
     with pytest.raises(InputError):
         compute_statistics(labels, Volume(np.zeros((4, 5, 6)), spacing=(1.0, 1.0, 2.0)))
+    with pytest.raises(InputError):  # only the direction differs: the CT lies elsewhere in the patient
+        compute_statistics(labels, Volume(np.zeros((4, 5, 6)), direction=np.diag([-1.0, -1.0, 1.0])))
     with pytest.raises(InputError):
         compute_statistics(Volume(np.full((2, 2, 2), 3, dtype=np.uint8)))
     interpolated = np.ones((5, 5, 5), np.float32)
@@ -231,6 +233,18 @@ def test_grid_mismatch_raises():
         compute_statistics(Volume(interpolated))
     exact = compute_statistics(Volume(np.round(interpolated).astype(np.float32)))  # whole numbers as floats: fine
     assert exact["liver"]["voxels"] == 124 and exact["tumor"]["voxels"] == 1  # 0.5 rounds to 0, 1.5 to 2
+
+
+def test_same_grid_compares_size_spacing_origin_and_direction():
+    grid = Volume(np.zeros((4, 5, 6), np.uint8), spacing=(0.8, 0.9, 2.5), origin=(10.0, -20.0, 30.0),
+                  direction=oblique_direction())
+    assert grid.same_grid(grid.with_array(np.ones((4, 5, 6), np.float32)))
+    flipped = grid.direction.copy()
+    flipped[:, 2] *= -1.0  # k runs the other way: same size, spacing and origin
+    other = Volume(grid.array, spacing=grid.spacing, origin=grid.origin, direction=flipped)
+    assert not grid.same_grid(other) and not other.same_grid(grid)
+    assert not grid.same_grid(Volume(grid.array, spacing=grid.spacing, origin=(10.0, -20.0, 31.0),
+                                     direction=grid.direction))
 
 
 def test_lesion_intensities_are_each_lesions_own(sphere_phantom):
