@@ -97,6 +97,20 @@ def test_4d_and_rgb_images(capsys, tmp_path, tiny_model):
     _assert_refused(_run(capsys, tmp_path, rgb, "--model", str(tiny_model)), "components")
 
 
+def test_a_sheared_direction_in_a_file_is_refused(capsys, tmp_path, tiny_model):
+    """An MHA whose axes are not at right angles (a gantry tilt written into the header)
+    would give wrong volumes; it is refused by the reader."""
+    raw = tmp_path / "tilted.raw"
+    ct = np.full((12, 12, 12), -1000, np.int16)
+    ct[3:9, 3:9, 3:9] = 60
+    raw.write_bytes(ct.tobytes())
+    header = tmp_path / "tilted.mha"
+    header.write_text("ObjectType = Image\nNDims = 3\nTransformMatrix = 1 0 0 0.5 0.866 0 0 0 1\n"
+                      "Offset = 0 0 0\nElementSpacing = 1 1 1\nDimSize = 12 12 12\nElementType = MET_SHORT\n"
+                      "ElementDataFile = tilted.raw\n")
+    _assert_refused(_run(capsys, tmp_path, header, "--model", str(tiny_model)), "non-orthogonal direction")
+
+
 def test_constant_volume(capsys, tmp_path, tiny_model):
     path = _write_array(tmp_path / "flat.nii.gz", np.full((10, 12, 14), -1000, np.int16))
     _assert_refused(_run(capsys, tmp_path, path, "--model", str(tiny_model)), "constant")
