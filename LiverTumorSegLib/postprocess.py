@@ -53,6 +53,7 @@ def largest_component(mask: np.ndarray, counted: Optional[np.ndarray] = None) ->
     relabelled = sitk.GetArrayFromImage(sitk.RelabelComponent(cc, sortByObjectSize=True))  # 1 = largest
     best = 1
     if counted is not None:
+        counted = np.asarray(counted, dtype=bool)
         inside = np.bincount(relabelled[counted & mask].ravel(), minlength=int(relabelled.max()) + 1)
         best = int(np.argmax(inside[1:])) + 1 if inside[1:].any() else 1  # argmax: the first = larger on a tie
     return relabelled == best
@@ -159,14 +160,18 @@ def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, 
     """Grow each component of ``small`` (on ``geometry``'s grid), already in ``out`` as
     mapped at 0.5, to its model-grid volume.
 
-    A component's volume in input voxels is that of its model voxels whose centres lie
-    in the scan, rounded, and at least one voxel: a lesion the network found is never
-    lost to the mapping. The voxels where its linearly interpolated mask is highest, ties
-    broken by distance to its centre, make up that many; where the mask is 0 on every
-    input voxel centre (a lesion between two thick slices), the input voxel holding its
-    centroid. Added voxels never touch another lesion (26-connected), so lesions stay
-    apart. A lesion on the liver's surface may add voxels outside the liver region as
-    mapped at 0.5; they are tumor, hence liver too. At 0.5 alone a lesion of one model
+    A component's volume in input voxels is the volume of the part of its model voxels
+    inside the scan, rounded, and at least one voxel when half of it or more is inside.
+    It grows from what the 0.5 rule wrote (else from its best voxel) in layers, each
+    added voxel touching the lesion's own (26-connected), so that it stays one lesion;
+    within a layer, the voxels where its linearly interpolated mask is highest go
+    first, ties broken by distance to its centre. Where the mask is 0 on every input
+    voxel centre (a lesion between two thick slices), it gets the input voxel holding
+    its centroid. Added voxels never touch another lesion, so lesions stay apart: on a
+    grid coarser than the model's, a lesion whose only voxels would touch another one is
+    left out (two lesions less than about an input voxel apart come out as one). A
+    lesion on the liver's surface may add voxels outside the liver region as mapped at
+    0.5; they are tumor, hence liver too. At 0.5 alone a lesion of one model
     voxel kept about a fifth of its volume on a 0.8 mm grid, and on grids a little
     coarser than the model's most lesions of one to three model voxels were lost.
     On an input grid much coarser than the model's, a lesion smaller than one input
@@ -207,9 +212,8 @@ def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, 
         share = np.prod(np.clip((np.minimum(centres + half, size - 0.5) - np.maximum(centres - half, -0.5))
                                 / (2.0 * half), 0.0, 1.0), axis=1)
         inside = float(share.sum())
-        if inside <= 0.0:
-            continue
-        missing = max(1, int(round(inside * ratio))) - int(np.count_nonzero(own))
+        least = 1 if inside >= 0.5 * share.size else 0  # a lesion mostly outside the scan may vanish
+        missing = max(least, int(round(inside * ratio))) - int(np.count_nonzero(own))
         if missing <= 0:
             continue
         free = ~tumor & ~_touching(tumor & ~own)
@@ -227,9 +231,21 @@ def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, 
         centre = np.argwhere(values >= values.max()).mean(axis=0)
         distance = np.linalg.norm((zyx - centre) * np.asarray(reference.spacing[::-1]), axis=1)
         order = np.lexsort((distance, -values.ravel()[candidates]))  # highest value first, then nearest
-        grow = np.zeros(values.size, dtype=bool)
-        grow[candidates[order[:missing]]] = True
-        view[grow.reshape(values.shape)] = TUMOR
+        rank = np.full(values.size, values.size, dtype=np.int64)
+        rank[candidates[order]] = np.arange(candidates.size)
+        allowed = rank.reshape(values.shape) < values.size
+        held = own.copy()
+        if not held.any():  # nothing at 0.5: start from the best voxel
+            held.flat[candidates[order[0]]] = True
+            missing -= 1
+        while missing > 0:  # layer by layer, so the lesion stays one piece
+            layer = np.flatnonzero(_touching(held) & allowed & ~held)
+            if layer.size == 0:
+                break
+            take = layer[np.argsort(rank[layer], kind="stable")[:missing]]
+            held.flat[take] = True
+            missing -= take.size
+        view[held & ~own] = TUMOR
 
 
 def _touching(mask: np.ndarray) -> np.ndarray:

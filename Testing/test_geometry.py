@@ -269,8 +269,9 @@ def test_growing_small_lesions_keeps_them_apart_and_counts_only_what_is_in_the_s
     assert inside == 27 and edge == 18  # 1 mm voxels: a 3 mm voxel is 27 of them, its in-scan part 18
 
 
-@pytest.mark.parametrize("spacing", [(3.1, 3.1, 3.1), (5.0, 5.0, 5.0), (0.7, 0.7, 5.0)])
-def test_small_lesions_survive_the_mapping_onto_any_grid_wherever_it_falls(spacing):
+@pytest.mark.parametrize("spacing, tilted", [((3.1, 3.1, 3.1), False), ((5.0, 5.0, 5.0), False),
+                                             ((0.7, 0.7, 5.0), False), ((0.7, 0.7, 5.0), True)])
+def test_small_lesions_survive_the_mapping_onto_any_grid_wherever_it_falls(spacing, tilted):
     """On grids a little coarser than the model's, no input voxel centre may land close
     enough to a lesion of one to three model voxels for the 0.5 rule: most were lost,
     more or fewer by where the grid fell (the lesion count changed with the origin).
@@ -286,9 +287,13 @@ def test_small_lesions_survive_the_mapping_onto_any_grid_wherever_it_falls(spaci
         model.array[z, y, x:x + n % 3 + 1] = TUMOR
         voxels.append(n % 3 + 1)
     rng = np.random.default_rng(0)
+    # tilted: thick slices at 30 degrees about z and 20 about x, where growth once split a lesion in two
+    direction = rotation("z", 30.0) @ rotation("x", 20.0) if tilted else np.eye(3)
     for _ in range(3):
-        shape = tuple(int(90 / s) for s in spacing[::-1])
-        ct = Volume(np.zeros(shape, np.int16), spacing=spacing, origin=tuple(rng.uniform(-3.0, 3.0, 3)))
+        shape = tuple(int((150 if tilted else 90) / s) for s in spacing[::-1])
+        centre = np.array([43.5, 43.5, 43.5]) + rng.uniform(-3.0, 3.0, 3)
+        origin = centre - direction @ (np.array(shape[::-1]) * np.array(spacing) / 2.0)
+        ct = Volume(np.zeros(shape, np.int16), spacing=spacing, origin=tuple(origin), direction=direction)
         out = to_input_grid(model, ct)
         cc = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((out == TUMOR).astype(np.uint8)),
                                                             True))
@@ -298,6 +303,48 @@ def test_small_lesions_survive_the_mapping_onto_any_grid_wherever_it_falls(spaci
             assert 0.95 <= ratio <= 1.15
         else:  # at least one input voxel each, so never less
             assert ratio >= 0.99
+
+
+def test_a_small_lesion_mostly_outside_the_scan_is_not_given_a_whole_coarse_voxel():
+    """At least one input voxel per lesion holds only for lesions at least half inside
+    the scan: a tenth of a 3 mm voxel inside would otherwise become a 10 mm voxel."""
+    from LiverTumorSegLib.postprocess import LIVER, TUMOR, to_input_grid
+
+    model = Volume(np.zeros((12, 12, 12), np.uint8), spacing=(3.0, 3.0, 3.0))
+    model.array[:, 1:11, 1:11] = LIVER
+    model.array[0, 5, 5] = TUMOR  # spans z -1.5..1.5 mm
+    for scan_starts, kept in ((1.2, 0), (-0.3, 1)):  # a tenth of it inside; 60 % of it
+        ct = Volume(np.zeros((3, 4, 4), np.int16), spacing=(10.0, 10.0, 10.0), origin=(0.0, 0.0, scan_starts + 5.0))
+        assert np.count_nonzero(to_input_grid(model, ct) == TUMOR) == kept
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_a_lesion_between_two_thick_slices_gets_the_voxel_holding_its_centre(permuted):
+    """No input voxel centre is near a one-voxel lesion 2.5 or 3.5 mm from the nearest 7
+    mm slice centre, so the interpolated mask is 0 on every one; it gets the voxel that
+    holds it (also with the thick axis stored first, a permuted direction)."""
+    from LiverTumorSegLib.postprocess import LIVER, TUMOR, to_input_grid
+
+    model = Volume(np.zeros((40, 50, 60), np.uint8), spacing=(1.0, 1.0, 1.0))
+    model.array[1:-1, 1:-1, 1:-1] = LIVER
+    lesions = [(17, 23, 31), (25, 11, 44)]  # (z, y, x) model voxels, at z = 17 and 25 mm
+    for lesion in lesions:
+        model.array[lesion] = TUMOR
+    origin = (0.3, -0.2, -13.5)  # slice centres at z = ..., 14.5, 21.5, 28.5 mm
+    if permuted:  # i along z (7 mm), j along x, k along y
+        ct = Volume(np.zeros((100, 100, 8), np.int16), spacing=(7.0, 0.7, 0.6), origin=origin,
+                    direction=[[0, 1, 0], [0, 0, 1], [1, 0, 0]])
+    else:
+        ct = Volume(np.zeros((8, 100, 100), np.int16), spacing=(0.7, 0.6, 7.0), origin=origin)
+    out = to_input_grid(model, ct)
+    found = np.argwhere(out == TUMOR)
+    assert len(found) == len(lesions)
+    m = ct.ijk_to_lps()
+    points = found[:, ::-1] @ m[:3, :3].T + m[:3, 3]
+    for lesion in lesions:
+        where = np.array(lesion[::-1], dtype=float)
+        nearest = np.abs(points - where).max(axis=1).min()  # within half an input voxel on every axis
+        assert nearest <= 3.5 + 1e-6
 
 
 def test_spacings_that_differ_in_the_last_digits_give_one_model_grid():
