@@ -183,19 +183,21 @@ def _fit_throughput(config: dict, cases: int, steps: int, log=print) -> dict:
             torch.cuda.synchronize()
             times.append(time.perf_counter())
 
-    work = Path(tempfile.mkdtemp(prefix="ltsbench-fit-"))
-    L.seed_everything(0, workers=True)
-    t0 = time.perf_counter()
-    datamodule = LiverDataModule(folder, config, work / "cache")
-    datamodule.split()
-    datamodule.setup("fit")  # builds the preprocessing cache (timed separately)
-    cache_s = time.perf_counter() - t0
-    module = LiverSegModule(config, datamodule.data_summary())
-    precision = resolve_precision(str(config["trainer"]["precision"]), "gpu")
-    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=steps, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[Clock()], use_distributed_sampler=False)
-    trainer.fit(module, datamodule=datamodule)
+    # the preprocessing cache goes into a folder removed afterwards, whatever happens
+    with tempfile.TemporaryDirectory(prefix="ltsbench-fit-", ignore_cleanup_errors=True) as scratch:
+        work = Path(scratch)
+        L.seed_everything(0, workers=True)
+        t0 = time.perf_counter()
+        datamodule = LiverDataModule(folder, config, work / "cache")
+        datamodule.split()
+        datamodule.setup("fit")  # builds the preprocessing cache (timed separately)
+        cache_s = time.perf_counter() - t0
+        module = LiverSegModule(config, datamodule.data_summary())
+        precision = resolve_precision(str(config["trainer"]["precision"]), "gpu")
+        trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=steps, precision=precision, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                            num_sanity_val_steps=0, callbacks=[Clock()], use_distributed_sampler=False)
+        trainer.fit(module, datamodule=datamodule)
     skip = min(5, len(times) - 2)
     seconds = times[-1] - times[skip]
     n = len(times) - 1 - skip
