@@ -184,7 +184,7 @@ def _fit_throughput(config: dict, cases: int, steps: int, log=print) -> dict:
             times.append(time.perf_counter())
 
     # the preprocessing cache goes into a folder removed afterwards, whatever happens
-    with tempfile.TemporaryDirectory(prefix="ltsbench-fit-", ignore_cleanup_errors=True) as scratch:
+    with tempfile.TemporaryDirectory(prefix="ltsbench-fit-") as scratch:
         work = Path(scratch)
         L.seed_everything(0, workers=True)
         t0 = time.perf_counter()
