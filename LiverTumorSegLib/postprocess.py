@@ -4,8 +4,8 @@ Steps (labels 0 background, 1 liver parenchyma, 2 tumor):
 
 1. argmax of the logits;
 2. the liver region (liver plus tumor) is its largest 26-connected component (given
-   the tissue mask, the one with the most voxels in tissue), with holes filled (the volume of the other components is reported, see
-   :func:`clean_labels`);
+   the tissue mask, the one with the most voxels in tissue), with holes filled (the
+   volume of the other components is reported, see :func:`clean_labels`);
 3. tumor is kept only inside that region, with the holes it encloses filled as tumor
    (a necrotic or cystic core is tumor, as LiTS labels it);
 4. the two masks (liver region, tumor) are resampled onto the input grid by linear
