@@ -10,6 +10,7 @@ the NIfTI RAS <-> LPS conversion on read and write.
 from __future__ import annotations
 
 import os
+import struct
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -227,6 +228,11 @@ MAX_TILT_DEGREES = 0.5
 #: reader puts it in (first to last, evenly) is refused: spacing that drifts little by
 #: little passes :data:`SPACING_TOLERANCE` step by step, yet misplaces slices.
 DRIFT_TOLERANCE = 0.2
+#: Media Storage SOP Class UIDs (0002,0002) of CT images (CT, Enhanced CT, Legacy
+#: Converted Enhanced CT): an unparsed file of one of these classes may be a slice.
+CT_STORAGE_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2")
+#: How much of a file that no series took is searched for the series' UID.
+UNPARSED_HEAD_BYTES = 1 << 20
 #: How many folder levels below a folder without a series are searched for one.
 MAX_SEARCH_DEPTH = 4
 #: Folders of the operating system on a drive's root, never searched for a series.
@@ -264,6 +270,7 @@ def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
         if series_uid not in files:
             raise InputError(f"{folder} holds no DICOM series {series_uid}; it holds: {_list_series(files)}")
         _check_nothing_skipped_beside(files[series_uid], skipped, folder)
+        _check_no_slice_unparsed(files, series_uid)
         return series_uid, files[series_uid]
     large = [sid for sid in series if len(files[sid]) >= MIN_SERIES_SLICES]
     if len(large) > 1:
@@ -271,6 +278,7 @@ def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
                          f"(or give a folder with one series): {_list_series({sid: files[sid] for sid in large})}")
     chosen = max(series, key=lambda sid: len(files[sid]))
     _check_nothing_skipped_beside(files[chosen], skipped, folder)
+    _check_no_slice_unparsed(files, chosen)
     return chosen, files[chosen]
 
 
@@ -283,6 +291,63 @@ def _check_nothing_skipped_beside(names: list, skipped: list, folder: Path) -> N
         raise InputError(f"the DICOM folder {beside[0]}, beside the series' folder {sorted(places)[0]}, could not be "
                          "searched (it cannot be listed, or its name is not valid UTF-8) and may hold part of the "
                          f"series; fix or rename it, or give the series' own folder instead of {folder}")
+
+
+def _check_no_slice_unparsed(files: dict, uid: str) -> None:
+    """Refuse when a file in one of the series' folders is in no series, because the
+    reader could not parse it (cut short by a copy, corrupt), yet is one of its slices
+    (it carries the series' UID) or may be one (a CT image whose UID cannot be read, or
+    a file that cannot be opened). The series would be read without it: at either end
+    of the stack no gap shows, and the scan would silently lose a slice of anatomy."""
+    listed = {os.path.realpath(name) for names in files.values() for name in names}
+    for place in sorted({Path(name).parent for name in files[uid]}):
+        ours, maybe = [], []
+        for entry in sorted(os.scandir(place), key=lambda e: e.name):
+            if (not entry.is_file() or entry.name.upper() == "DICOMDIR"
+                    or os.path.realpath(entry.path) in listed):
+                continue
+            try:
+                with open(entry.path, "rb") as stream:
+                    head = stream.read(UNPARSED_HEAD_BYTES)
+            except OSError:
+                maybe.append(entry.name)
+                continue
+            if uid in _element_texts(head, 0x0020, 0x000E):
+                ours.append(entry.name)
+            elif head[128:132] == b"DICM":
+                storage = _element_texts(head[132:1024], 0x0002, 0x0002)[:1]
+                if not storage or storage[0] in CT_STORAGE_CLASSES:
+                    maybe.append(entry.name)
+        if ours:
+            raise InputError(f"{len(ours)} file(s) of the DICOM series {uid} in {place} (e.g. {ours[0]}) cannot be "
+                             "read (cut short or corrupt?): the series would be read without those slices; copy or "
+                             "export the series again")
+        if maybe:
+            raise InputError(f"{len(maybe)} file(s) in {place}, beside the DICOM series {uid} (e.g. {maybe[0]}), "
+                             "cannot be read (cut short, corrupt or not readable?) and may be slices of it: the "
+                             "series would be read without them; copy or export the series again, or move those "
+                             "files away if they are not part of it")
+
+
+def _element_texts(data: bytes, group: int, element: int) -> list:
+    """The values of a short text element (a UID) wherever its tag appears in raw DICOM
+    bytes, in explicit or implicit VR little endian or explicit VR big endian: for files
+    the reader cannot parse. Values longer than a UID's 64 characters are not taken."""
+    texts = []
+    for order in "<>":
+        tag = struct.pack(order + "HH", group, element)
+        at = data.find(tag)
+        while at >= 0:
+            rest = data[at + 4:at + 8]
+            if len(rest) == 4:
+                if rest[:2].isalpha() and rest[:2].isupper():  # explicit VR: 2-byte length
+                    start, length = at + 8, struct.unpack(order + "H", rest[2:])[0]
+                else:  # implicit VR (little endian only): 4-byte length
+                    start, length = at + 8, struct.unpack(order + "I", rest)[0]
+                if length <= 64 and start + length <= len(data):
+                    texts.append(data[start:start + length].rstrip(b"\0 ").decode("ascii", "replace"))
+            at = data.find(tag, at + 1)
+    return texts
 
 
 @contextmanager

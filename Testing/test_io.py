@@ -284,6 +284,56 @@ def test_a_localizer_inside_the_ct_series_is_named(tmp_path):
         read_volume(tmp_path / "s")
 
 
+@pytest.mark.parametrize("slice_,keep", [(0, "uid"), (13, "uid"), (13, -10), (6, "uid")])
+def test_a_slice_the_reader_cannot_parse_is_not_silently_left_out(tmp_path, slice_, keep):
+    """A file cut short by a copy is in no series GDCM lists: at either end of the stack
+    the series read without it shows no gap, and one slice of anatomy would be lost."""
+    v = _tall_volume()
+    folder = tmp_path / "s"
+    _write_dicom_series(folder, v, series_uid="1.2.3.7")
+    (folder / "notes.txt").write_text("1.2.3.7")  # files that are no slice stay harmless
+    (folder / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    assert read_volume(folder).array.shape == v.array.shape
+    victim = sorted(folder.glob("*.dcm"))[slice_]
+    data = victim.read_bytes()
+    # cut just after the series' UID (0020,000E), or 10 bytes short of the end
+    end = data.index(b"\x20\x00\x0e\x00") + 16 if keep == "uid" else len(data) + keep
+    victim.write_bytes(data[:end])
+    with pytest.raises(InputError, match=rf"1 file\(s\) of the DICOM series 1\.2\.3\.7 in .* \(e\.g\. {victim.name}\) "
+                                         r"cannot be read \(cut short or corrupt\?\)"):
+        read_volume(folder)
+
+
+def test_an_unparsed_file_that_may_be_a_slice_is_refused_one_that_is_not_is_ignored(tmp_path, monkeypatch):
+    import struct
+
+    import LiverTumorSegLib.io as io
+
+    v = _tall_volume()
+    folder = tmp_path / "s"
+    _write_dicom_series(folder, v, series_uid="1.2.3.7")
+    dose = b"1.2.840.10008.5.1.4.1.1.88.67\0"  # an X-Ray Radiation Dose SR, its data set missing
+    (folder / "dose.dcm").write_bytes(b"\0" * 128 + b"DICM" + struct.pack("<HH2sH", 2, 2, b"UI", len(dose)) + dose)
+    assert read_volume(folder).array.shape == v.array.shape
+    victim = sorted(folder.glob("*slice*.dcm"))[-1]
+    victim.write_bytes(victim.read_bytes()[:150])  # cut inside the file meta: no class, no series UID
+    with pytest.raises(InputError, match=rf"1 file\(s\) in .*, beside the DICOM series 1\.2\.3\.7 \(e\.g\. "
+                                         rf"{victim.name}\), cannot be read .* and may be slices of it"):
+        read_volume(folder)
+    victim.unlink()
+    assert read_volume(folder).array.shape[0] == 13
+    real_open = open
+
+    def unreadable(path, *args, **kwargs):
+        if str(path).endswith("dose.dcm"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", unreadable, raising=False)
+    with pytest.raises(InputError, match=r"\(e\.g\. dose\.dcm\), cannot be read"):
+        read_volume(folder)
+
+
 def test_a_pacs_export_is_searched_below_the_folder_given(tmp_path, tiny_model):
     """DICOMDIR plus PATIENT/STUDY/SERIES folders: the series is found; two are listed."""
     v = _tall_volume()
