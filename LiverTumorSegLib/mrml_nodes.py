@@ -55,6 +55,8 @@ COLUMN_INFO = {  # column -> (title shown in Slicer, unit, description)
     "max_axial_diameter_mm": ("Max axial diameter (mm)", "mm",
                               "Largest in-slice distance between two voxel centres on the slices nearest to axial "
                               "(the long axis RECIST measures)"),
+    "short_axis_mm": ("Short axis (mm)", "mm",
+                      "Longest diameter perpendicular to the axial long axis, in its slice (RECIST 1.1's short axis)"),
     "centroid_r_mm": ("Centroid R (mm)", "mm", "Centroid, R coordinate (RAS)"),
     "centroid_a_mm": ("Centroid A (mm)", "mm", "Centroid, A coordinate (RAS)"),
     "centroid_s_mm": ("Centroid S (mm)", "mm", "Centroid, S coordinate (RAS)"),

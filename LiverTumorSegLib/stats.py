@@ -39,6 +39,7 @@ ROW_COLUMNS = (
     "percent_of_liver",
     "max_diameter_mm",
     "max_axial_diameter_mm",
+    "short_axis_mm",
     "centroid_r_mm",
     "centroid_a_mm",
     "centroid_s_mm",
@@ -78,7 +79,7 @@ def compute_statistics(labels: Volume, ct: Volume | None = None) -> dict:
         ``touches_image_edge`` likewise, and ``recist_measurable`` (RECIST 1.1: an axial
         long axis of at least 10 mm, or twice the slice thickness on slices thicker than
         5 mm; the axial diameter runs centre to centre, so a lesion right at the limit
-        can be a voxel short).
+        can be a voxel short) and ``short_axis_mm`` (:func:`axial_axes_mm`).
 
     Raises:
         InputError: if ``ct`` is not on the label grid or ``labels`` holds values
@@ -187,6 +188,7 @@ def stats_to_rows(stats: dict) -> list:
             percent_of_liver=percent(lesion["voxels"]),
             max_diameter_mm=lesion["max_diameter_mm"],
             max_axial_diameter_mm=lesion.get("max_axial_diameter_mm"),
+            short_axis_mm=lesion.get("short_axis_mm"),
             centroid_r_mm=r,
             centroid_a_mm=a,
             centroid_s_mm=s,
@@ -320,15 +322,60 @@ def max_axial_diameter_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0
     of the grid axis closest to the patient's superior-inferior axis: the long axis that
     RECIST measures on axial slices (on an oblique grid, on its own slices nearest to
     axial). Same arguments as :func:`max_diameter_mm`; 0.0 for a one-voxel slice."""
+    return axial_axes_mm(mask, geometry, offset)[0]
+
+
+def axial_axes_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0, 0, 0)) -> tuple:
+    """(long axis, short axis) in mm of ``mask`` on the slices nearest to axial.
+
+    The long axis is :func:`max_axial_diameter_mm`. The short axis is the longest
+    diameter perpendicular to it in the same slice (RECIST 1.1's short axis; the second
+    of WHO's bidimensional measurements): the slice is cut into bands one pixel wide
+    (the larger in-plane spacing) perpendicular to the long axis, the first centred on
+    one of its end points, and the short axis is the largest distance across a band
+    between voxel centres, measured perpendicular to the long axis. Where several
+    slices or voxel pairs share the long axis (a sphere's), the largest short axis of
+    theirs is taken. Same arguments as :func:`max_diameter_mm`; (0.0, 0.0) for an
+    empty mask, and a short axis of 0.0 for a lesion one voxel thick.
+    """
     mask = np.asarray(mask, dtype=bool)
     axis = 2 - _superior_axis(geometry)  # in (z, y, x) array order
-    best = 0.0
-    for index in np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))):
-        one = np.take(mask, [int(index)], axis=axis)
-        shift = list(offset)
-        shift[axis] += int(index)
-        best = max(best, max_diameter_mm(one, geometry, tuple(shift)))
-    return best
+    to_mm = geometry.direction @ np.diag(geometry.spacing)
+    normal = geometry.direction[:, 2 - axis]  # the slices' normal (a direction column)
+    pixel = float(max(s for a, s in enumerate(geometry.spacing) if a != 2 - axis))
+    slices = []  # (index, candidate points in mm, (i, j) pairs at that slice's long axis)
+    longest = 0.0
+    for index in np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))).tolist():
+        one = np.take(mask, [index], axis=axis)
+        shift = np.asarray(offset, dtype=np.float64)
+        shift[axis] += index
+        points = (_hull_candidates(one) + shift)[:, ::-1] @ to_mm.T
+        if len(points) < 2:
+            continue
+        d2 = ((points[:, None, :] - points[None, :, :]) ** 2).sum(axis=2)
+        here = float(np.sqrt(d2.max()))
+        if here >= longest - 1e-9:
+            longest = max(longest, here)
+            pairs = np.argwhere(np.triu(d2 >= d2.max() * (1 - 1e-12) - 1e-12, 1))
+            slices.append((index, points, pairs, here, shift))
+    short = 0.0
+    for index, points, pairs, here, shift in slices:
+        if here < longest - 1e-9:
+            continue
+        zyx = np.argwhere(np.take(mask, [index], axis=axis)) + shift
+        centres = zyx[:, ::-1] @ to_mm.T
+        for i, j in pairs.tolist():
+            along = (points[j] - points[i]) / here
+            across = np.cross(normal, along)
+            band = np.floor((centres - points[i]) @ along / pixel + 0.5).astype(np.int64)
+            band -= band.min()
+            width = centres @ across
+            low = np.full(band.max() + 1, np.inf)
+            high = np.full(band.max() + 1, -np.inf)
+            np.minimum.at(low, band, width)
+            np.maximum.at(high, band, width)
+            short = max(short, float(np.max(high - low)))
+    return longest, short
 
 
 # -- lesions ------------------------------------------------------------------------
@@ -361,13 +408,14 @@ def _lesions(tumor: np.ndarray, ct_crop: np.ndarray | None, geometry: Volume, of
         centroid = ijk_to_ras @ np.append(centroid_ijk, 1.0)
         voxels = int(shape.GetNumberOfPixels(label))
         corner = (offset[0] + z0, offset[1] + y0, offset[2] + x0)
-        axial = max_axial_diameter_mm(sub, geometry, corner)
+        axial, short = axial_axes_mm(sub, geometry, corner)
         own_box = tuple(slice(start, start + size) for start, size in zip(corner, (sz, sy, sx)))
         lesions.append({
             "volume_ml": voxels * geometry.voxel_volume_ml,
             "voxels": voxels,
             "max_diameter_mm": max_diameter_mm(sub, geometry, corner),
             "max_axial_diameter_mm": axial,
+            "short_axis_mm": short,
             "centroid_mm": [float(c) for c in centroid[:3]],
             **{f"{key}_hu": float(hu[key][label]) if hu else None for key in ("mean", "std", "min", "max")},
             "recist_measurable": bool(axial >= minimum),

@@ -410,6 +410,63 @@ def test_max_axial_diameter_is_the_longest_in_slice_distance_nearest_to_axial():
     assert stats["tumor"]["lesions"][0]["max_axial_diameter_mm"] == max_axial_diameter_mm(mask, geometry)
 
 
+def _in_plane_mask(shape: tuple, spacing: tuple, direction: np.ndarray, inside) -> tuple:
+    """(mask, geometry): voxels whose centre (LPS mm, relative to the grid's centre) ``inside``
+    takes; ``inside(x, y, z)`` gets arrays."""
+    geometry = Volume(np.zeros(shape), spacing=spacing, direction=direction)
+    k, j, i = np.indices(shape, dtype=float)
+    centre = (np.array(shape[::-1], dtype=float) - 1) / 2
+    ijk = np.stack([i - centre[0], j - centre[1], k - centre[2]])
+    x, y, z = np.tensordot(direction @ np.diag(spacing), ijk, axes=1)
+    return inside(x, y, z), geometry
+
+
+@pytest.mark.parametrize("angle", [0.0, 30.0, 45.0, 70.0])
+@pytest.mark.parametrize("spacing,turn", [((0.5, 0.5, 2.0), 0.0), ((0.6, 0.9, 2.5), 0.0), ((0.7, 0.7, 3.0), 0.5)])
+def test_short_axis_is_the_longest_diameter_perpendicular_to_the_axial_long_axis(angle, spacing, turn):
+    """An elliptic cylinder 40 x 16 mm in axial planes, turned in-plane by ``angle``, on
+    isotropic, anisotropic and turned grids: long and short axis within two pixels."""
+    from LiverTumorSegLib.stats import axial_axes_mm
+
+    a = np.radians(angle)
+    along, across = np.array([np.cos(a), np.sin(a)]), np.array([-np.sin(a), np.cos(a)])
+
+    def ellipse(x, y, z):
+        return ((x * along[0] + y * along[1]) / 20.0) ** 2 + ((x * across[0] + y * across[1]) / 8.0) ** 2 <= 1.0
+
+    mask, geometry = _in_plane_mask((3, 100, 100), spacing, rotation_about_s(turn), ellipse)
+    long_axis, short_axis = axial_axes_mm(mask, geometry)
+    pixel = max(spacing[:2])
+    assert 40.0 - 2 * pixel <= long_axis <= 40.0  # centre to centre: up to a pixel short at each end
+    assert 16.0 - 2 * pixel <= short_axis <= 16.0 + 0.5 * pixel
+    stats = compute_statistics(geometry.with_array(mask.astype(np.uint8) * 2))
+    lesion = stats["tumor"]["lesions"][0]
+    assert (lesion["max_axial_diameter_mm"], lesion["short_axis_mm"]) == (long_axis, short_axis)
+    assert stats_to_rows(stats)[3]["short_axis_mm"] == short_axis
+
+
+def test_short_axis_is_a_chord_across_the_lesion_not_its_width():
+    """A 60 x 4 mm bar with a 8 x 10 mm block above it near one end and one below it near
+    the other: 24 mm wide across the long axis, yet no perpendicular chord is longer than
+    14 mm. One voxel thick it has no short axis; one voxel has no axes at all."""
+    from LiverTumorSegLib.stats import axial_axes_mm
+
+    def shape(x, y, z):
+        bar = (np.abs(x) <= 30) & (np.abs(y) <= 2)
+        above = (np.abs(x + 20) <= 4) & (y >= 2) & (y <= 12)
+        below = (np.abs(x - 20) <= 4) & (y <= -2) & (y >= -12)
+        return (bar | above | below) & (np.abs(z) < 1)
+
+    mask, geometry = _in_plane_mask((1, 120, 140), (0.5, 0.5, 2.0), np.eye(3), shape)
+    long_axis, short_axis = axial_axes_mm(mask, geometry)
+    assert long_axis == pytest.approx(np.hypot(59.5, 3.5))  # voxel centres: a pixel short
+    assert 13.0 <= short_axis <= 14.5
+    line = np.zeros((1, 3, 9), dtype=bool)
+    line[0, 1, 2:8] = True
+    assert axial_axes_mm(line, Volume(np.zeros(line.shape), spacing=(0.8, 0.8, 2.0))) == (pytest.approx(4.0), 0.0)
+    assert axial_axes_mm(line[:, :, :3], Volume(np.zeros((1, 3, 3)))) == (0.0, 0.0)
+
+
 def rotation_about_s(angle: float) -> np.ndarray:
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
