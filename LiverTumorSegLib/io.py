@@ -10,6 +10,7 @@ the NIfTI RAS <-> LPS conversion on read and write.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from contextlib import contextmanager
 from pathlib import Path
@@ -295,38 +296,88 @@ def _check_nothing_skipped_beside(names: list, skipped: list, folder: Path) -> N
 
 def _check_no_slice_unparsed(files: dict, uid: str) -> None:
     """Refuse when a file in one of the series' folders is in no series, because the
-    reader could not parse it (cut short by a copy, corrupt), yet is one of its slices
-    (it carries the series' UID) or may be one (a CT image whose UID cannot be read, or
-    a file that cannot be opened). The series would be read without it: at either end
-    of the stack no gap shows, and the scan would silently lose a slice of anatomy."""
-    listed = {os.path.realpath(name) for names in files.values() for name in names}
+    reader could not parse it (cut short by a copy, corrupt, empty), yet is one of its
+    slices or may be one. The series would be read without it: at either end of the
+    stack no gap shows, and the scan would silently lose a slice of anatomy.
+
+    A file no series took is read from its start and judged by :func:`_unparsed_kind`;
+    other objects of the study that the reader does not list (a dose report, key
+    images, an RT structure set: they reference the series' UID, but their SOP class is
+    not a CT image's) and files that are not DICOM are left alone."""
+    listed = {os.path.normpath(name) for names in files.values() for name in names}
+    inodes = None  # of the listed files, only when a path differs in spelling (a link)
     for place in sorted({Path(name).parent for name in files[uid]}):
+        shapes = {_name_shape(Path(name).name) for name in files[uid] if Path(name).parent == place}
         ours, maybe = [], []
         for entry in sorted(os.scandir(place), key=lambda e: e.name):
-            if (not entry.is_file() or entry.name.upper() == "DICOMDIR"
-                    or os.path.realpath(entry.path) in listed):
+            if (not entry.is_file() or entry.name.upper().startswith("DICOMDIR")
+                    or os.path.normpath(entry.path) in listed):
                 continue
+            kind = _unparsed_kind(entry.path, uid, _name_shape(entry.name) in shapes)
+            if kind is None:
+                continue
+            if inodes is None:
+                inodes = set()
+                for name in listed:
+                    try:
+                        info = os.stat(name)
+                        inodes.add((info.st_dev, info.st_ino))
+                    except OSError:
+                        pass
             try:
-                with open(entry.path, "rb") as stream:
-                    head = stream.read(UNPARSED_HEAD_BYTES)
+                info = os.stat(entry.path)
+                if (info.st_dev, info.st_ino) in inodes:
+                    continue
             except OSError:
-                maybe.append(entry.name)
-                continue
-            if uid in _element_texts(head, 0x0020, 0x000E):
-                ours.append(entry.name)
-            elif head[128:132] == b"DICM":
-                storage = _element_texts(head[132:1024], 0x0002, 0x0002)[:1]
-                if not storage or storage[0] in CT_STORAGE_CLASSES:
-                    maybe.append(entry.name)
+                pass
+            (ours if kind == "ours" else maybe).append(entry.name)
         if ours:
             raise InputError(f"{len(ours)} file(s) of the DICOM series {uid} in {place} (e.g. {ours[0]}) cannot be "
                              "read (cut short or corrupt?): the series would be read without those slices; copy or "
                              "export the series again")
         if maybe:
             raise InputError(f"{len(maybe)} file(s) in {place}, beside the DICOM series {uid} (e.g. {maybe[0]}), "
-                             "cannot be read (cut short, corrupt or not readable?) and may be slices of it: the "
-                             "series would be read without them; copy or export the series again, or move those "
-                             "files away if they are not part of it")
+                             "cannot be read (cut short, empty, corrupt or not readable?) and may be slices of it: "
+                             "the series would be read without them; copy or export the series again, or move "
+                             "those files away if they are not part of it")
+
+
+def _name_shape(name: str) -> str:
+    """A file name with its runs of digits as ``#``: slices of a series share one."""
+    return re.sub(r"\d+", "#", name.lower())
+
+
+def _unparsed_kind(path: str, uid: str, named_like_a_slice: bool) -> "str | None":
+    """What a file that no series took is, from its first bytes: ``"ours"`` (DICOM of
+    a CT class, or of no readable class, carrying the series' UID ``uid``); ``"maybe"``
+    (DICOM cut short inside its header, its series unknown; a file named like the
+    series' slices that is empty, zero-filled, cut inside the preamble, or cannot be
+    opened); None (another series' file, a DICOM object that is not a CT image, a file
+    that is not DICOM)."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(132)
+            preamble = head[128:132] == b"DICM"
+            if preamble or head[:2] in (b"\x08\x00", b"\x02\x00", b"\x00\x08"):  # DICOM, or without preamble
+                head += stream.read(UNPARSED_HEAD_BYTES - len(head))
+            elif len(head) < 132 and not head[:128].strip(b"\0") and b"DICM".startswith(head[128:]):
+                return "maybe" if named_like_a_slice else None  # empty, or cut inside the preamble
+            elif not head.strip(b"\0"):  # zeros so far
+                zeros = not stream.read(UNPARSED_HEAD_BYTES).strip(b"\0")
+                return "maybe" if zeros and named_like_a_slice else None
+            else:
+                return None
+    except OSError:
+        return "maybe" if named_like_a_slice else None
+    classes = set(_element_texts(head[132:1024], 0x0002, 0x0002) + _element_texts(head, 0x0008, 0x0016))
+    if classes and not classes & set(CT_STORAGE_CLASSES):
+        return None  # a report, key images, a structure set, raw data...: not a slice
+    series = _element_texts(head, 0x0020, 0x000E)
+    if uid in series:
+        return "ours"
+    if series:
+        return None  # another series' file
+    return "maybe" if preamble or classes else None  # cut inside its header, or a stray binary file
 
 
 def _element_texts(data: bytes, group: int, element: int) -> list:

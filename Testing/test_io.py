@@ -284,54 +284,117 @@ def test_a_localizer_inside_the_ct_series_is_named(tmp_path):
         read_volume(tmp_path / "s")
 
 
-@pytest.mark.parametrize("slice_,keep", [(0, "uid"), (13, "uid"), (13, -10), (6, "uid")])
-def test_a_slice_the_reader_cannot_parse_is_not_silently_left_out(tmp_path, slice_, keep):
-    """A file cut short by a copy is in no series GDCM lists: at either end of the stack
-    the series read without it shows no gap, and one slice of anatomy would be lost."""
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian DICOM element (a sequence's value: its items)."""
+    import struct
+
+    if vr == b"SQ":
+        return struct.pack("<HH2sHI", group, element, vr, 0, len(value)) + value
+    value += b"\0" * (len(value) % 2)
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _item(content: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<HHI", 0xFFFE, 0xE000, len(content)) + content
+
+
+def _part10(sop_class: str, dataset: bytes) -> bytes:
+    """A DICOM file: preamble, file meta (class, explicit VR little endian) and ``dataset``."""
+    meta = (_element(2, 2, b"UI", sop_class.encode()) + _element(2, 0x10, b"UI", b"1.2.840.10008.1.2.1"))
+    return (b"\0" * 128 + b"DICM" + _element(2, 0, b"UL", len(meta).to_bytes(4, "little")) + meta
+            + _element(8, 0x16, b"UI", sop_class.encode()) + dataset)
+
+
+@pytest.mark.parametrize("slice_,cut,kind", [
+    (0, "uid", "ours"), (13, "uid", "ours"), (6, "uid", "ours"), (13, -10, "ours"),  # its UID can be read
+    (13, 150, "maybe"), (13, 130, "maybe"), (13, 0, "maybe"), (13, "zeros", "maybe")])  # it cannot
+def test_a_slice_the_reader_cannot_parse_is_not_silently_left_out(tmp_path, slice_, cut, kind):
+    """A file cut short by a copy (inside the data, the header, the preamble; empty; or
+    zero-filled) is in no series GDCM lists: at either end of the stack the series read
+    without it shows no gap, and one slice of anatomy would be lost."""
     v = _tall_volume()
     folder = tmp_path / "s"
     _write_dicom_series(folder, v, series_uid="1.2.3.7")
-    (folder / "notes.txt").write_text("1.2.3.7")  # files that are no slice stay harmless
-    (folder / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
     assert read_volume(folder).array.shape == v.array.shape
     victim = sorted(folder.glob("*.dcm"))[slice_]
     data = victim.read_bytes()
-    # cut just after the series' UID (0020,000E), or 10 bytes short of the end
-    end = data.index(b"\x20\x00\x0e\x00") + 16 if keep == "uid" else len(data) + keep
-    victim.write_bytes(data[:end])
-    with pytest.raises(InputError, match=rf"1 file\(s\) of the DICOM series 1\.2\.3\.7 in .* \(e\.g\. {victim.name}\) "
-                                         r"cannot be read \(cut short or corrupt\?\)"):
+    if cut == "zeros":
+        victim.write_bytes(b"\0" * len(data))
+    else:  # just after the series' UID (0020,000E), or at a byte count (negative: from the end)
+        victim.write_bytes(data[:data.index(b"\x20\x00\x0e\x00") + 16 if cut == "uid" else cut])
+    message = (rf"1 file\(s\) of the DICOM series 1\.2\.3\.7 in .* \(e\.g\. {victim.name}\) cannot be read "
+               r"\(cut short or corrupt\?\)" if kind == "ours" else
+               rf"1 file\(s\) in .*, beside the DICOM series 1\.2\.3\.7 \(e\.g\. {victim.name}\), cannot be read "
+               r".* and may be slices of it")
+    with pytest.raises(InputError, match=message):
         read_volume(folder)
 
 
-def test_an_unparsed_file_that_may_be_a_slice_is_refused_one_that_is_not_is_ignored(tmp_path, monkeypatch):
-    import struct
+def test_a_cut_slice_in_the_second_folder_of_a_split_series_is_found(tmp_path):
+    v = _tall_volume()
+    _write_dicom_series(tmp_path / "whole", v, series_uid="1.2.3.7")
+    for n, name in enumerate(sorted((tmp_path / "whole").iterdir())):
+        part = tmp_path / "cd" / ("SE2" if n >= 7 else "SE1")
+        part.mkdir(parents=True, exist_ok=True)
+        (part / name.name).write_bytes(name.read_bytes()[:500] if n == 13 else name.read_bytes())
+    with pytest.raises(InputError, match=r"in .*SE2, beside the DICOM series 1\.2\.3\.7 \(e\.g\. 7slice013\.dcm\)"):
+        read_volume(tmp_path / "cd")
 
+
+def test_files_beside_the_series_that_are_no_slice_of_it_are_left_alone(tmp_path, monkeypatch):
+    """What real exports put beside a CT series: objects that reference it (key images, a
+    dose report: GDCM lists neither), a DICOMDIR under another name, an empty LOCKFILE,
+    notes, a cut slice of another series. None is refused; a file named like a slice that
+    cannot be opened is."""
     import LiverTumorSegLib.io as io
 
     v = _tall_volume()
     folder = tmp_path / "s"
     _write_dicom_series(folder, v, series_uid="1.2.3.7")
-    dose = b"1.2.840.10008.5.1.4.1.1.88.67\0"  # an X-Ray Radiation Dose SR, its data set missing
-    (folder / "dose.dcm").write_bytes(b"\0" * 128 + b"DICM" + struct.pack("<HH2sH", 2, 2, b"UI", len(dose)) + dose)
+    scout = Volume(v.array[:3], spacing=v.spacing, origin=v.origin, direction=v.direction)
+    _write_dicom_series(folder, scout, series_uid="1.2.3.8", prefix="scout")
+    cut = folder / "scout8slice002.dcm"
+    cut.write_bytes(cut.read_bytes()[:600])  # another series' slice, its own UID readable
+    assert b"1.2.3.8" in cut.read_bytes()
+    refers = _element(8, 0x1115, b"SQ", _item(_element(0x20, 0xE, b"UI", b"1.2.3.7")))  # Referenced Series
+    for name, sop_class in (("KO000001.dcm", "1.2.840.10008.5.1.4.1.1.88.59"),
+                            ("SR000001.dcm", "1.2.840.10008.5.1.4.1.1.88.67")):
+        (folder / name).write_bytes(_part10(sop_class, _element(0x20, 0xE, b"UI", b"1.2.3.99") + refers))
+        assert b"1.2.3.7\0" in (folder / name).read_bytes()
+    (folder / "DICOMDIR.BAK").write_bytes(_part10("1.2.840.10008.1.3.10", refers))
+    (folder / "LOCKFILE").write_bytes(b"")
+    (folder / "notes.txt").write_text("series 1.2.3.7")
+    (folder / "7slice014.dcm").write_bytes(b"not DICOM")  # named like a slice, but no DICOM
     assert read_volume(folder).array.shape == v.array.shape
-    victim = sorted(folder.glob("*slice*.dcm"))[-1]
-    victim.write_bytes(victim.read_bytes()[:150])  # cut inside the file meta: no class, no series UID
-    with pytest.raises(InputError, match=rf"1 file\(s\) in .*, beside the DICOM series 1\.2\.3\.7 \(e\.g\. "
-                                         rf"{victim.name}\), cannot be read .* and may be slices of it"):
-        read_volume(folder)
-    victim.unlink()
-    assert read_volume(folder).array.shape[0] == 13
-    real_open = open
+    real_open, locked = open, {"LOCKFILE"}
 
     def unreadable(path, *args, **kwargs):
-        if str(path).endswith("dose.dcm"):
+        if Path(path).name in locked:
             raise PermissionError(13, "Permission denied")
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(io, "open", unreadable, raising=False)
-    with pytest.raises(InputError, match=r"\(e\.g\. dose\.dcm\), cannot be read"):
+    assert read_volume(folder).array.shape == v.array.shape  # a locked file not named like a slice
+    locked.add("7slice014.dcm")
+    with pytest.raises(InputError, match=r"1 file\(s\) in .* \(e\.g\. 7slice014\.dcm\), cannot be read"):
         read_volume(folder)
+
+
+def test_element_texts_reads_uids_in_every_encoding():
+    import struct
+
+    from LiverTumorSegLib.io import _element_texts
+
+    uid = b"1.2.3.7\0"
+    explicit = struct.pack("<HH2sH", 0x20, 0xE, b"UI", len(uid)) + uid
+    implicit = struct.pack("<HHI", 0x20, 0xE, len(uid)) + uid
+    big = struct.pack(">HH2sH", 0x20, 0xE, b"UI", len(uid)) + uid
+    too_long = struct.pack("<HH2sH", 0x20, 0xE, b"UI", 66) + b"1" * 66
+    for data in (explicit, implicit, big, b"junk" + explicit + b"more"):
+        assert _element_texts(data, 0x20, 0xE) == ["1.2.3.7"]
+    assert _element_texts(too_long + explicit[:-2], 0x20, 0xE) == []  # too long; cut inside its value
 
 
 def test_a_pacs_export_is_searched_below_the_folder_given(tmp_path, tiny_model):
