@@ -336,7 +336,8 @@ def axial_axes_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0, 0, 0))
     between voxel centres, measured perpendicular to the long axis. Where several
     slices or voxel pairs share the long axis (a sphere's), the largest short axis of
     theirs is taken. Same arguments as :func:`max_diameter_mm`; (0.0, 0.0) for an
-    empty mask, and a short axis of 0.0 for a lesion one voxel thick.
+    empty mask or a single voxel; a short axis of 0.0 for a straight row of voxels along
+    a grid axis (a line one voxel thin at another angle gets less than a pixel).
     """
     mask = np.asarray(mask, dtype=bool)
     axis = 2 - _superior_axis(geometry)  # in (z, y, x) array order

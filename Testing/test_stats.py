@@ -410,6 +410,11 @@ def test_max_axial_diameter_is_the_longest_in_slice_distance_nearest_to_axial():
     assert stats["tumor"]["lesions"][0]["max_axial_diameter_mm"] == max_axial_diameter_mm(mask, geometry)
 
 
+def rotation_about_s(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
 def _in_plane_mask(shape: tuple, spacing: tuple, direction: np.ndarray, inside) -> tuple:
     """(mask, geometry): voxels whose centre (LPS mm, relative to the grid's centre) ``inside``
     takes; ``inside(x, y, z)`` gets arrays."""
@@ -421,11 +426,21 @@ def _in_plane_mask(shape: tuple, spacing: tuple, direction: np.ndarray, inside) 
     return inside(x, y, z), geometry
 
 
+#: Grids stored sagittally (i along P, j along S, k along L) and coronally (i along L,
+#: j along S, k along P): their axial slices are (i, k) planes.
+SAGITTAL = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+CORONAL = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+
+
 @pytest.mark.parametrize("angle", [0.0, 30.0, 45.0, 70.0])
-@pytest.mark.parametrize("spacing,turn", [((0.5, 0.5, 2.0), 0.0), ((0.6, 0.9, 2.5), 0.0), ((0.7, 0.7, 3.0), 0.5)])
-def test_short_axis_is_the_longest_diameter_perpendicular_to_the_axial_long_axis(angle, spacing, turn):
+@pytest.mark.parametrize("spacing,direction,shape", [
+    ((0.5, 0.5, 2.0), np.eye(3), (3, 100, 100)), ((0.6, 0.9, 2.5), np.eye(3), (3, 100, 100)),
+    ((0.7, 0.7, 3.0), rotation_about_s(0.5), (3, 100, 100)),
+    ((0.6, 2.0, 0.9), SAGITTAL, (60, 3, 90)), ((0.9, 2.5, 0.6), CORONAL, (90, 3, 60))])
+def test_short_axis_is_the_longest_diameter_perpendicular_to_the_axial_long_axis(angle, spacing, direction, shape):
     """An elliptic cylinder 40 x 16 mm in axial planes, turned in-plane by ``angle``, on
-    isotropic, anisotropic and turned grids: long and short axis within two pixels."""
+    isotropic, anisotropic, turned, sagittal and coronal grids: long and short axis
+    within two pixels."""
     from LiverTumorSegLib.stats import axial_axes_mm
 
     a = np.radians(angle)
@@ -434,15 +449,49 @@ def test_short_axis_is_the_longest_diameter_perpendicular_to_the_axial_long_axis
     def ellipse(x, y, z):
         return ((x * along[0] + y * along[1]) / 20.0) ** 2 + ((x * across[0] + y * across[1]) / 8.0) ** 2 <= 1.0
 
-    mask, geometry = _in_plane_mask((3, 100, 100), spacing, rotation_about_s(turn), ellipse)
+    mask, geometry = _in_plane_mask(shape, spacing, direction, ellipse)
     long_axis, short_axis = axial_axes_mm(mask, geometry)
-    pixel = max(spacing[:2])
+    superior = int(np.argmax(np.abs(direction[2])))
+    pixel = max(s for axis, s in enumerate(spacing) if axis != superior)
     assert 40.0 - 2 * pixel <= long_axis <= 40.0  # centre to centre: up to a pixel short at each end
     assert 16.0 - 2 * pixel <= short_axis <= 16.0 + 0.5 * pixel
     stats = compute_statistics(geometry.with_array(mask.astype(np.uint8) * 2))
     lesion = stats["tumor"]["lesions"][0]
     assert (lesion["max_axial_diameter_mm"], lesion["short_axis_mm"]) == (long_axis, short_axis)
     assert stats_to_rows(stats)[3]["short_axis_mm"] == short_axis
+
+
+def test_short_axis_of_slices_that_share_the_long_axis_is_the_largest_of_theirs():
+    """Two axial slices with the same 40 mm long axis (ellipses 40 x 8 and 40 x 20 mm whose
+    tips are single voxels): the short axis is the wider one's, whichever slice is first."""
+    from LiverTumorSegLib.stats import axial_axes_mm
+
+    def ellipses(x, y, z):
+        b = np.where(z < 0, 4.0, 10.0)
+        return (x / 20.0) ** 2 + (y / b) ** 2 <= 1.0
+
+    mask, geometry = _in_plane_mask((2, 61, 101), (0.5, 0.5, 2.0), np.eye(3), ellipses)
+    assert axial_axes_mm(mask[:1], geometry) == (pytest.approx(40.0), pytest.approx(8.0))
+    assert axial_axes_mm(mask, geometry) == (pytest.approx(40.0), pytest.approx(20.0))
+    assert axial_axes_mm(mask[::-1], geometry) == (pytest.approx(40.0), pytest.approx(20.0))
+
+
+@pytest.mark.parametrize("direction,spacing,shape", [
+    (np.eye(3), (0.5, 0.5, 2.0), (1, 61, 141)), (SAGITTAL, (0.5, 2.0, 0.5), (141, 1, 61))])
+def test_short_axis_bands_are_one_pixel_wide(direction, spacing, shape):
+    """A 60 mm line one voxel thin with a 10 mm block above it left of its middle and one
+    below it from the middle on, in neighbouring columns: each perpendicular chord is
+    10 mm, and only a band two pixels wide would join the blocks into 20 mm."""
+    from LiverTumorSegLib.stats import axial_axes_mm
+
+    def blocks(x, y, z):
+        line = (np.abs(x) <= 30.01) & (np.abs(y) < 0.01)
+        above = (x >= -4.01) & (x <= -0.49) & (y >= -0.01) & (y <= 10.01)
+        below = (x >= -0.01) & (x <= 4.01) & (y <= 0.01) & (y >= -10.01)
+        return (line | above | below) & (np.abs(z) < 1)
+
+    mask, geometry = _in_plane_mask(shape, spacing, direction, blocks)
+    assert axial_axes_mm(mask, geometry) == (pytest.approx(60.0), pytest.approx(10.0))
 
 
 def test_short_axis_is_a_chord_across_the_lesion_not_its_width():
@@ -465,11 +514,6 @@ def test_short_axis_is_a_chord_across_the_lesion_not_its_width():
     line[0, 1, 2:8] = True
     assert axial_axes_mm(line, Volume(np.zeros(line.shape), spacing=(0.8, 0.8, 2.0))) == (pytest.approx(4.0), 0.0)
     assert axial_axes_mm(line[:, :, :3], Volume(np.zeros((1, 3, 3)))) == (0.0, 0.0)
-
-
-def rotation_about_s(angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
 def test_readme_lists_every_csv_column_in_order():
