@@ -357,6 +357,25 @@ def test_table_equals_cli_stats_json_and_both_paths_agree(oblique_ct, tmp_path, 
     assert job.progress == 1.0 and not list(tmp_path.glob("LiverTumorSeg-*"))
 
 
+def test_every_table_column_has_a_title_unit_and_description():
+    """A column the table shows by its raw name (``short_axis_mm``) would look unfinished in Slicer."""
+    from LiverTumorSegLib.mrml_nodes import COLUMN_INFO, fill_table
+    from LiverTumorSegLib.stats import ROW_COLUMNS
+
+    assert list(COLUMN_INFO) == list(ROW_COLUMNS)
+    labels = np.zeros((6, 8, 8), dtype=np.uint8)
+    labels[1:5, 1:7, 1:7] = 1
+    labels[2:4, 2:5, 2:4] = 2
+    stats = compute_statistics(Volume(labels, spacing=(2.0, 2.0, 3.0)))
+    table = slicer.vtkMRMLScene().AddNewNodeByClass("vtkMRMLTableNode")
+    fill_table(table, stats)
+    for column, (title, unit, description) in COLUMN_INFO.items():
+        assert table.GetColumnTitle(column) == title and table.GetColumnDescription(column) == description
+        assert table.GetColumnUnitLabel(column) == unit
+    assert table.GetColumnTitle("short_axis_mm") == "Short axis (mm)"
+    assert table_rows(table)[3]["short_axis_mm"] == stats["tumor"]["lesions"][0]["short_axis_mm"] > 0
+
+
 def test_cancel_leaves_the_scene_unchanged(oblique_ct, tmp_path, tiny_model):
     path, _, _ = oblique_ct
     scene = slicer.vtkMRMLScene()
