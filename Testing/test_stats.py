@@ -526,3 +526,61 @@ def test_readme_lists_every_csv_column_in_order():
     listed = [name for line in section.splitlines() if line.startswith("| `")
               for name in re.findall(r"`([a-z_]+)`", line.split("|")[1])]
     assert listed == list(ROW_COLUMNS)
+
+
+def test_recist_measurability_is_judged_on_the_axial_long_axis_not_the_3d_one():
+    """A lesion 15 mm long in S but 1.4 mm across in axial slices is not measurable."""
+    labels = np.zeros((20, 8, 8), dtype=np.uint8)
+    labels[1:19, 1:7, 1:7] = 1
+    labels[2:18, 3:5, 3:5] = 2
+    lesion = compute_statistics(Volume(labels, spacing=(1.0, 1.0, 1.0)))["tumor"]["lesions"][0]
+    assert lesion["max_diameter_mm"] > 15.0 > 1.5 > lesion["max_axial_diameter_mm"]
+    assert lesion["recist_measurable"] is False
+
+
+def test_diameters_of_a_straight_row_and_of_many_hull_candidates():
+    from scipy.spatial.distance import pdist
+
+    from LiverTumorSegLib.stats import _brute_force_diameter
+
+    row = np.zeros((7, 3, 3), dtype=bool)
+    row[1:6, 1, 1] = True  # two hull candidates only
+    assert max_diameter_mm(row, Volume(np.zeros(row.shape), spacing=(0.8, 0.8, 2.0))) == pytest.approx(8.0)
+    points = np.random.default_rng(3).normal(size=(300, 3)) * [1.0, 5.0, 2.0]
+    for chunk in (7, 64, 2048):  # the farthest pair in different chunks
+        assert _brute_force_diameter(points, chunk=chunk) == pytest.approx(pdist(points).max())
+
+
+def test_a_slice_beaten_to_the_long_axis_gives_no_short_axis():
+    """A 10 x 10 voxel square (long axis 12.7 mm) then a 21-voxel line (20 mm): the line's
+    slice holds the long axis, and a line has no short axis."""
+    from LiverTumorSegLib.stats import axial_axes_mm
+
+    mask = np.zeros((2, 15, 25), dtype=bool)
+    mask[0, 1:11, 1:11] = True
+    mask[1, 4, 2:23] = True
+    assert axial_axes_mm(mask, Volume(np.zeros(mask.shape), spacing=(1.0, 1.0, 2.0))) == \
+        (pytest.approx(20.0), pytest.approx(0.0))
+
+
+def test_short_axis_bands_on_unequal_in_plane_spacing():
+    """0.4 x 1.0 mm pixels: the bands are as wide as the larger spacing and centred on the
+    long axis' end, so two 3-pixel spurs in neighbouring columns, on either side of the
+    row, make one 6 mm chord."""
+    from LiverTumorSegLib.stats import axial_axes_mm
+
+    mask = np.zeros((1, 15, 51), dtype=bool)
+    mask[0, 7, :] = True
+    mask[0, 8:11, 22] = True
+    mask[0, 4:7, 23] = True
+    assert axial_axes_mm(mask, Volume(np.zeros(mask.shape), spacing=(0.4, 1.0, 2.0))) == \
+        (pytest.approx(20.0), pytest.approx(6.0))
+
+
+def test_negative_labels_are_refused_and_a_tumour_free_liver_reports_its_edges():
+    labels = np.zeros((6, 6, 6), dtype=np.int8)
+    labels[0:3, 1:4, 1:4] = 1
+    assert compute_statistics(Volume(labels))["liver"]["image_edges"] == ["inferior"]
+    labels[5, 5, 5] = -1
+    with pytest.raises(InputError, match="only 0"):
+        compute_statistics(Volume(labels))
