@@ -541,3 +541,41 @@ def test_output_closed_by_its_reader_ends_quietly_and_keeps_the_outputs(tmp_path
     os.close(write_end)
     assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr
     assert (out / "segmentation.nii.gz").is_file() and (out / "stats.json").is_file()
+
+
+@pytest.mark.parametrize("mesh_format", ["stl", "obj"])
+def test_written_surfaces_hold_the_format_named_and_the_whole_liver(tmp_path, mesh_format):
+    """The liver surface encloses the whole organ, tumour included (as the Liver segment
+    and the statistics do), each file holds the format its name says, and the paths
+    returned are the published ones."""
+    from LiverTumorSegLib.outputs import write_outputs
+    from LiverTumorSegLib.pipeline import SegmentationResult
+    from LiverTumorSegLib.stats import compute_statistics
+
+    z, y, x = np.indices((40, 40, 40)) - 19.5
+    labels = np.where(x ** 2 + y ** 2 + z ** 2 <= 15 ** 2, 1, 0).astype(np.uint8)
+    labels[(x - 2) ** 2 + y ** 2 + z ** 2 <= 10 ** 2] = 2  # 30 % of the liver
+    volume = Volume(labels, spacing=(1.0, 1.0, 1.0))
+    stats = compute_statistics(volume)
+    out = tmp_path / "out"
+    written = write_outputs(SegmentationResult(volume, stats), volume.with_array(labels.astype(np.int16)), out,
+                            mesh_format=mesh_format, preview=False, smoothing_iterations=0)
+    assert all(Path(path).parent == out and Path(path).is_file() for path in written.values())
+    enclosed = {}
+    for name in ("liver", "tumor"):
+        data = (out / f"{name}.{mesh_format}").read_bytes()
+        if mesh_format == "stl":
+            count = int(np.frombuffer(data[80:84], dtype="<u4")[0])
+            assert len(data) == 84 + 50 * count
+            records = np.frombuffer(data[84:], dtype=np.dtype([("n", "<f4", 3), ("v", "<f4", (3, 3)), ("a", "<u2")]))
+            triangles = records["v"].astype(np.float64)
+        else:
+            lines = data.decode("ascii").splitlines()
+            assert lines[0] == "# SPACE=LPS"
+            vertices = np.array([[float(v) for v in line.split()[1:]] for line in lines if line.startswith("v ")])
+            faces = np.array([[int(f) - 1 for f in line.split()[1:]] for line in lines if line.startswith("f ")])
+            triangles = vertices[faces]
+        enclosed[name] = abs(np.einsum("ij,ij->i", triangles[:, 0], np.cross(triangles[:, 1], triangles[:, 2])).sum()
+                             ) / 6000.0
+    assert enclosed["liver"] == pytest.approx(stats["liver"]["volume_ml"], rel=0.1)
+    assert enclosed["tumor"] == pytest.approx(stats["tumor"]["volume_ml"], rel=0.1)
