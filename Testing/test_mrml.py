@@ -535,6 +535,52 @@ def test_cuda_out_of_memory_runs_again_on_the_cpu(tmp_path):
     assert cpu.wait(timeout=10) == "failed" and "out of memory" in cpu.error
 
 
+def test_job_ends_with_one_event_and_the_reason_when_results_cannot_be_imported(tmp_path, oblique_ct, monkeypatch):
+    """The engine says done, but its results cannot become nodes (here: it wrote none), or
+    the volume left the scene meanwhile: listeners hear one last event, "failed", with the
+    engine's own message; a job that cannot start leaves no copy of the CT behind."""
+    import LiverTumorSegLib.mrml_job as mrml_job
+
+    scene = slicer.vtkMRMLScene()
+    node = load_volume(scene, oblique_ct[0])
+    done = json.dumps({"event": "done", "outputs": {"segmentation": "s.nii.gz"}}) + "\n"
+
+    def popen(command, **kwargs):
+        return FakeProcess(command, ['{"event": "progress", "progress": 0.5, "message": "inference"}\n', done], [], 0)
+
+    job = SegmentationJob(node, workdir=str(tmp_path), popen=popen).start()
+    events = []
+    assert job.wait(timeout=30, on_event=events.append) == "failed"
+    terminal = [e for e in events if e.kind in ("succeeded", "failed", "cancelled")]
+    assert [e.kind for e in terminal] == ["failed"] and events[-1] is terminal[0]
+    assert "holds no segmentation results" in job.error
+    assert not job.error.startswith("InputError") and terminal[0].message == job.error
+    assert not list(tmp_path.glob("LiverTumorSeg-*"))
+
+    job = SegmentationJob(node, workdir=str(tmp_path), popen=popen).start()
+    scene.RemoveNode(node)
+    assert job.wait(timeout=30) == "failed" and "removed from the scene" in job.error
+    assert not list(tmp_path.glob("LiverTumorSeg-*"))
+
+    node = load_volume(scene, oblique_ct[0])
+    monkeypatch.setattr(mrml_job, "_write_uncompressed", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(OSError, match="No space"):
+        SegmentationJob(node, workdir=str(tmp_path), popen=popen).start()
+    assert not list(tmp_path.glob("LiverTumorSeg-*"))
+
+
+def test_the_sweep_removes_only_its_own_job_folders(tmp_path):
+    import time
+
+    from LiverTumorSegLib.mrml_job import LOCK_NAME, SWEEP_MIN_AGE_S, sweep_abandoned_folders
+
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    (other / LOCK_NAME).touch()
+    os.utime(other, (time.time() - SWEEP_MIN_AGE_S - 60,) * 2)
+    assert sweep_abandoned_folders(tmp_path) == [] and (other / LOCK_NAME).is_file()
+
+
 def test_a_missing_interpreter_fails_clearly(tmp_path):
     run = EngineRun(build_command(tmp_path / "ct.nrrd", tmp_path / "o", python=[str(tmp_path / "no-python")])).start()
     assert run.state == "failed" and "cannot start the segmentation process" in run.error
