@@ -38,9 +38,9 @@ class LiverTumorSeg(ScriptedLoadableModule):
             "Segments the liver and liver tumors in a CT volume with a 3D U-Net, in one click. The result is a "
             "segmentation with Liver and Tumor segments (SNOMED CT terminology), their 3D surfaces and a statistics "
             "table (volumes in mL, tumor burden, per-lesion diameters, including the axial long and short axes, and "
-            "centroid in RAS mm, HU); after corrections in Segment Editor, Update statistics recomputes the table. Inference "
-            "runs in a separate process: Slicer stays responsive and the run can be cancelled. Research use only; "
-            "not a medical device.")
+            "centroid in RAS mm, HU); after corrections in Segment Editor, Update statistics recomputes the table. "
+            "Inference runs in a separate process: Slicer stays responsive and the run can be cancelled. Research "
+            "use only; not a medical device.")
         self.parent.acknowledgementText = "Built on 3D Slicer, PyTorch, SimpleITK and VTK."
         # The bundled synthetic CT appears in the Sample Data module once Slicer has started.
         slicer.app.connect("startupCompleted()", _registerSampleData)

@@ -253,15 +253,15 @@ def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
     """
     folder = Path(folder)
     files = _series_in(folder, top=True)
-    skipped = []
+    skipped, split = [], set()
     if not any(len(names) >= MIN_SERIES_SLICES for names in files.values()):
-        split = set()
         for below in _subfolders(folder, skipped):
             for sid, names in _series_in(below).items():
                 split.update([sid] if sid in files else [])
                 files[sid] = files.get(sid, []) + list(names)
-        for sid in split:
-            files[sid] = _joined(files[sid])
+    listed = [name for names in files.values() for name in names]  # before joining drops copies
+    for sid in split:
+        files[sid] = _joined(files[sid])
     if not files:
         unread = f"; {len(skipped)} could not be searched, e.g. {skipped[0]}" if skipped else ""
         raise InputError(f"{folder} is a folder without a readable DICOM series (its subfolders were searched "
@@ -271,7 +271,7 @@ def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
         if series_uid not in files:
             raise InputError(f"{folder} holds no DICOM series {series_uid}; it holds: {_list_series(files)}")
         _check_nothing_skipped_beside(files[series_uid], skipped, folder)
-        _check_no_slice_unparsed(files, series_uid)
+        _check_no_slice_unparsed(files[series_uid], listed, series_uid)
         return series_uid, files[series_uid]
     large = [sid for sid in series if len(files[sid]) >= MIN_SERIES_SLICES]
     if len(large) > 1:
@@ -279,7 +279,7 @@ def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
                          f"(or give a folder with one series): {_list_series({sid: files[sid] for sid in large})}")
     chosen = max(series, key=lambda sid: len(files[sid]))
     _check_nothing_skipped_beside(files[chosen], skipped, folder)
-    _check_no_slice_unparsed(files, chosen)
+    _check_no_slice_unparsed(files[chosen], listed, chosen)
     return chosen, files[chosen]
 
 
@@ -294,22 +294,29 @@ def _check_nothing_skipped_beside(names: list, skipped: list, folder: Path) -> N
                          f"series; fix or rename it, or give the series' own folder instead of {folder}")
 
 
-def _check_no_slice_unparsed(files: dict, uid: str) -> None:
+def _check_no_slice_unparsed(names: list, listed: list, uid: str) -> None:
     """Refuse when a file in one of the series' folders is in no series, because the
     reader could not parse it (cut short by a copy, corrupt, empty), yet is one of its
     slices or may be one. The series would be read without it: at either end of the
     stack no gap shows, and the scan would silently lose a slice of anatomy.
 
-    A file no series took is read from its start and judged by :func:`_unparsed_kind`;
-    other objects of the study that the reader does not list (a dose report, key
-    images, an RT structure set: they reference the series' UID, but their SOP class is
-    not a CT image's) and files that are not DICOM are left alone."""
-    listed = {os.path.normpath(name) for names in files.values() for name in names}
+    ``names`` are the series' files, ``listed`` every file the reader put in any series
+    (copies that joining a split series dropped included). A file no series took is read
+    from its start and judged by :func:`_unparsed_kind`; other objects of the study that
+    the reader does not list (a dose report, key images, an RT structure set: they
+    reference the series' UID, but their SOP class is not a CT image's) and files that
+    are not DICOM are left alone."""
+    listed = {os.path.normpath(name) for name in listed}
     inodes = None  # of the listed files, only when a path differs in spelling (a link)
-    for place in sorted({Path(name).parent for name in files[uid]}):
-        shapes = {_name_shape(Path(name).name) for name in files[uid] if Path(name).parent == place}
+    for place in sorted({Path(name).parent for name in names}):
+        shapes = {_name_shape(Path(name).name) for name in names if Path(name).parent == place}
         ours, maybe = [], []
-        for entry in sorted(os.scandir(place), key=lambda e: e.name):
+        try:
+            entries = sorted(os.scandir(place), key=lambda e: e.name)
+        except OSError as exc:
+            raise InputError(f"cannot list the DICOM folder {place} (it was read a moment ago): "
+                             f"{exc.strerror or exc}") from None
+        for entry in entries:
             if (not entry.is_file() or entry.name.upper().startswith("DICOMDIR")
                     or os.path.normpath(entry.path) in listed):
                 continue
@@ -321,16 +328,17 @@ def _check_no_slice_unparsed(files: dict, uid: str) -> None:
                 for name in listed:
                     try:
                         info = os.stat(name)
-                        inodes.add((info.st_dev, info.st_ino))
+                        if info.st_ino:
+                            inodes.add((info.st_dev, info.st_ino))
                     except OSError:
                         pass
             try:
                 info = os.stat(entry.path)
-                if (info.st_dev, info.st_ino) in inodes:
+                if info.st_ino and (info.st_dev, info.st_ino) in inodes:  # 0: no inode numbers here
                     continue
             except OSError:
                 pass
-            (ours if kind == "ours" else maybe).append(entry.name)
+            (ours if kind == "ours" else maybe).append(os.fsencode(entry.name).decode("utf-8", "replace"))
         if ours:
             raise InputError(f"{len(ours)} file(s) of the DICOM series {uid} in {place} (e.g. {ours[0]}) cannot be "
                              "read (cut short or corrupt?): the series would be read without those slices; copy or "
@@ -349,11 +357,12 @@ def _name_shape(name: str) -> str:
 
 def _unparsed_kind(path: str, uid: str, named_like_a_slice: bool) -> "str | None":
     """What a file that no series took is, from its first bytes: ``"ours"`` (DICOM of
-    a CT class, or of no readable class, carrying the series' UID ``uid``); ``"maybe"``
-    (DICOM cut short inside its header, its series unknown; a file named like the
-    series' slices that is empty, zero-filled, cut inside the preamble, or cannot be
-    opened); None (another series' file, a DICOM object that is not a CT image, a file
-    that is not DICOM)."""
+    a CT class, or of no readable class, whose only series UID is ``uid``); ``"maybe"``
+    (such DICOM cut short inside its header, its series unknown, or carrying ``uid``
+    beside other series UIDs: its own and a referenced one, which a raw scan cannot tell
+    apart; a file named like the series' slices that is empty, zero-filled, cut inside
+    the preamble, or cannot be opened); None (another series' file, a DICOM object that
+    is not a CT image, a file that is not DICOM)."""
     try:
         with open(path, "rb") as stream:
             head = stream.read(132)
@@ -372,9 +381,11 @@ def _unparsed_kind(path: str, uid: str, named_like_a_slice: bool) -> "str | None
     classes = set(_element_texts(head[132:1024], 0x0002, 0x0002) + _element_texts(head, 0x0008, 0x0016))
     if classes and not classes & set(CT_STORAGE_CLASSES):
         return None  # a report, key images, a structure set, raw data...: not a slice
-    series = _element_texts(head, 0x0020, 0x000E)
-    if uid in series:
+    series = set(_element_texts(head, 0x0020, 0x000E))
+    if series == {uid}:
         return "ours"
+    if uid in series:
+        return "maybe"  # ours referring to another series, or another's referring to ours
     if series:
         return None  # another series' file
     return "maybe" if preamble or classes else None  # cut inside its header, or a stray binary file

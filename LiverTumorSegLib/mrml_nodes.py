@@ -56,7 +56,8 @@ COLUMN_INFO = {  # column -> (title shown in Slicer, unit, description)
                               "Largest in-slice distance between two voxel centres on the slices nearest to axial "
                               "(the long axis RECIST measures)"),
     "short_axis_mm": ("Short axis (mm)", "mm",
-                      "Longest diameter perpendicular to the axial long axis, in its slice (RECIST 1.1's short axis)"),
+                      "Longest diameter perpendicular to the axial long axis, in its slice (as RECIST 1.1's nodal "
+                      "short axis; WHO's second diameter)"),
     "centroid_r_mm": ("Centroid R (mm)", "mm", "Centroid, R coordinate (RAS)"),
     "centroid_a_mm": ("Centroid A (mm)", "mm", "Centroid, A coordinate (RAS)"),
     "centroid_s_mm": ("Centroid S (mm)", "mm", "Centroid, S coordinate (RAS)"),

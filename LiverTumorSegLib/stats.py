@@ -322,22 +322,23 @@ def max_axial_diameter_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0
     of the grid axis closest to the patient's superior-inferior axis: the long axis that
     RECIST measures on axial slices (on an oblique grid, on its own slices nearest to
     axial). Same arguments as :func:`max_diameter_mm`; 0.0 for a one-voxel slice."""
-    return axial_axes_mm(mask, geometry, offset)[0]
+    return axial_axes_mm(mask, geometry, offset, short=False)[0]
 
 
-def axial_axes_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0, 0, 0)) -> tuple:
+def axial_axes_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0, 0, 0), *, short: bool = True) -> tuple:
     """(long axis, short axis) in mm of ``mask`` on the slices nearest to axial.
 
     The long axis is :func:`max_axial_diameter_mm`. The short axis is the longest
-    diameter perpendicular to it in the same slice (RECIST 1.1's short axis; the second
-    of WHO's bidimensional measurements): the slice is cut into bands one pixel wide
-    (the larger in-plane spacing) perpendicular to the long axis, the first centred on
-    one of its end points, and the short axis is the largest distance across a band
-    between voxel centres, measured perpendicular to the long axis. Where several
-    slices or voxel pairs share the long axis (a sphere's), the largest short axis of
-    theirs is taken. Same arguments as :func:`max_diameter_mm`; (0.0, 0.0) for an
-    empty mask or a single voxel; a short axis of 0.0 for a straight row of voxels along
-    a grid axis (a line one voxel thin at another angle gets less than a pixel).
+    diameter perpendicular to it in the same slice (as RECIST 1.1's short axis of lymph
+    nodes; the second of WHO's bidimensional measurements): the slice is cut into bands
+    one pixel wide (the larger in-plane spacing) perpendicular to the long axis, the
+    first centred on one of its end points, and the short axis is the largest distance
+    across a band between voxel centres, measured perpendicular to the long axis. Where
+    several slices or voxel pairs share the long axis (a sphere's), the largest short
+    axis of theirs is taken. Same arguments as :func:`max_diameter_mm`; (0.0, 0.0) for
+    an empty mask or a single voxel; a short axis of 0.0 for a straight row of voxels
+    along a grid axis (a line one voxel thin at another angle gets less than a pixel),
+    and always with ``short=False`` (the long axis alone, at its own cost).
     """
     mask = np.asarray(mask, dtype=bool)
     axis = 2 - _superior_axis(geometry)  # in (z, y, x) array order
@@ -355,11 +356,13 @@ def axial_axes_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0, 0, 0))
             continue
         d2 = ((points[:, None, :] - points[None, :, :]) ** 2).sum(axis=2)
         here = float(np.sqrt(d2.max()))
-        if here >= longest - 1e-9:
+        if not short:
+            longest = max(longest, here)
+        elif here >= longest - 1e-9:
             longest = max(longest, here)
             pairs = np.argwhere(np.triu(d2 >= d2.max() * (1 - 1e-12) - 1e-12, 1))
             slices.append((index, points, pairs, here, shift))
-    short = 0.0
+    short_axis = 0.0
     for index, points, pairs, here, shift in slices:
         if here < longest - 1e-9:
             continue
@@ -375,8 +378,8 @@ def axial_axes_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0, 0, 0))
             high = np.full(band.max() + 1, -np.inf)
             np.minimum.at(low, band, width)
             np.maximum.at(high, band, width)
-            short = max(short, float(np.max(high - low)))
-    return longest, short
+            short_axis = max(short_axis, float(np.max(high - low)))
+    return longest, short_axis
 
 
 # -- lesions ------------------------------------------------------------------------

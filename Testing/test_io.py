@@ -343,6 +343,61 @@ def test_a_cut_slice_in_the_second_folder_of_a_split_series_is_found(tmp_path):
         read_volume(tmp_path / "cd")
 
 
+def test_a_split_series_whose_folders_share_a_slice_is_read(tmp_path):
+    """Joining drops the second copy of a slice found in two folders; that copy is no
+    unparsed file of the series."""
+    v = _tall_volume()
+    _write_dicom_series(tmp_path / "whole", v, series_uid="1.2.3.7")
+    for n, name in enumerate(sorted((tmp_path / "whole").iterdir())):
+        for part in (["SE1"] if n < 7 else ["SE2"]) + (["SE2"] if n == 6 else []):
+            (tmp_path / "cd" / part).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "cd" / part / name.name).write_bytes(name.read_bytes())
+    np.testing.assert_array_equal(read_volume(tmp_path / "cd").array, read_volume(tmp_path / "whole").array)
+
+
+def test_the_unparsed_file_check_fails_clearly_and_without_inode_numbers(tmp_path, monkeypatch):
+    """A series folder gone by the time it is listed again gives a one-line reason; on a
+    file system without inode numbers (st_ino 0) a cut slice is still found; a cut CT image
+    carrying the series' UID beside another one (its own, or one it refers to) may be ours."""
+    import os
+
+    import LiverTumorSegLib.io as io
+
+    v = _tall_volume()
+    folder = tmp_path / "s"
+    _write_dicom_series(folder, v, series_uid="1.2.3.7")
+    victim = sorted(folder.glob("*.dcm"))[-1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:data.index(b"\x20\x00\x0e\x00") + 16])
+    real_stat = os.stat
+
+    def no_inodes(path, *args, **kwargs):
+        values = list(real_stat(path, *args, **kwargs))
+        values[1] = 0
+        return os.stat_result(values)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io.os, "stat", no_inodes)
+        with pytest.raises(InputError, match=rf"\(e\.g\. {victim.name}\) cannot be read"):
+            read_volume(folder)
+    refers = _element(8, 0x1115, b"SQ", _item(_element(0x20, 0xE, b"UI", b"1.2.3.7")))
+    victim.write_bytes(_part10("1.2.840.10008.5.1.4.1.1.2.2", refers + _element(0x20, 0xE, b"UI", b"1.2.3.9")))
+    with pytest.raises(InputError, match=rf"\(e\.g\. {victim.name}\), cannot be read .* may be slices of it"):
+        read_volume(folder)
+    victim.unlink()
+    real_scandir, calls = os.scandir, []
+
+    def vanished(path="."):
+        calls.append(path)
+        if len(calls) > 1 and str(path) == str(folder):
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_scandir(path)
+
+    monkeypatch.setattr(io.os, "scandir", vanished)
+    with pytest.raises(InputError, match=r"cannot list the DICOM folder .*s \(it was read a moment ago\): No such"):
+        read_volume(folder)
+
+
 def test_files_beside_the_series_that_are_no_slice_of_it_are_left_alone(tmp_path, monkeypatch):
     """What real exports put beside a CT series: objects that reference it (key images, a
     dose report: GDCM lists neither), a DICOMDIR under another name, an empty LOCKFILE,

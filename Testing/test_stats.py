@@ -584,3 +584,14 @@ def test_negative_labels_are_refused_and_a_tumour_free_liver_reports_its_edges()
     labels[5, 5, 5] = -1
     with pytest.raises(InputError, match="only 0"):
         compute_statistics(Volume(labels))
+
+
+def test_the_long_axis_alone_costs_no_short_axis():
+    from LiverTumorSegLib import stats
+
+    z, y, x = np.indices((40, 30, 30))
+    prism = (np.abs(y - 14.5) <= 10) & (np.abs(x - 14.5) <= 10)  # every slice shares the long axis
+    geometry = Volume(np.zeros(prism.shape), spacing=(0.8, 0.8, 1.0))
+    long_axis, short_axis = stats.axial_axes_mm(prism, geometry)
+    assert stats.max_axial_diameter_mm(prism, geometry) == long_axis and short_axis == pytest.approx(long_axis)
+    assert stats.axial_axes_mm(prism, geometry, short=False) == (long_axis, 0.0)
