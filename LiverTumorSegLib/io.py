@@ -324,20 +324,9 @@ def _check_no_slice_unparsed(names: list, listed: list, uid: str) -> None:
             if kind is None:
                 continue
             if inodes is None:
-                inodes = set()
-                for name in listed:
-                    try:
-                        info = os.stat(name)
-                        if info.st_ino:
-                            inodes.add((info.st_dev, info.st_ino))
-                    except OSError:
-                        pass
-            try:
-                info = os.stat(entry.path)
-                if info.st_ino and (info.st_dev, info.st_ino) in inodes:  # 0: no inode numbers here
-                    continue
-            except OSError:
-                pass
+                inodes = {_inode(name) for name in listed} - {None}
+            if _inode(entry.path) in inodes:
+                continue
             (ours if kind == "ours" else maybe).append(os.fsencode(entry.name).decode("utf-8", "replace"))
         if ours:
             raise InputError(f"{len(ours)} file(s) of the DICOM series {uid} in {place} (e.g. {ours[0]}) cannot be "
@@ -348,6 +337,16 @@ def _check_no_slice_unparsed(names: list, listed: list, uid: str) -> None:
                              "cannot be read (cut short, empty, corrupt or not readable?) and may be slices of it: "
                              "the series would be read without them; copy or export the series again, or move "
                              "those files away if they are not part of it")
+
+
+def _inode(path: str) -> "tuple | None":
+    """(device, inode) of a file, to know a link of it; None where the file system has
+    no inode numbers (``st_ino`` 0) or the file cannot be reached."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if info.st_ino else None
 
 
 def _name_shape(name: str) -> str:
