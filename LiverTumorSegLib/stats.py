@@ -356,10 +356,9 @@ def axial_axes_mm(mask: np.ndarray, geometry: Volume, offset: tuple = (0, 0, 0),
             continue
         d2 = ((points[:, None, :] - points[None, :, :]) ** 2).sum(axis=2)
         here = float(np.sqrt(d2.max()))
-        if not short:
-            longest = max(longest, here)
-        elif here >= longest - 1e-9:
-            longest = max(longest, here)
+        ties = short and here >= longest - 1e-9  # a candidate for the short axis
+        longest = max(longest, here)
+        if ties:
             pairs = np.argwhere(np.triu(d2 >= d2.max() * (1 - 1e-12) - 1e-12, 1))
             slices.append((index, points, pairs, here, shift))
     short_axis = 0.0
