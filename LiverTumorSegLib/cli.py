@@ -1,8 +1,9 @@
 """The ``livertumorseg`` command line.
 
 Sub-commands: ``segment`` (a CT in, labels, statistics, surfaces and a preview out),
-``demo`` (segment the bundled sample CT with the bundled model), ``models`` (list
-models and the cache folder) and ``phantom`` (write a synthetic data set).
+``batch`` (many CTs, the model loaded once, one output folder each and a ``batch.csv``;
+see :mod:`.batch`), ``demo`` (segment the bundled sample CT with the bundled model),
+``models`` (list models and the cache folder) and ``phantom`` (write a synthetic data set).
 
 Exit codes: 0 success, 2 bad input or any other error the user can fix (one line on
 stderr), 130 cancelled (Ctrl-C or SIGTERM), 141 standard output closed by its reader
@@ -46,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="segment the bundled sample CT with the bundled model")
     demo.add_argument("-o", "--output", type=Path, default=Path("livertumorseg-demo"), help="output folder (default: %(default)s)")
     _add_run_options(demo)
+
+    batch = sub.add_parser("batch", help="segment many CTs, one output folder each, with a batch.csv of them all")
+    batch.add_argument("inputs", type=Path, nargs="*", help="CT image files or DICOM series folders")
+    batch.add_argument("--list", type=Path, default=None, metavar="FILE",
+                       help="a file naming more inputs, one per line (relative to its folder; # comments)")
+    batch.add_argument("-o", "--output", type=Path, required=True,
+                       help="output folder: one subfolder per case, and batch.csv")
+    batch.add_argument("--resume", action="store_true",
+                       help="keep a case's earlier results in the output folder when they came from the same "
+                            "input, model and settings")
+    _add_run_options(batch)
 
     sub.add_parser("models", help="list installed and registered models and the cache folder")
 
@@ -142,6 +154,21 @@ class _Reporter:
             self._last = int(fraction * 10)
             print(f"{fraction:4.0%} {message}", file=sys.stderr)
 
+    def line(self, text: str, error: bool = False) -> None:
+        """A line of its own: on stdout (stderr with ``error``) without breaking the bar;
+        with JSON progress only ``error`` lines show, as stdout is for events then."""
+        if self.mode == "json" and not error:
+            return
+        if error:
+            write = lambda: print(text, file=sys.stderr)  # noqa: E731
+        else:
+            write = lambda: _out(text)  # noqa: E731
+        if self.bar is None:
+            write()
+            return
+        with self.bar.external_write_mode(file=sys.stderr if error else sys.stdout):
+            write()
+
     def part(self, start: float, end: float) -> Callable[[float, str], None]:
         """A callback whose 0..1 is this job's ``start``..``end``."""
         return lambda fraction, message: self(start + (end - start) * fraction, message)
@@ -175,43 +202,58 @@ def _options(args):
     )
 
 
+def _segment_one(segmenter, input_path: Path, output: Path, args, progress: Callable[[float, str], None],
+                 cancel: Callable[[], bool]) -> tuple:
+    """Read one CT, segment it and write its outputs into ``output``: (result, written).
+    ``progress`` hears the whole of it, 0 to 1."""
+    from .io import read_dicom_series, read_header, read_volume
+    from .outputs import write_outputs
+    from .preprocess import check_spacing
+
+    header = read_header(input_path)
+    if header is not None:  # refuse before reading a volume that cannot fit
+        check_spacing(header[1])  # a wrong spacing would be reported as a memory shortage
+        segmenter.check_memory(*header)
+    progress(0.0, "reading")
+    t = time.perf_counter()
+    provenance = {"input": str(Path(input_path).resolve())}  # as typed, it depends on where the run was
+    if input_path.is_dir():  # a DICOM folder: also record which series was segmented
+        ct, provenance["series"] = read_dicom_series(input_path, getattr(args, "series", None))
+    else:
+        ct = read_volume(input_path, series_uid=getattr(args, "series", None))
+    read_s = time.perf_counter() - t
+    result = segmenter.segment(ct, progress=lambda f, m: progress(f * WRITE_START, m), cancel=cancel)
+    result.timings = {"read": read_s, **result.timings}
+    t = time.perf_counter()
+    written = write_outputs(result, ct, output, surfaces=not args.no_surfaces,
+                            mesh_format=args.mesh_format, preview=not args.no_preview, extra=provenance,
+                            progress=lambda f, m: progress(WRITE_START + (1.0 - WRITE_START) * f, m))
+    result.timings["surfaces_and_write"] = time.perf_counter() - t
+    return result, written
+
+
+def _load(args, reporter):
+    """The Segmenter of a run's options and model (a download reports its progress)."""
+    from .model import resolve_model
+    from .pipeline import Segmenter
+
+    options = _options(args)
+    model_folder = resolve_model(args.model, progress=reporter)
+    reporter.close()
+    return Segmenter(model_folder, options)
+
+
 def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
     from .atomic import check_writable_dir
-    from .io import read_dicom_series, read_header, read_volume
-    from .model import resolve_model
-    from .outputs import write_outputs
-    from .pipeline import Segmenter
-    from .preprocess import check_spacing
     from .stats import summary, summary_text
 
     t0 = time.perf_counter()
     check_writable_dir(args.output)
-    options = _options(args)
     reporter = _Reporter(args.progress)
     try:
-        model_folder = resolve_model(args.model, progress=reporter)  # downloads report progress
-        reporter.close()
-        segmenter = Segmenter(model_folder, options)
-        header = read_header(input_path)
-        if header is not None:  # refuse before reading a volume that cannot fit
-            check_spacing(header[1])  # a wrong spacing would be reported as a memory shortage
-            segmenter.check_memory(*header)
-        reporter(0.0, "reading")
-        t = time.perf_counter()
-        provenance = {"input": str(Path(input_path).resolve())}  # as typed, it depends on where the run was
-        if input_path.is_dir():  # a DICOM folder: also record which series was segmented
-            ct, provenance["series"] = read_dicom_series(input_path, getattr(args, "series", None))
-        else:
-            ct = read_volume(input_path, series_uid=getattr(args, "series", None))
-        read_s = time.perf_counter() - t
-        result = segmenter.segment(ct, progress=reporter.part(0.0, WRITE_START), cancel=cancel)
-        result.timings = {"read": read_s, **result.timings}
-        t = time.perf_counter()
-        written = write_outputs(result, ct, args.output, surfaces=not args.no_surfaces,
-                                mesh_format=args.mesh_format, preview=not args.no_preview,
-                                extra=provenance, progress=reporter.part(WRITE_START, 1.0))
+        segmenter = _load(args, reporter)
+        result, written = _segment_one(segmenter, input_path, args.output, args, reporter, cancel)
         args.written_to = args.output
-        result.timings["surfaces_and_write"] = time.perf_counter() - t
     except BaseException:
         reporter.close(clear=True)  # the error that follows is the run's last line
         raise
@@ -228,6 +270,102 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
         _out(f"wrote {len(written)} files to {Path(args.output).resolve()}:")
         for path in written.values():
             _out(f"  {path}")
+    return EXIT_OK
+
+
+def run_batch(args, cancel: Callable[[], bool]) -> int:
+    """Segment every input into OUTDIR/CASE/, going on past cases that fail; batch.csv
+    lists them all. Exit 0 when every case is done, 2 when one failed, 130 on a cancel."""
+    from .atomic import InterruptedAfterwards, check_writable_dir
+    from .batch import check_case_folders, check_summary_is_ours, earlier_result, plan_cases, read_list, write_summary
+    from .stats import summary, summary_text
+
+    t0 = time.perf_counter()
+    inputs = list(args.inputs) + (read_list(args.list) if args.list else [])
+    cases = plan_cases(inputs)
+    outdir = check_writable_dir(args.output)
+    check_case_folders(cases, outdir)
+    check_summary_is_ours(outdir)
+    reporter = _Reporter(args.progress)
+    n = len(cases)
+    current = None
+    try:
+        segmenter = _load(args, reporter)
+        expected = segmenter.label_settings()
+        for i, case in enumerate(cases):
+            current = case
+            where = f"[{i + 1}/{n}] {case.name}"
+            if args.resume:
+                document, reason = earlier_result(outdir / case.name, dict(expected, input=str(case.input)),
+                                                  None if args.no_surfaces else args.mesh_format,
+                                                  not args.no_preview)
+                if document is not None:
+                    case.status, case.summary = "done earlier", summary(document)
+                    case.warnings = list(document["run"].get("warnings") or [])
+                    reporter.line(f"{where}: done earlier, kept: {summary_text(document)}")
+                    reporter.event("case", case=case.name, index=i, status=case.status, summary=case.summary)
+                    write_summary(outdir, cases)
+                    continue
+                if reason:
+                    reporter.line(f"{where}: segmenting again: {reason}")
+            t = time.perf_counter()
+            part = reporter.part(i / n, (i + 1) / n)
+            try:
+                try:
+                    result, written = _segment_one(segmenter, case.input, outdir / case.name, args,
+                                                   lambda f, m: part(f, f"{where}: {m}"), cancel)
+                except InterruptedAfterwards:  # the case's files are all in; then the batch stops
+                    case.status, case.seconds = "done", time.perf_counter() - t
+                    try:
+                        case.summary = summary(json.loads((outdir / case.name / "stats.json").read_text("utf-8")))
+                    except (OSError, ValueError, KeyError, TypeError):
+                        pass  # the row then lacks the figures; the case's own files have them
+                    raise
+            except Cancelled:
+                raise
+            except LiverTumorSegError as exc:  # this case's input, memory or output: the batch goes on
+                case.status, case.error, case.seconds = "failed", str(exc), time.perf_counter() - t
+                reporter.line(f"{where}: failed: {exc}", error=True)
+                reporter.event("case", case=case.name, index=i, status=case.status, error=case.error)
+                write_summary(outdir, cases)
+                continue
+            case.status, case.seconds = "done", time.perf_counter() - t
+            case.summary, case.warnings = summary(result.stats), list(result.info.get("warnings", []))
+            reporter.line(f"{where}: {summary_text(result.stats)} ({case.seconds:.1f} s)")
+            del result
+            for warning in case.warnings:  # also in the case's stats.json and in batch.csv
+                reporter.line(f"livertumorseg: warning: {case.name}: {warning}", error=True)
+            reporter.event("case", case=case.name, index=i, status=case.status, summary=case.summary,
+                           outputs=written, seconds=round(case.seconds, 3))
+            write_summary(outdir, cases)
+        reporter(1.0, f"{n} case(s)")
+    except (Cancelled, KeyboardInterrupt):
+        reporter.close(clear=True)
+        during = ""
+        if current is not None and current.status == "not run":
+            current.status, during = "cancelled", f" during {current.name}"
+        finished = sum(c.status.startswith("done") for c in cases)
+        if not finished and not any(c.status == "failed" for c in cases):
+            raise  # nothing was written
+        write_summary(outdir, cases)
+        print(f"livertumorseg: cancelled{during}; the {finished} case(s) done are in {outdir}, listed in "
+              f"{outdir / 'batch.csv'}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except BaseException:
+        reporter.close(clear=True)
+        raise
+    finally:
+        reporter.close()
+    failed = [c.name for c in cases if c.status == "failed"]
+    total = round(time.perf_counter() - t0, 3)
+    if args.progress == "json":
+        reporter.event("done", cases=n, failed=len(failed), summary_csv=str(outdir / "batch.csv"), total_s=total)
+    else:
+        _out(f"{n - len(failed)} of {n} case(s) done in {total:.1f} s; their folders and batch.csv are in {outdir}")
+    if failed:
+        print(f"livertumorseg: error: {len(failed)} of {n} case(s) failed: {', '.join(failed)} "
+              f"(reasons in {outdir / 'batch.csv'})", file=sys.stderr)
+        return EXIT_USER_ERROR
     return EXIT_OK
 
 
@@ -290,6 +428,8 @@ def _run_command(args, cancel: Callable[[], bool]) -> int:
         from .samples import sample_ct_path
 
         return run_segment(sample_ct_path(), args, cancel)
+    if args.command == "batch":
+        return run_batch(args, cancel)
     if args.command == "models":
         return run_models()
     return run_phantom(args)

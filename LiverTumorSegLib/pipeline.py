@@ -267,6 +267,16 @@ class Segmenter:
             raise InputError(f"overlap {overlap} must be in [0, 1)")
         return float(overlap)
 
+    def label_settings(self) -> dict:
+        """What decides the labels besides the CT, as ``stats.json``'s ``run`` records it:
+        ``model_weights_sha256``, ``precision``, ``overlap``, ``weighting``,
+        ``min_lesion_ml`` and ``window_grid``. (Device, threads and batch size do not
+        change the result beyond rounding.)"""
+        return {"model_weights_sha256": self.card.weights_sha256, "precision": self.precision_name,
+                "overlap": self.overlap(), "weighting": self.options.weighting,
+                "min_lesion_ml": self.options.min_lesion_ml,
+                "window_grid": self.options.window_grid if self.options.crop_to_body else "volume, uncropped"}
+
     def _network_input(self, hu: np.ndarray) -> tuple:
         """(scaled input, body mask or None, box) for an HU array on the model grid."""
         box = body_bounding_box(hu) if self.options.crop_to_body else None
@@ -349,15 +359,17 @@ class Segmenter:
         report(1.0, "segmented")
         timings["statistics"] = time.perf_counter() - t
         warnings = result_warnings(labels, ct.array, stats, left_out_ml)
+        settings = self.label_settings()
         info = {
             "model": self.card.name, "model_version": self.card.version,
-            "model_folder": str(Path(self.model.folder).absolute()), "model_weights_sha256": self.card.weights_sha256,
+            "model_folder": str(Path(self.model.folder).absolute()),
+            "model_weights_sha256": settings["model_weights_sha256"],
             "device": self.device,
-            "precision": self.precision_name,
-            "overlap": self.overlap(), "weighting": self.options.weighting,
+            "precision": settings["precision"],
+            "overlap": settings["overlap"], "weighting": settings["weighting"],
             "batch_size": self.options.batch_size, "threads": self.threads,
-            "min_lesion_ml": self.options.min_lesion_ml,
-            "window_grid": self.options.window_grid if self.options.crop_to_body else "volume, uncropped",
+            "min_lesion_ml": settings["min_lesion_ml"],
+            "window_grid": settings["window_grid"],
             "model_grid_size_xyz": list(hu.shape_xyz), "small_lesions_dropped": dropped,
             "liver_left_out_ml": round(left_out_ml, 3),
             "warnings": warnings,

@@ -1,0 +1,197 @@
+"""Segmenting many CTs in one run (``livertumorseg batch``).
+
+The model loads once. Each input gets its own folder in the output folder, named after
+the input, holding what ``segment`` writes, published the same way (all of a case's
+files or none). ``batch.csv`` beside those folders lists every case with its status and
+headline figures; it is rewritten after each case, so a batch that is stopped or killed
+leaves an up-to-date list of what was done. A case that fails (an unreadable file, a
+series that is refused, too little memory) is recorded with its reason and the batch
+goes on.
+
+This module plans the cases (names, inputs, the list file), decides which earlier
+results ``--resume`` may keep, and writes ``batch.csv``; the command line runs the loop.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from .atomic import atomic_write_text
+from .errors import InputError, OutputError
+
+SUMMARY_NAME = "batch.csv"
+#: batch.csv's columns, in order. ``status`` is one of STATUSES.
+SUMMARY_COLUMNS = ("case", "status", "liver_ml", "tumor_ml", "lesions", "burden_percent", "warnings",
+                   "seconds", "error", "input")
+STATUSES = ("done", "done earlier", "failed", "cancelled", "not run")
+# Image suffixes dropped from a file's name to name its case (longest first).
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# The run settings that decide a case's labels and that ``--resume`` compares, as
+# stats.json's ``run`` records them.
+RESUME_KEYS = ("input", "model_weights_sha256", "precision", "overlap", "weighting", "min_lesion_ml",
+               "window_grid")
+
+
+@dataclass
+class Case:
+    """One input of a batch and what became of it."""
+
+    name: str
+    input: Path
+    status: str = "not run"
+    summary: dict = field(default_factory=dict)  # stats.summary() of the result
+    warnings: List[str] = field(default_factory=list)
+    seconds: Optional[float] = None
+    error: str = ""
+
+    def row(self) -> dict:
+        return {"case": self.name, "status": self.status, **{k: self.summary.get(k, "") for k in
+                                                               ("liver_ml", "tumor_ml", "lesions", "burden_percent")},
+                "warnings": " | ".join(self.warnings),
+                "seconds": "" if self.seconds is None else f"{self.seconds:.1f}",
+                "error": self.error, "input": str(self.input)}
+
+
+def read_list(list_file: Path) -> List[Tuple[Optional[str], Path]]:
+    """The inputs a list file names, as (case name or None, path): one input per line,
+    either a path or a case name, a tab and a path; blank lines and lines starting with
+    ``#`` are skipped; relative paths are taken from the list file's folder."""
+    list_file = Path(list_file).expanduser()
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as exc:
+        raise InputError(f"cannot read the list of inputs {list_file}: {exc}") from None
+    base = list_file.resolve().parent
+    entries = []
+    for line in text.splitlines():
+        name, tab, rest = line.partition("\t")
+        name, path = (name.strip(), rest.strip()) if tab else (None, line.strip())
+        if path and not (name or path).startswith("#"):
+            path = Path(path).expanduser()
+            entries.append((name, path if path.is_absolute() else base / path))
+    return entries
+
+
+def case_name(path: Path) -> str:
+    """A case's default name: its file's name without the image suffix
+    (``liver_3.nii.gz`` → ``liver_3``), or its folder's name for a DICOM series."""
+    name = path.name
+    if path.is_dir():
+        return name
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def plan_cases(inputs: Iterable) -> List[Case]:
+    """One :class:`Case` per input, in the order given. An input is a path, named by
+    :func:`case_name`, or a (name, path) pair whose name, when not None, is the case's.
+
+    Refused before anything runs (:class:`InputError`, every problem listed): no input,
+    an input that does not exist, the same input twice, two cases of one name (letter
+    case aside, as macOS and Windows see file names: give them names of their own in a
+    list file), a name that is empty, starts with ``.``, holds a ``/`` or a ``\\``, or is
+    ``batch.csv``.
+    """
+    entries = [item if isinstance(item, tuple) else (None, item) for item in inputs]
+    if not entries:
+        raise InputError("no inputs: give CT files or DICOM folders, or --list FILE")
+    paths = [Path(p).expanduser().absolute() for _, p in entries]  # named as given: a link keeps its own name
+    names = [case_name(p) if n is None else n for (n, _), p in zip(entries, paths)]
+    problems = [f"{p}: no such file or folder" for p in paths if not p.exists()]
+    seen, taken = {}, {}
+    for path, name in zip(paths, names):
+        real = path.resolve()
+        if real in seen:
+            problems.append(f"{path}: given twice (also as {seen[real]})")
+            continue
+        seen[real] = path
+        if not name or name.startswith(".") or "/" in name or "\\" in name or name.lower() == SUMMARY_NAME:
+            problems.append(f"{path}: its case would be named {name!r}, which cannot be a case folder's name")
+        elif name.casefold() in taken:
+            problems.append(f"{path} and {taken[name.casefold()]} would both be case {name!r}")
+        taken.setdefault(name.casefold(), path)
+    if problems:
+        raise InputError("cannot start the batch: " + "; ".join(problems) + ". A list file (--list) can name "
+                         "each case: a name, a tab, then its path, one case per line")
+    return [Case(name, path.resolve()) for name, path in zip(names, paths)]
+
+
+def check_case_folders(cases: Sequence[Case], outdir: Path) -> None:
+    """Refuse (:class:`InputError`) a batch whose case folder would be an input's folder
+    or hold an input (``batch P001 P002 -o .`` beside those DICOM folders): the results
+    would be written among the patient's files."""
+    problems = []
+    for case in cases:
+        folder = (Path(outdir) / case.name).resolve()
+        for other in cases:
+            if other.input == folder or folder in other.input.parents:
+                problems.append(f"case {case.name!r} would write into {folder}, which holds the input {other.input}")
+    if problems:
+        raise InputError("cannot start the batch: " + "; ".join(problems) + "; choose another output folder")
+
+
+def check_summary_is_ours(outdir: Path) -> None:
+    """Refuse (:class:`OutputError`) an output folder whose ``batch.csv`` is not one a
+    batch wrote: it would be overwritten."""
+    path = Path(outdir) / SUMMARY_NAME
+    if not os.path.lexists(path):
+        return
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            header = next(csv.reader(f), None)
+    except (OSError, UnicodeError, csv.Error):
+        header = None
+    if path.is_symlink() or not path.is_file() or header != list(SUMMARY_COLUMNS):
+        raise OutputError(f"{path} exists and was not written by a batch run; move it, or choose another "
+                          "output folder")
+
+
+def write_summary(outdir: Path, cases: Sequence[Case]) -> Path:
+    """Write ``batch.csv`` (every case, in input order), atomically; returns its path."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(SUMMARY_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for case in cases:
+        writer.writerow(case.row())
+    path = Path(outdir) / SUMMARY_NAME
+    atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+def earlier_result(case_dir: Path, expected: dict, surfaces: Optional[str], preview: bool):
+    """For ``--resume``: ``(stats document, None)`` when ``case_dir`` holds a finished
+    run of this case that this batch would repeat (the same input, model weights and
+    label settings, ``expected``: :data:`RESUME_KEYS`; the same surface format, None for
+    none; a preview or not), else ``(None, reason)``, the reason None when there is no
+    earlier run at all."""
+    path = Path(case_dir) / "stats.json"
+    if not path.is_file() or path.is_symlink():
+        return None, None
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        run = document["run"]
+        outputs = run["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, "its stats.json cannot be read"
+    for key in RESUME_KEYS:
+        if run.get(key) != expected[key]:
+            return None, f"the earlier run's {key} was {run.get(key)!r}, not {expected[key]!r}"
+    files = document.get("surfaces", {}).get("files") if isinstance(document.get("surfaces"), dict) else None
+    formats = {Path(name).suffix.lstrip(".") for name in files or ()}
+    if (files is None) != (surfaces is None) or (surfaces is not None and formats - {surfaces}):
+        return None, "the earlier run wrote other surface files"
+    if ("preview.png" in outputs) != preview:
+        return None, "the earlier run " + ("had no preview" if preview else "wrote a preview")
+    missing = [name for name in outputs if not (Path(case_dir) / name).is_file()]
+    if missing:
+        return None, f"{', '.join(missing)} of the earlier run is missing"
+    return document, None

@@ -1,0 +1,249 @@
+"""``livertumorseg batch``: many CTs, the model loaded once, a folder per case, batch.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from LiverTumorSegLib import cli
+from LiverTumorSegLib.batch import SUMMARY_COLUMNS, plan_cases, read_list
+from LiverTumorSegLib.errors import InputError
+from LiverTumorSegLib.io import read_volume, write_volume
+
+from .oracle import analytic_ct
+
+
+def _rows(outdir: Path) -> list:
+    with open(outdir / "batch.csv", encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def cts(tmp_path_factory):
+    """Two CTs of different sizes (``a.nrrd``, ``b.nii.gz``), a NIfTI cut short
+    (``cut.nii.gz``) and an empty folder ``sub``."""
+    root = tmp_path_factory.mktemp("batch-inputs")
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    write_volume(ct, root / "a.nrrd")
+    other, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3), extent_mm=(140.0, 120.0, 111.0))
+    write_volume(other, root / "b.nii.gz")
+    whole = (root / "b.nii.gz").read_bytes()
+    (root / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
+    (root / "sub").mkdir()
+    return root
+
+
+def _batch(*argv) -> int:
+    return cli.main(["batch", *map(str, argv)])
+
+
+def test_each_input_gets_its_own_folder_and_a_failure_does_not_stop_the_batch(cts, tmp_path, tiny_model, capsys):
+    out = tmp_path / "out"
+    code = _batch(cts / "a.nrrd", cts / "cut.nii.gz", cts / "b.nii.gz", "-o", out,
+                  "--model", tiny_model, "--progress", "none", "--no-preview")
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "1 of 3 case(s) failed: cut" in captured.err
+    assert sorted(os.listdir(out)) == ["a", "b", "batch.csv"]  # nothing of the failed case
+    rows = _rows(out)
+    assert [(r["case"], r["status"]) for r in rows] == [("a", "done"), ("cut", "failed"), ("b", "done")]
+    assert "truncated or corrupt" in rows[1]["error"] and rows[1]["liver_ml"] == ""
+    assert rows[1]["input"] == str((cts / "cut.nii.gz").resolve())
+    for row, name in ((rows[0], "a.nrrd"), (rows[2], "b.nii.gz")):
+        document = json.loads((out / row["case"] / "stats.json").read_text(encoding="utf-8"))
+        assert document["run"]["input"] == row["input"] == str((cts / name).resolve())
+        assert float(row["liver_ml"]) == round(document["liver"]["volume_ml"], 1)
+        assert int(row["lesions"]) == document["tumor"]["count"]
+        assert row["warnings"] == " | ".join(document["run"]["warnings"])
+        assert "preview.png" not in os.listdir(out / row["case"])
+    # the same labels as segment gives for that input alone
+    single = tmp_path / "single"
+    assert cli.main(["segment", str(cts / "b.nii.gz"), "-o", str(single), "--model", str(tiny_model),
+                     "--progress", "none", "--no-preview"]) == 0
+    np.testing.assert_array_equal(read_volume(out / "b" / "segmentation.nii.gz").array,
+                                  read_volume(single / "segmentation.nii.gz").array)
+    for case, name in (("a", "a.nrrd"), ("b", "b.nii.gz")):  # each case got its own input's grid
+        assert read_volume(out / case / "segmentation.nii.gz").shape_xyz == read_volume(cts / name).shape_xyz
+
+
+def test_case_names(tmp_path):
+    rels = ("x/p/ct.nii.gz", "y/q/liver_3.NII.GZ", "y/scan.mhd", "dicom/SERIES1", "notes.txt", "y/p/ct.nii.gz",
+            "other/SERIES1", "y/p/CT.nrrd")
+    for rel in rels:
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"") if "." in path.name else path.mkdir()
+    cases = plan_cases([tmp_path / r for r in rels[:5]])
+    assert [c.name for c in cases] == ["ct", "liver_3", "scan", "SERIES1", "notes.txt"]
+    # a link is named as given, and recorded as what it points to
+    (tmp_path / "link.nii.gz").symlink_to(tmp_path / "y" / "scan.mhd")
+    case, = plan_cases([tmp_path / "link.nii.gz"])
+    assert case.name == "link" and case.input == (tmp_path / "y" / "scan.mhd").resolve()
+    # two cases of one name (letter case aside) are refused, every clash named ...
+    with pytest.raises(InputError) as refused:
+        plan_cases([tmp_path / r for r in rels])
+    message = str(refused.value)
+    for a, b, name in (("y/p/ct.nii.gz", "x/p/ct.nii.gz", "ct"), ("other/SERIES1", "dicom/SERIES1", "SERIES1"),
+                       ("y/p/CT.nrrd", "x/p/ct.nii.gz", "CT")):
+        assert f"{tmp_path / a} and {tmp_path / b} would both be case {name!r}" in message
+    assert "a name, a tab, then its path" in message
+    # ... and names of their own settle it
+    named = plan_cases([("p1", tmp_path / "x/p/ct.nii.gz"), ("p2", tmp_path / "y/p/ct.nii.gz")])
+    assert [c.name for c in named] == ["p1", "p2"]
+
+
+def test_inputs_that_cannot_make_a_batch_are_refused_together_before_anything_runs(tmp_path, cts, tiny_model,
+                                                                                   capsys):
+    with pytest.raises(InputError, match="no inputs"):
+        plan_cases([])
+    (tmp_path / ".hidden.nii.gz").write_bytes(b"")
+    (tmp_path / "batch.csv.nii").write_bytes(b"")
+    with pytest.raises(InputError) as refused:
+        plan_cases([tmp_path / ".hidden.nii.gz", tmp_path / "batch.csv.nii", ("a/b", cts / "a.nrrd"),
+                    ("", cts / "b.nii.gz")])
+    for name in ("'.hidden'", "'batch.csv'", "'a/b'", "''"):
+        assert f"would be named {name}, which cannot be" in str(refused.value)
+    out = tmp_path / "out"
+    code = _batch(cts / "a.nrrd", tmp_path / "missing.nii.gz", cts / "sub" / ".." / "a.nrrd",
+                  "-o", out, "--model", tiny_model)
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert "missing.nii.gz: no such file or folder" in err and "given twice" in err
+    assert _batch("-o", out, "--model", tiny_model) == 2 and "no inputs" in capsys.readouterr().err
+    # a case folder that is an input's folder: the results would land among the patient's files
+    dicom = tmp_path / "P001"
+    dicom.mkdir()
+    (dicom / "1.dcm").write_bytes(b"")
+    assert _batch(dicom, "-o", tmp_path, "--model", tiny_model) == 2
+    assert f"case 'P001' would write into {dicom}, which holds the input {dicom}" in capsys.readouterr().err
+    assert os.listdir(dicom) == ["1.dcm"]
+    (tmp_path / "list.txt").write_text(f"P001\t{dicom / '1.dcm'}\n", encoding="utf-8")  # a file in it
+    assert _batch("--list", tmp_path / "list.txt", "-o", tmp_path, "--model", tiny_model) == 2
+    assert f"which holds the input {dicom / '1.dcm'}" in capsys.readouterr().err
+
+
+def test_list_file(tmp_path, cts, tiny_model):
+    listing = tmp_path / "lists" / "cases.txt"
+    listing.parent.mkdir()
+    (tmp_path / "lists" / "rel.nii.gz").write_bytes(b"")
+    listing.write_text(f"# the cohort\n\n  rel.nii.gz  \npatient 7\t{cts / 'a.nrrd'}\n"
+                       f"#{cts / 'cut.nii.gz'}\n#old\t{cts / 'cut.nii.gz'}\n", encoding="utf-8")
+    assert read_list(listing) == [(None, tmp_path / "lists" / "rel.nii.gz"), ("patient 7", cts / "a.nrrd")]
+    with pytest.raises(InputError, match="cannot read the list of inputs"):
+        read_list(tmp_path / "absent.txt")
+    listing.write_text(f"b\t{cts / 'b.nii.gz'}\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert _batch(cts / "a.nrrd", "--list", listing, "-o", out, "--model", tiny_model, "--progress",
+                  "none", "--no-surfaces", "--no-preview") == 0
+    assert [(r["case"], r["status"]) for r in _rows(out)] == [("a", "done"), ("b", "done")]
+
+
+def test_resume_keeps_what_the_same_settings_made_and_redoes_the_rest(cts, tmp_path, tiny_model, capsys):
+    out = tmp_path / "out"
+    inputs = [cts / "a.nrrd", cts / "b.nii.gz"]
+    options = ["-o", out, "--model", tiny_model, "--progress", "none", "--no-preview"]
+    assert _batch(*inputs, *options) == 0
+    stamp = {c: (out / c / "stats.json").stat().st_mtime_ns for c in ("a", "b")}
+    capsys.readouterr()
+
+    assert _batch(*inputs, *options, "--resume") == 0
+    assert [r["status"] for r in _rows(out)] == ["done earlier", "done earlier"]
+    assert {c: (out / c / "stats.json").stat().st_mtime_ns for c in stamp} == stamp
+    first = _rows(out)[0]
+    assert first["liver_ml"] != "" and first["seconds"] == ""
+
+    (out / "b" / "stats.csv").unlink()  # a file of the earlier run gone: that case again
+    assert _batch(*inputs, *options, "--resume") == 0
+    assert [r["status"] for r in _rows(out)] == ["done earlier", "done"]
+    assert "stats.csv of the earlier run is missing" in capsys.readouterr().out
+    assert (out / "b" / "stats.csv").is_file()
+
+    # another input under a case's name: that case again
+    (tmp_path / "list.txt").write_text(f"a\t{cts / 'b.nii.gz'}\n", encoding="utf-8")
+    assert _batch("--list", tmp_path / "list.txt", *options, "--resume") == 0
+    assert [r["status"] for r in _rows(out)] == ["done"]
+    assert f"input was '{cts / 'a.nrrd'}', not '{cts / 'b.nii.gz'}'" in capsys.readouterr().out
+    assert _batch(*inputs, *options) == 0
+
+    # other label settings, or other files asked for: every case again
+    assert _batch(*inputs, *options, "--resume", "--min-lesion-ml", "0.5") == 0
+    assert [r["status"] for r in _rows(out)] == ["done", "done"]
+    assert "min_lesion_ml was 0.01, not 0.5" in capsys.readouterr().out
+    assert _batch(*inputs[:1], "-o", out, "--model", tiny_model, "--progress", "none", "--resume",
+                  "--min-lesion-ml", "0.5") == 0
+    assert [r["status"] for r in _rows(out)] == ["done"]  # batch.csv lists this batch's cases
+    assert (out / "a" / "preview.png").is_file()
+
+
+def test_a_cancel_keeps_the_cases_done_and_lists_what_was_not(cts, tmp_path, tiny_model, capsys):
+    out = tmp_path / "out"
+    args = cli.build_parser().parse_args(["batch", str(cts / "a.nrrd"), str(cts / "b.nii.gz"),
+                                          str(cts / "sub" / ".." / "a.nrrd"),
+                                          "-o", str(out), "--model", str(tiny_model), "--progress", "none"])
+    with pytest.raises(InputError, match="given twice"):
+        cli.run_batch(args, lambda: False)
+    args.inputs = [cts / "a.nrrd", cts / "b.nii.gz", cts / "cut.nii.gz"]
+    code = cli.run_batch(args, lambda: (out / "a" / "stats.json").exists())  # cancel once case 1 is in
+    assert code == cli.EXIT_CANCELLED
+    assert [(r["case"], r["status"]) for r in _rows(out)] == [("a", "done"), ("b", "cancelled"),
+                                                              ("cut", "not run")]
+    assert sorted(os.listdir(out)) == ["a", "batch.csv"]  # nothing of the cancelled case
+    assert "cancelled during b; the 1 case(s) done are in" in capsys.readouterr().err
+
+
+def test_a_batch_csv_not_written_by_a_batch_is_not_overwritten(cts, tmp_path, tiny_model, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "batch.csv").write_text("my,own,table\n", encoding="utf-8")
+    assert _batch(cts / "a.nrrd", "-o", out, "--model", tiny_model) == 2
+    assert "was not written by a batch run" in capsys.readouterr().err
+    assert (out / "batch.csv").read_text(encoding="utf-8") == "my,own,table\n"
+    assert os.listdir(out) == ["batch.csv"]
+    assert list(SUMMARY_COLUMNS)[:2] == ["case", "status"]
+
+
+def test_json_progress_is_events_only(cts, tmp_path, tiny_model, capsys):
+    out = tmp_path / "out"
+    code = _batch(cts / "a.nrrd", cts / "cut.nii.gz", "-o", out, "--model", tiny_model, "--progress", "json",
+                  "--no-surfaces", "--no-preview")
+    assert code == 2
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # every line is JSON
+    progress = [e["progress"] for e in events if e["event"] == "progress"]
+    assert progress == sorted(progress) and progress[-1] == pytest.approx(1.0)
+    first = [e["progress"] for e in events if e["event"] == "progress" and e["message"].startswith("[1/2]")]
+    assert first and max(first) <= 0.5 + 1e-9  # each case its share
+    cases = [e for e in events if e["event"] == "case"]
+    assert [(e["case"], e["status"]) for e in cases] == [("a", "done"), ("cut", "failed")]
+    assert cases[0]["summary"]["lesions"] >= 0 and "truncated" in cases[1]["error"]
+    assert set(cases[0]["outputs"]) == {"segmentation", "stats_csv", "stats_json"}
+    assert [(r["case"], r["status"]) for r in _rows(out)] == [("a", "done"), ("cut", "failed")]
+    assert events[-1] == {"event": "done", "cases": 2, "failed": 1, "summary_csv": str(out.resolve() / "batch.csv"),
+                          "total_s": events[-1]["total_s"]}
+
+
+def test_a_signal_while_a_case_is_moved_in_counts_that_case_as_done(cts, tmp_path, tiny_model, monkeypatch, capsys):
+    import LiverTumorSegLib.atomic as atomic
+
+    out = tmp_path / "out"
+    replace = os.replace
+
+    def replace_once(a, b):  # as a signal handler does when SIGTERM lands while case a is moved in
+        if os.path.dirname(b) == str(out / "a"):
+            monkeypatch.setattr(atomic.os, "replace", replace)
+            assert atomic.defer_interrupt()
+        return replace(a, b)
+
+    monkeypatch.setattr(atomic.os, "replace", replace_once)
+    code = _batch(cts / "a.nrrd", cts / "b.nii.gz", "-o", out, "--model", tiny_model, "--progress", "none")
+    assert code == cli.EXIT_CANCELLED
+    rows = _rows(out)
+    assert [(r["case"], r["status"]) for r in rows] == [("a", "done"), ("b", "not run")]
+    document = json.loads((out / "a" / "stats.json").read_text(encoding="utf-8"))
+    assert float(rows[0]["liver_ml"]) == round(document["liver"]["volume_ml"], 1)
+    assert sorted(document["run"]["outputs"]) == sorted(os.listdir(out / "a"))
+    assert "cancelled; the 1 case(s) done are in" in capsys.readouterr().err
