@@ -15,6 +15,7 @@ results ``--resume`` may keep, and writes ``batch.csv``; the command line runs t
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -22,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, check_path_text
 from .errors import InputError, OutputError
+from .stats import summary
 
 SUMMARY_NAME = "batch.csv"
 #: batch.csv's columns, in order. ``status`` is one of STATUSES.
@@ -34,8 +36,8 @@ STATUSES = ("done", "done earlier", "failed", "cancelled", "not run")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # The run settings that decide a case's labels and that ``--resume`` compares, as
 # stats.json's ``run`` records them.
-RESUME_KEYS = ("input", "model_weights_sha256", "precision", "overlap", "weighting", "min_lesion_ml",
-               "window_grid")
+RESUME_KEYS = ("input", "input_fingerprint", "model_weights_sha256", "precision", "overlap", "weighting",
+               "min_lesion_ml", "window_grid")
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Case:
 
     name: str
     input: Path
+    series: Optional[str] = None  # the Series Instance UID to read from a DICOM folder
     status: str = "not run"
     summary: dict = field(default_factory=dict)  # stats.summary() of the result
     warnings: List[str] = field(default_factory=list)
@@ -58,23 +61,35 @@ class Case:
                 "error": self.error, "input": str(self.input)}
 
 
-def read_list(list_file: Path) -> List[Tuple[Optional[str], Path]]:
-    """The inputs a list file names, as (case name or None, path): one input per line,
-    either a path or a case name, a tab and a path; blank lines and lines starting with
-    ``#`` are skipped; relative paths are taken from the list file's folder."""
+#: An input of :func:`plan_cases`: a path, or (case name or None, path, series UID or None).
+Entry = Tuple[Optional[str], Path, Optional[str]]
+
+
+def read_list(list_file: Path) -> List[Entry]:
+    """The inputs a list file names, one per line: a path; or a case name, a tab and a
+    path; or those, a tab and the Series Instance UID to read from a DICOM folder that
+    holds several series. Blank lines and lines starting with ``#`` are skipped, a
+    UTF-8 byte-order mark and Windows line ends are allowed, and relative paths are taken
+    from the folder the list file is in (as named, not where a link to it points)."""
     list_file = Path(list_file).expanduser()
     try:
-        text = list_file.read_text(encoding="utf-8")
+        text = list_file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeError) as exc:
         raise InputError(f"cannot read the list of inputs {list_file}: {exc}") from None
-    base = list_file.resolve().parent
-    entries = []
-    for line in text.splitlines():
-        name, tab, rest = line.partition("\t")
-        name, path = (name.strip(), rest.strip()) if tab else (None, line.strip())
-        if path and not (name or path).startswith("#"):
-            path = Path(path).expanduser()
-            entries.append((name, path if path.is_absolute() else base / path))
+    base = list_file.absolute().parent
+    entries, problems = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split("\t")]
+        if len(fields) > 3 or (len(fields) > 1 and not fields[1]) or (len(fields) == 3 and not fields[2]):
+            problems.append(f"line {number} ({line.strip()!r}) is not PATH, NAME<tab>PATH or NAME<tab>PATH<tab>UID")
+            continue
+        name, path, series = (None, fields[0], None) if len(fields) == 1 else (fields + [None])[:3]
+        path = Path(path).expanduser()
+        entries.append((name, path if path.is_absolute() else base / path, series))
+    if problems:
+        raise InputError(f"cannot use the list of inputs {list_file}: " + "; ".join(problems))
     return entries
 
 
@@ -91,29 +106,45 @@ def case_name(path: Path) -> str:
     return name
 
 
+def _identity(path: Path) -> tuple:
+    """What makes two paths one input: the same file or folder (links and hard links
+    included)."""
+    st = path.stat()
+    return (st.st_dev, st.st_ino) if st.st_ino else (str(path.resolve()),)
+
+
 def plan_cases(inputs: Iterable) -> List[Case]:
     """One :class:`Case` per input, in the order given. An input is a path, named by
-    :func:`case_name`, or a (name, path) pair whose name, when not None, is the case's.
+    :func:`case_name`, or an :data:`Entry` (a name that is not None is the case's).
 
     Refused before anything runs (:class:`InputError`, every problem listed): no input,
-    an input that does not exist, the same input twice, two cases of one name (letter
-    case aside, as macOS and Windows see file names: give them names of their own in a
+    an input that does not exist, a path that is not valid UTF-8, the same input twice
+    (hard links and links included), an input inside another input's folder, two cases
+    of one name (letter case aside, as macOS and Windows see file names: name them in a
     list file), a name that is empty, starts with ``.``, holds a ``/`` or a ``\\``, or is
     ``batch.csv``.
     """
-    entries = [item if isinstance(item, tuple) else (None, item) for item in inputs]
+    entries = [item if isinstance(item, tuple) else (None, item, None) for item in inputs]
     if not entries:
         raise InputError("no inputs: give CT files or DICOM folders, or --list FILE")
-    paths = [Path(p).expanduser().absolute() for _, p in entries]  # named as given: a link keeps its own name
-    names = [case_name(p) if n is None else n for (n, _), p in zip(entries, paths)]
-    problems = [f"{p}: no such file or folder" for p in paths if not p.exists()]
-    seen, taken = {}, {}
+    # named as given: a link keeps its own name
+    paths = [Path(entry[1]).expanduser().absolute() for entry in entries]
+    names = [case_name(p) if entry[0] is None else entry[0] for entry, p in zip(entries, paths)]
+    problems, seen, taken = [], {}, {}
     for path, name in zip(paths, names):
-        real = path.resolve()
-        if real in seen:
-            problems.append(f"{path}: given twice (also as {seen[real]})")
+        try:
+            check_path_text(path, InputError, "input")
+        except InputError as exc:
+            problems.append(str(exc))
             continue
-        seen[real] = path
+        if not path.exists():
+            problems.append(f"{path}: no such file or folder")
+            continue
+        identity = _identity(path)
+        if identity in seen:
+            problems.append(f"{path}: given twice (also as {seen[identity]})")
+            continue
+        seen[identity] = path
         if not name or name.startswith(".") or "/" in name or "\\" in name or name.lower() == SUMMARY_NAME:
             problems.append(f"{path}: its case would be named {name!r}, which cannot be a case folder's name")
         elif name.casefold() in taken:
@@ -122,21 +153,48 @@ def plan_cases(inputs: Iterable) -> List[Case]:
     if problems:
         raise InputError("cannot start the batch: " + "; ".join(problems) + ". A list file (--list) can name "
                          "each case: a name, a tab, then its path, one case per line")
-    return [Case(name, path.resolve()) for name, path in zip(names, paths)]
+    resolved = [p.resolve() for p in paths]
+    nested = [f"{p} lies in the folder of the input {q}" for p in resolved for q in resolved if q in p.parents]
+    if nested:
+        raise InputError("cannot start the batch: " + "; ".join(nested) + "; give each series once")
+    return [Case(name, real, entry[2]) for name, real, entry in zip(names, resolved, entries)]
 
 
 def check_case_folders(cases: Sequence[Case], outdir: Path) -> None:
-    """Refuse (:class:`InputError`) a batch whose case folder would be an input's folder
-    or hold an input (``batch P001 P002 -o .`` beside those DICOM folders): the results
-    would be written among the patient's files."""
-    problems = []
+    """Refuse (:class:`InputError`) a batch that would write among an input's files: an
+    output folder that is an input's folder or lies in one, or a case folder that is an
+    input's folder or holds an input (``batch P001 P002 -o .`` beside those DICOM
+    folders)."""
+    outdir = Path(outdir).resolve()
+    problems = [f"the output folder {outdir} lies in the input {c.input}" for c in cases
+                if c.input == outdir or c.input in outdir.parents]
     for case in cases:
-        folder = (Path(outdir) / case.name).resolve()
+        folder = outdir / case.name
         for other in cases:
             if other.input == folder or folder in other.input.parents:
                 problems.append(f"case {case.name!r} would write into {folder}, which holds the input {other.input}")
     if problems:
         raise InputError("cannot start the batch: " + "; ".join(problems) + "; choose another output folder")
+
+
+def input_fingerprint(path: Path) -> str:
+    """SHA-256 of the names, sizes and modification times (ns) of an input's files (of
+    every file under a DICOM folder), not of their content: a file replaced or rewritten
+    at the same path changes it, reading it does not. ``--resume`` compares it."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(Path(root, name) for root, _, names in os.walk(path) for name in names)
+    else:
+        files = [path]
+    digest = hashlib.sha256()
+    for file in files:
+        try:
+            st = file.stat()
+        except OSError:
+            continue  # a dangling link or a file gone: the reader reports what it needs
+        name = os.fsencode(str(file.relative_to(path))) if file != path else b""
+        digest.update(name + b"\0" + str(st.st_size).encode() + b"\0" + str(st.st_mtime_ns).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def check_summary_is_ours(outdir: Path) -> None:
@@ -178,12 +236,15 @@ def earlier_result(case_dir: Path, expected: dict, surfaces: Optional[str], prev
         return None, None
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-        run = document["run"]
-        outputs = run["outputs"]
-    except (OSError, ValueError, KeyError, TypeError):
+        run, outputs = document["run"], list(document["run"]["outputs"])
+        summary(document)  # the figures batch.csv takes from it
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None, "its stats.json cannot be read"
     for key in RESUME_KEYS:
         if run.get(key) != expected[key]:
+            if key == "input_fingerprint":
+                return None, ("the input's files have changed since (sizes or modification times)" if key in run
+                              else "the earlier run did not record its input's fingerprint")
             return None, f"the earlier run's {key} was {run.get(key)!r}, not {expected[key]!r}"
     files = document.get("surfaces", {}).get("files") if isinstance(document.get("surfaces"), dict) else None
     formats = {Path(name).suffix.lstrip(".") for name in files or ()}

@@ -6,7 +6,7 @@ see :mod:`.batch`), ``demo`` (segment the bundled sample CT with the bundled mod
 ``models`` (list models and the cache folder) and ``phantom`` (write a synthetic data set).
 
 Exit codes: 0 success, 2 bad input or any other error the user can fix (one line on
-stderr), 130 cancelled (Ctrl-C or SIGTERM), 141 standard output closed by its reader
+stderr), 130 cancelled (Ctrl-C, SIGTERM or SIGHUP), 141 standard output closed by its reader
 (``| head``), quietly, as other Unix tools do; outputs written before that stay.
 """
 
@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -29,7 +30,7 @@ EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED, EXIT_BROKEN_PIPE = 0, 2, 130, 141
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived: the run stops wherever it is, like Ctrl-C."""
+    """SIGTERM or SIGHUP arrived: the run stops wherever it is, like Ctrl-C."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch = sub.add_parser("batch", help="segment many CTs, one output folder each, with a batch.csv of them all")
     batch.add_argument("inputs", type=Path, nargs="*", help="CT image files or DICOM series folders")
     batch.add_argument("--list", type=Path, default=None, metavar="FILE",
-                       help="a file naming more inputs, one per line (relative to its folder; # comments)")
+                       help="a file naming more inputs, one per line: PATH, or NAME<tab>PATH, or "
+                            "NAME<tab>PATH<tab>SERIES_UID (relative paths from the file's folder; # comments)")
     batch.add_argument("-o", "--output", type=Path, required=True,
                        help="output folder: one subfolder per case, and batch.csv")
     batch.add_argument("--resume", action="store_true",
@@ -82,7 +84,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                    help="progress as a bar on stderr, JSON lines on stdout, or nothing")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    p.add_argument("--batch-size", type=_positive(int), default=2)
+    p.add_argument("--batch-size", type=_positive(int), default=2, help="patches per forward pass (default: 2)")
     from .boxes import WEIGHTINGS, WINDOW_GRIDS
 
     p.add_argument("--weighting", choices=WEIGHTINGS, default=WEIGHTINGS[0],
@@ -202,10 +204,12 @@ def _options(args):
     )
 
 
-def _segment_one(segmenter, input_path: Path, output: Path, args, progress: Callable[[float, str], None],
-                 cancel: Callable[[], bool]) -> tuple:
-    """Read one CT, segment it and write its outputs into ``output``: (result, written).
-    ``progress`` hears the whole of it, 0 to 1."""
+def _segment_one(segmenter, input_path: Path, series: Optional[str], output: Path, args,
+                 progress: Callable[[float, str], None], cancel: Callable[[], bool]) -> tuple:
+    """Read one CT (``series``: the UID to read from a DICOM folder), segment it and
+    write its outputs into ``output``: (result, written). ``progress`` hears the whole of
+    it, 0 to 1."""
+    from .batch import input_fingerprint
     from .io import read_dicom_series, read_header, read_volume
     from .outputs import write_outputs
     from .preprocess import check_spacing
@@ -216,11 +220,12 @@ def _segment_one(segmenter, input_path: Path, output: Path, args, progress: Call
         segmenter.check_memory(*header)
     progress(0.0, "reading")
     t = time.perf_counter()
-    provenance = {"input": str(Path(input_path).resolve())}  # as typed, it depends on where the run was
+    provenance = {"input": str(Path(input_path).resolve()),  # as typed, it depends on where the run was
+                  "input_fingerprint": input_fingerprint(input_path)}
     if input_path.is_dir():  # a DICOM folder: also record which series was segmented
-        ct, provenance["series"] = read_dicom_series(input_path, getattr(args, "series", None))
+        ct, provenance["series"] = read_dicom_series(input_path, series)
     else:
-        ct = read_volume(input_path, series_uid=getattr(args, "series", None))
+        ct = read_volume(input_path, series_uid=series)
     read_s = time.perf_counter() - t
     result = segmenter.segment(ct, progress=lambda f, m: progress(f * WRITE_START, m), cancel=cancel)
     result.timings = {"read": read_s, **result.timings}
@@ -252,7 +257,8 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
     reporter = _Reporter(args.progress)
     try:
         segmenter = _load(args, reporter)
-        result, written = _segment_one(segmenter, input_path, args.output, args, reporter, cancel)
+        result, written = _segment_one(segmenter, input_path, getattr(args, "series", None), args.output, args,
+                                       reporter, cancel)
         args.written_to = args.output
     except BaseException:
         reporter.close(clear=True)  # the error that follows is the run's last line
@@ -277,7 +283,8 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
     """Segment every input into OUTDIR/CASE/, going on past cases that fail; batch.csv
     lists them all. Exit 0 when every case is done, 2 when one failed, 130 on a cancel."""
     from .atomic import InterruptedAfterwards, check_writable_dir
-    from .batch import check_case_folders, check_summary_is_ours, earlier_result, plan_cases, read_list, write_summary
+    from .batch import (check_case_folders, check_summary_is_ours, earlier_result, input_fingerprint, plan_cases,
+                        read_list, write_summary)
     from .stats import summary, summary_text
 
     t0 = time.perf_counter()
@@ -295,16 +302,19 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
         for i, case in enumerate(cases):
             current = case
             where = f"[{i + 1}/{n}] {case.name}"
+            reason = None
             if args.resume:
-                document, reason = earlier_result(outdir / case.name, dict(expected, input=str(case.input)),
+                document, reason = earlier_result(outdir / case.name, dict(expected, input=str(case.input),
+                                                                           input_fingerprint=input_fingerprint(case.input)),
                                                   None if args.no_surfaces else args.mesh_format,
                                                   not args.no_preview)
                 if document is not None:
                     case.status, case.summary = "done earlier", summary(document)
                     case.warnings = list(document["run"].get("warnings") or [])
+                    write_summary(outdir, cases)  # before any printing: a closed stdout must not leave it behind
                     reporter.line(f"{where}: done earlier, kept: {summary_text(document)}")
-                    reporter.event("case", case=case.name, index=i, status=case.status, summary=case.summary)
-                    write_summary(outdir, cases)
+                    reporter.event("case", case=case.name, index=i, status=case.status, summary=case.summary,
+                                   warnings=case.warnings)
                     continue
                 if reason:
                     reporter.line(f"{where}: segmenting again: {reason}")
@@ -312,32 +322,45 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
             part = reporter.part(i / n, (i + 1) / n)
             try:
                 try:
-                    result, written = _segment_one(segmenter, case.input, outdir / case.name, args,
+                    result, written = _segment_one(segmenter, case.input, case.series, outdir / case.name, args,
                                                    lambda f, m: part(f, f"{where}: {m}"), cancel)
                 except InterruptedAfterwards:  # the case's files are all in; then the batch stops
                     case.status, case.seconds = "done", time.perf_counter() - t
                     try:
-                        case.summary = summary(json.loads((outdir / case.name / "stats.json").read_text("utf-8")))
-                    except (OSError, ValueError, KeyError, TypeError):
+                        document = json.loads((outdir / case.name / "stats.json").read_text("utf-8"))
+                        case.summary = summary(document)
+                        case.warnings = list(document["run"].get("warnings") or [])
+                    except (OSError, ValueError, KeyError, TypeError, AttributeError):
                         pass  # the row then lacks the figures; the case's own files have them
+                    write_summary(outdir, cases)
+                    reporter.event("case", case=case.name, index=i, status=case.status, summary=case.summary,
+                                   warnings=case.warnings, seconds=round(case.seconds, 3), redone_because=reason)
                     raise
             except Cancelled:
                 raise
-            except LiverTumorSegError as exc:  # this case's input, memory or output: the batch goes on
-                case.status, case.error, case.seconds = "failed", str(exc), time.perf_counter() - t
-                reporter.line(f"{where}: failed: {exc}", error=True)
-                reporter.event("case", case=case.name, index=i, status=case.status, error=case.error)
+            except Exception as exc:  # this case's input, memory, output, or a fault: the batch goes on
+                case.status, case.seconds = "failed", time.perf_counter() - t
+                case.error = str(exc) if isinstance(exc, LiverTumorSegError) else (
+                    f"internal error: {type(exc).__name__}: {exc} (a fault of this program: please report it, "
+                    "with the traceback on stderr)")
                 write_summary(outdir, cases)
+                if not isinstance(exc, LiverTumorSegError):
+                    reporter.line("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(),
+                                  error=True)
+                reporter.line(f"{where}: failed: {case.error}", error=True)
+                reporter.event("case", case=case.name, index=i, status=case.status, error=case.error,
+                               seconds=round(case.seconds, 3), redone_because=reason)
                 continue
             case.status, case.seconds = "done", time.perf_counter() - t
             case.summary, case.warnings = summary(result.stats), list(result.info.get("warnings", []))
+            write_summary(outdir, cases)
             reporter.line(f"{where}: {summary_text(result.stats)} ({case.seconds:.1f} s)")
             del result
             for warning in case.warnings:  # also in the case's stats.json and in batch.csv
                 reporter.line(f"livertumorseg: warning: {case.name}: {warning}", error=True)
             reporter.event("case", case=case.name, index=i, status=case.status, summary=case.summary,
-                           outputs=written, seconds=round(case.seconds, 3))
-            write_summary(outdir, cases)
+                           warnings=case.warnings, outputs=written, seconds=round(case.seconds, 3),
+                           redone_because=reason)
         reporter(1.0, f"{n} case(s)")
     except (Cancelled, KeyboardInterrupt):
         reporter.close(clear=True)
@@ -439,7 +462,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     stop = {"requested": False}
 
-    def on_signal(signum, frame):  # SIGTERM (e.g. Cancel in Slicer) or Ctrl-C ends the run cleanly
+    def on_signal(signum, frame):  # SIGTERM (e.g. Cancel in Slicer), SIGHUP or Ctrl-C ends the run cleanly
         stop["requested"] = True
         if defer_interrupt():
             return  # outputs are being moved in: raised once they all are
@@ -448,8 +471,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise Terminated("stopped by signal")
 
     # A signal a launcher set to be ignored (SIGINT of a background job) stays ignored.
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
-                if signal.getsignal(sig) is not signal.SIG_IGN}
+    # SIGHUP: the terminal or SSH session went away (under nohup it is ignored, and stays so).
+    handled = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled if signal.getsignal(sig) is not signal.SIG_IGN}
     args.written_to = None  # set once a run's outputs are all in place
     try:
         code = _run_command(args, lambda: stop["requested"])

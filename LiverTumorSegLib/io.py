@@ -275,8 +275,9 @@ def choose_series(folder: Path, series_uid: "str | None" = None) -> tuple:
         return series_uid, files[series_uid]
     large = [sid for sid in series if len(files[sid]) >= MIN_SERIES_SLICES]
     if len(large) > 1:
-        raise InputError(f"{folder} holds {len(large)} CT series; choose one with --series UID "
-                         f"(or give a folder with one series): {_list_series({sid: files[sid] for sid in large})}")
+        listed_series = _list_series({sid: files[sid] for sid in large})
+        raise InputError(f"{folder} holds {len(large)} CT series; choose one with --series UID (in a batch "
+                         f"list file, a third column), or give a folder with one series: {listed_series}")
     chosen = max(series, key=lambda sid: len(files[sid]))
     _check_nothing_skipped_beside(files[chosen], skipped, folder)
     _check_no_slice_unparsed(files[chosen], listed, chosen)

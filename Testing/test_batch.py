@@ -93,7 +93,7 @@ def test_case_names(tmp_path):
         assert f"{tmp_path / a} and {tmp_path / b} would both be case {name!r}" in message
     assert "a name, a tab, then its path" in message
     # ... and names of their own settle it
-    named = plan_cases([("p1", tmp_path / "x/p/ct.nii.gz"), ("p2", tmp_path / "y/p/ct.nii.gz")])
+    named = plan_cases([("p1", tmp_path / "x/p/ct.nii.gz", None), ("p2", tmp_path / "y/p/ct.nii.gz", None)])
     assert [c.name for c in named] == ["p1", "p2"]
 
 
@@ -104,8 +104,8 @@ def test_inputs_that_cannot_make_a_batch_are_refused_together_before_anything_ru
     (tmp_path / ".hidden.nii.gz").write_bytes(b"")
     (tmp_path / "batch.csv.nii").write_bytes(b"")
     with pytest.raises(InputError) as refused:
-        plan_cases([tmp_path / ".hidden.nii.gz", tmp_path / "batch.csv.nii", ("a/b", cts / "a.nrrd"),
-                    ("", cts / "b.nii.gz")])
+        plan_cases([tmp_path / ".hidden.nii.gz", tmp_path / "batch.csv.nii", ("a/b", cts / "a.nrrd", None),
+                    ("", cts / "b.nii.gz", None)])
     for name in ("'.hidden'", "'batch.csv'", "'a/b'", "''"):
         assert f"would be named {name}, which cannot be" in str(refused.value)
     out = tmp_path / "out"
@@ -133,7 +133,7 @@ def test_list_file(tmp_path, cts, tiny_model):
     (tmp_path / "lists" / "rel.nii.gz").write_bytes(b"")
     listing.write_text(f"# the cohort\n\n  rel.nii.gz  \npatient 7\t{cts / 'a.nrrd'}\n"
                        f"#{cts / 'cut.nii.gz'}\n#old\t{cts / 'cut.nii.gz'}\n", encoding="utf-8")
-    assert read_list(listing) == [(None, tmp_path / "lists" / "rel.nii.gz"), ("patient 7", cts / "a.nrrd")]
+    assert read_list(listing) == [(None, tmp_path / "lists" / "rel.nii.gz", None), ("patient 7", cts / "a.nrrd", None)]
     with pytest.raises(InputError, match="cannot read the list of inputs"):
         read_list(tmp_path / "absent.txt")
     listing.write_text(f"b\t{cts / 'b.nii.gz'}\n", encoding="utf-8")
@@ -247,3 +247,155 @@ def test_a_signal_while_a_case_is_moved_in_counts_that_case_as_done(cts, tmp_pat
     assert float(rows[0]["liver_ml"]) == round(document["liver"]["volume_ml"], 1)
     assert sorted(document["run"]["outputs"]) == sorted(os.listdir(out / "a"))
     assert "cancelled; the 1 case(s) done are in" in capsys.readouterr().err
+
+
+def test_list_files_as_spreadsheets_and_editors_write_them(tmp_path, cts):
+    listing = tmp_path / "cohort.txt"
+    listing.write_bytes(b"\xef\xbb\xbf# exported\r\nP1\t" + str(cts / "a.nrrd").encode() + b"\r\n"
+                        + b"P2\t" + str(cts / "b.nii.gz").encode() + b"\t1.2.3\r\n")
+    assert read_list(listing) == [("P1", cts / "a.nrrd", None), ("P2", cts / "b.nii.gz", "1.2.3")]
+    listing.write_text(f"P3\t\nP4\t{cts / 'a.nrrd'}\nP5\ta\tb\tc\nP6\t{cts / 'a.nrrd'}\t\n", encoding="utf-8")
+    with pytest.raises(InputError) as refused:
+        read_list(listing)  # a row with an empty cell is not dropped without a word
+    assert "line 1 ('P3')" in str(refused.value) and "line 3" in str(refused.value)
+    assert "line 4" in str(refused.value) and "line 2" not in str(refused.value)
+    # relative paths from the folder the list is in, as named, not where a link to it points
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "cohort.txt").symlink_to(tmp_path / "real" / "cohort.txt")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "cohort.txt").write_text("x.nii.gz\n", encoding="utf-8")
+    assert read_list(tmp_path / "elsewhere" / "cohort.txt") == [(None, tmp_path / "elsewhere" / "x.nii.gz", None)]
+
+
+def test_a_study_of_several_series_takes_the_uid_from_the_list(tmp_path, tiny_model, capsys):
+    from .test_io import _tall_volume, _write_dicom_series
+
+    v = _tall_volume()
+    _write_dicom_series(tmp_path / "study", v, series_uid="1.2.3.1", description="ARTERIAL")
+    _write_dicom_series(tmp_path / "study", v.with_array((v.array + 7).astype(np.int16)), series_uid="1.2.3.2",
+                        description="VENOUS")
+    listing = tmp_path / "cohort.txt"
+    listing.write_text(f"venous\tstudy\t1.2.3.2\n", encoding="utf-8")
+    out = tmp_path / "out"
+    code = _batch("--list", listing, "-o", out, "--model", tiny_model, "--progress", "none", "--allow-non-ct",
+                  "--no-surfaces", "--no-preview")
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "venous" / "stats.json").read_text(encoding="utf-8"))["run"]["series"]["uid"] == "1.2.3.2"
+    assert _batch(tmp_path / "study", "-o", tmp_path / "out2", "--model", tiny_model, "--progress", "none") == 2
+    assert "(in a batch list file, a third column)" in _rows(tmp_path / "out2")[0]["error"]
+
+
+def test_paths_that_would_fail_late_or_write_among_the_inputs_are_refused_first(tmp_path, cts, tiny_model, capsys):
+    latin = tmp_path / os.fsdecode(b"caf\xe9.nii.gz")
+    latin.write_bytes((cts / "b.nii.gz").read_bytes())
+    (tmp_path / "hard.nrrd").hardlink_to(cts / "a.nrrd")
+    with pytest.raises(InputError) as refused:
+        plan_cases([latin, cts / "a.nrrd", tmp_path / "hard.nrrd", tmp_path, cts / "b.nii.gz"])
+    message = str(refused.value)
+    assert "not valid UTF-8" in message
+    assert f"{tmp_path / 'hard.nrrd'}: given twice (also as {cts / 'a.nrrd'})" in message
+    dicom = tmp_path / "P001"
+    dicom.mkdir()
+    (dicom / "1.dcm").write_bytes(b"")
+    with pytest.raises(InputError, match="lies in the folder of the input"):
+        plan_cases([dicom, dicom / "1.dcm"])
+    for out in (dicom, dicom / "seg"):  # the output folder in a patient's DICOM folder
+        assert _batch(dicom, "-o", out, "--model", tiny_model) == 2
+        assert f"the output folder {out} lies in the input {dicom}" in capsys.readouterr().err
+    assert os.listdir(dicom) == ["1.dcm"]
+
+
+def test_resume_redoes_a_case_whose_input_changed_or_whose_record_is_unreadable(cts, tmp_path, tiny_model, capsys):
+    work = tmp_path / "in"
+    work.mkdir()
+    for name in ("a.nrrd", "b.nii.gz"):
+        (work / name).write_bytes((cts / name).read_bytes())
+    out = tmp_path / "out"
+    options = ["-o", out, "--model", tiny_model, "--progress", "none", "--no-preview", "--no-surfaces"]
+    assert _batch(work / "a.nrrd", work / "b.nii.gz", *options) == 0
+    before = json.loads((out / "a" / "stats.json").read_text(encoding="utf-8"))["run"]["input_fingerprint"]
+    data = (work / "a.nrrd").read_bytes()
+    (work / "a.nrrd").unlink()
+    (work / "a.nrrd").write_bytes(data)  # the same path, written again (a re-export)
+    document = json.loads((out / "b" / "stats.json").read_text(encoding="utf-8"))
+    del document["liver"]
+    (out / "b" / "stats.json").write_text(json.dumps(document), encoding="utf-8")
+    capsys.readouterr()
+    assert _batch(work / "a.nrrd", work / "b.nii.gz", *options, "--resume") == 0
+    printed = capsys.readouterr().out
+    assert "a: segmenting again: the input's files have changed since" in printed
+    assert "b: segmenting again: its stats.json cannot be read" in printed
+    assert [r["status"] for r in _rows(out)] == ["done", "done"]
+    after = json.loads((out / "a" / "stats.json").read_text(encoding="utf-8"))["run"]["input_fingerprint"]
+    assert after != before and len(after) == 64
+    assert _batch(work / "a.nrrd", work / "b.nii.gz", *options, "--resume") == 0
+    assert [r["status"] for r in _rows(out)] == ["done earlier", "done earlier"]
+
+
+def test_a_closed_stdout_leaves_batch_csv_in_step_with_the_folders(cts, tmp_path, tiny_model, monkeypatch):
+    out = tmp_path / "out"
+
+    def closed(text, flush=False):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(cli, "_out", closed)  # the reader of stdout went away (| head) at the first line
+    code = _batch(cts / "a.nrrd", cts / "b.nii.gz", "-o", out, "--model", tiny_model, "--progress", "none",
+                  "--no-preview")
+    assert code == cli.EXIT_BROKEN_PIPE
+    assert [(r["case"], r["status"]) for r in _rows(out)] == [("a", "done"), ("b", "not run")]
+
+
+def test_a_fault_in_one_case_is_recorded_and_the_batch_goes_on(cts, tmp_path, tiny_model, monkeypatch, capsys):
+    from LiverTumorSegLib.pipeline import Segmenter
+
+    segment = Segmenter.segment
+
+    def faulty(self, ct, **kwargs):
+        if ct.shape_xyz == read_volume(cts / "a.nrrd").shape_xyz:
+            raise MemoryError("Unable to allocate 3.2 GiB")
+        return segment(self, ct, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "segment", faulty)
+    out = tmp_path / "out"
+    code = _batch(cts / "a.nrrd", cts / "b.nii.gz", "-o", out, "--model", tiny_model, "--progress", "none",
+                  "--no-preview")
+    err = capsys.readouterr().err
+    assert code == 2
+    rows = _rows(out)
+    assert [(r["case"], r["status"]) for r in rows] == [("a", "failed"), ("b", "done")]
+    assert rows[0]["error"].startswith("internal error: MemoryError: Unable to allocate 3.2 GiB")
+    assert "Traceback" in err and "1 of 2 case(s) failed: a" in err
+    assert not (out / "a").exists()
+
+
+def test_a_hangup_stops_a_batch_as_a_cancel_does(tmp_path):
+    """SIGHUP (the SSH session dropped) used to kill the run outright, leaving a hidden
+    staging folder; it now ends the batch like Ctrl-C, the cases done listed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .helpers import REPO, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", widths=(8, 16), patch=(16, 16, 16), spacing=(1.0, 1.0, 1.0))
+    for name, extent in (("small", (40.0, 40.0, 40.0)), ("large", (150.0, 130.0, 120.0))):
+        ct, _ = analytic_ct((1.0, 1.0, 1.0), np.eye(3), extent_mm=extent)
+        write_volume(ct, tmp_path / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "LiverTumorSegLib", "batch", str(tmp_path / "small.nii.gz"),
+         str(tmp_path / "large.nii.gz"), "-o", str(out), "--model", str(model), "--progress", "json",
+         "--batch-size", "1", "--overlap", "0.5", "--allow-non-ct"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and event["message"].startswith("[2/2] large: inference"):
+            break
+        assert time.time() < deadline
+    proc.send_signal(signal.SIGHUP)
+    code = proc.wait(timeout=60)
+    assert code == 130, proc.stderr.read()
+    assert [(r["case"], r["status"]) for r in _rows(out)] == [("small", "done"), ("large", "cancelled")]
+    assert sorted(os.listdir(out)) == ["batch.csv", "small"]  # no staging folder left
