@@ -225,12 +225,13 @@ def write_summary(outdir: Path, cases: Sequence[Case]) -> Path:
     return path
 
 
-def earlier_result(case_dir: Path, expected: dict, surfaces: Optional[str], preview: bool):
+def earlier_result(case_dir: Path, expected: dict, surfaces: Optional[str], preview: bool,
+                   series: Optional[str] = None):
     """For ``--resume``: ``(stats document, None)`` when ``case_dir`` holds a finished
     run of this case that this batch would repeat (the same input, model weights and
-    label settings, ``expected``: :data:`RESUME_KEYS`; the same surface format, None for
-    none; a preview or not), else ``(None, reason)``, the reason None when there is no
-    earlier run at all."""
+    label settings, ``expected``: :data:`RESUME_KEYS`; the series ``series`` when one is
+    asked for; the same surface format, None for none; a preview or not), else
+    ``(None, reason)``, the reason None when there is no earlier run at all."""
     path = Path(case_dir) / "stats.json"
     if not path.is_file() or path.is_symlink():
         return None, None
@@ -246,6 +247,9 @@ def earlier_result(case_dir: Path, expected: dict, surfaces: Optional[str], prev
                 return None, ("the input's files have changed since (sizes or modification times)" if key in run
                               else "the earlier run did not record its input's fingerprint")
             return None, f"the earlier run's {key} was {run.get(key)!r}, not {expected[key]!r}"
+    recorded = run.get("series")
+    if series is not None and (recorded.get("uid") if isinstance(recorded, dict) else None) != series:
+        return None, f"the earlier run did not read the series {series}"
     files = document.get("surfaces", {}).get("files") if isinstance(document.get("surfaces"), dict) else None
     formats = {Path(name).suffix.lstrip(".") for name in files or ()}
     if (files is None) != (surfaces is None) or (surfaces is not None and formats - {surfaces}):

@@ -304,10 +304,10 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
             where = f"[{i + 1}/{n}] {case.name}"
             reason = None
             if args.resume:
-                document, reason = earlier_result(outdir / case.name, dict(expected, input=str(case.input),
-                                                                           input_fingerprint=input_fingerprint(case.input)),
+                wanted = dict(expected, input=str(case.input), input_fingerprint=input_fingerprint(case.input))
+                document, reason = earlier_result(outdir / case.name, wanted,
                                                   None if args.no_surfaces else args.mesh_format,
-                                                  not args.no_preview)
+                                                  not args.no_preview, case.series)
                 if document is not None:
                     case.status, case.summary = "done earlier", summary(document)
                     case.warnings = list(document["run"].get("warnings") or [])

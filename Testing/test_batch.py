@@ -281,6 +281,13 @@ def test_a_study_of_several_series_takes_the_uid_from_the_list(tmp_path, tiny_mo
                   "--no-surfaces", "--no-preview")
     assert code == 0, capsys.readouterr().err
     assert json.loads((out / "venous" / "stats.json").read_text(encoding="utf-8"))["run"]["series"]["uid"] == "1.2.3.2"
+    options = ["-o", out, "--model", tiny_model, "--progress", "none", "--allow-non-ct", "--no-surfaces",
+               "--no-preview", "--resume"]
+    assert _batch("--list", listing, *options) == 0 and _rows(out)[0]["status"] == "done earlier"
+    listing.write_text(f"venous\tstudy\t1.2.3.1\n", encoding="utf-8")  # another series under that name
+    assert _batch("--list", listing, *options) == 0 and _rows(out)[0]["status"] == "done"
+    assert "the earlier run did not read the series 1.2.3.1" in capsys.readouterr().out
+    assert json.loads((out / "venous" / "stats.json").read_text(encoding="utf-8"))["run"]["series"]["uid"] == "1.2.3.1"
     assert _batch(tmp_path / "study", "-o", tmp_path / "out2", "--model", tiny_model, "--progress", "none") == 2
     assert "(in a batch list file, a third column)" in _rows(tmp_path / "out2")[0]["error"]
 
