@@ -261,54 +261,6 @@ def test_cache_is_memory_mappable_and_rebuilt_when_parameters_change(tmp_path):
     assert rebuilt["liver_0"]["shape_zyx"] != entries["liver_0"]["shape_zyx"]
 
 
-def _lock_holder(script: str, *args: str):
-    """A process that runs ``script`` (a lock taken), says so, then waits to be killed."""
-    import os
-    import subprocess
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "Training")])}
-    proc = subprocess.Popen([sys.executable, "-c", f"import sys, time\n{script}\nprint('held', flush=True)\n"
-                             "time.sleep(120)", *args], stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="the readers' lock is POSIX flock")
-def test_a_stale_cache_is_not_deleted_under_a_run_that_reads_it(tmp_path):
-    """A run started from changed code (a git pull between two folds) used to delete the
-    default cache under the run still reading it, which then failed on its next file."""
-    from livertumorseg_training.cache import hold_cache, release_cache
-
-    root = make_dataset(tmp_path / "d")
-    cases = training_cases(root)
-    cache = tmp_path / "c" / "4mm"
-    entries = build_cache(cases, _config(), cache, workers=1, progress=False)
-    ct_file = cache / entries["liver_0"]["files"]["ct"]
-    reader = _lock_holder("from livertumorseg_training.cache import hold_cache\nhold_cache(sys.argv[1])", str(cache))
-    try:
-        with pytest.raises(DatasetError, match=r"other preprocessing \(spacing_mm differ\), and another training "
-                                               r"run is reading it.*--cache-dir"):
-            build_cache(cases, _config(spacing_mm=[2.0, 2.0, 2.0]), cache, workers=1, progress=False)
-        assert ct_file.is_file() and read_manifest(cache)["params"]["spacing_mm"] == [4.0, 4.0, 4.0]
-        build_cache(cases, _config(), cache, workers=1, progress=False)  # the same preprocessing: read alongside
-        hold_cache(cache)  # readers share the lock
-        release_cache(cache)
-    finally:
-        reader.kill()
-        reader.wait()
-    rebuilt = build_cache(cases, _config(spacing_mm=[2.0, 2.0, 2.0]), cache, workers=1, progress=False)
-    assert rebuilt["liver_0"]["shape_zyx"] != entries["liver_0"]["shape_zyx"]  # the reader gone: rebuilt
-    # while another process rebuilds it, a run does not start reading it
-    builder = _lock_holder("import fcntl\nh = open(sys.argv[1], 'a+')\nfcntl.flock(h, fcntl.LOCK_EX)",
-                           str(tmp_path / "c" / ".4mm.lock"))
-    try:
-        with pytest.raises(DatasetError, match="another run is rebuilding the preprocessed cache"):
-            hold_cache(cache)
-    finally:
-        builder.kill()
-        builder.wait()
-
-
 def test_a_read_only_data_folder_names_cache_dir_instead_of_a_traceback(tmp_path, monkeypatch):
     """Shared data sets are often read-only; the default cache lies inside them."""
     import errno

@@ -12,11 +12,6 @@ that reads and resamples the data) and, per case, the model-grid geometry and th
 files' size and modification time. A changed source file rebuilds that case. Changed
 parameters or code rebuild the whole default cache folder; a folder given with
 ``--cache-dir`` is refused instead, because another run may be reading it.
-
-A training run holds a shared lock on ``.<cache folder>.lock`` beside the folder while it
-reads the cache (:func:`hold_cache`, POSIX). Rebuilding a stale cache needs that lock
-alone: a run started from changed code (a ``git pull`` between two folds) is refused
-while another run reads the old cache, instead of deleting the files under it.
 """
 
 from __future__ import annotations
@@ -179,61 +174,6 @@ def _entry_is_fresh(entry: dict, case: Case, cache_dir: Path) -> bool:
         return False
 
 
-def _lock_path(cache_dir: Path) -> Path:
-    cache_dir = Path(cache_dir).absolute()
-    return cache_dir.parent / f".{cache_dir.name}.lock"
-
-
-def _flock(cache_dir: Path, exclusive: bool):
-    """The open lock file of ``cache_dir``, locked shared or exclusive without waiting;
-    None where there are no such locks (Windows) or the file cannot be made (read-only
-    storage: no run can rebuild the cache there). Raises BlockingIOError (an OSError)
-    when another process holds a lock that excludes this one."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    path = _lock_path(cache_dir)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
-    except OSError:
-        return None
-    try:
-        fcntl.flock(handle.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise
-    return handle
-
-
-_HELD: Dict[str, object] = {}  # the shared locks this process holds, by lock file
-
-
-def hold_cache(cache_dir: Path) -> None:
-    """Hold a shared lock on ``cache_dir`` until the process ends (or
-    :func:`release_cache`), so that no other run rebuilds it meanwhile; nothing where
-    locks are not available. Raises :class:`DatasetError` while another process
-    rebuilds that cache."""
-    key = str(_lock_path(cache_dir))
-    if key in _HELD:
-        return
-    try:
-        handle = _flock(cache_dir, exclusive=False)
-    except OSError:
-        raise DatasetError(f"another run is rebuilding the preprocessed cache in {cache_dir}; wait for it to "
-                           "finish caching, or pass --cache-dir DIR") from None
-    if handle is not None:
-        _HELD[key] = handle
-
-
-def release_cache(cache_dir: Path) -> None:
-    """Let go of :func:`hold_cache`'s lock on ``cache_dir``."""
-    handle = _HELD.pop(str(_lock_path(cache_dir)), None)
-    if handle is not None:
-        handle.close()
-
-
 def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optional[int] = None,
                 progress: bool = True, rebuild_stale: bool = True) -> Dict[str, dict]:
     """Make sure every case is in the cache; returns ``{case_id: manifest entry}``.
@@ -244,6 +184,8 @@ def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optio
     :class:`DatasetError` listing every bad case (after processing the good ones, so a
     fixed data set resumes).
     """
+    from LiverTumorSegLib.atomic import atomic_write_text
+
     cache_dir = Path(cache_dir)
     params = cache_params(config)
     manifest = read_manifest(cache_dir)
@@ -255,27 +197,7 @@ def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optio
             raise DatasetError(f"the cache in {cache_dir} was made with other preprocessing ({', '.join(changed)} "
                                "differ); another run may still be reading it. Choose another --cache-dir, or "
                                "delete that folder to rebuild it there.")
-        try:
-            rebuilding = _flock(cache_dir, exclusive=True)
-        except OSError:
-            raise DatasetError(f"the cache in {cache_dir} was made with other preprocessing ({', '.join(changed)} "
-                               "differ), and another training run is reading it: rebuilding it would delete "
-                               "the files under that run. Let it finish, or pass --cache-dir DIR for this "
-                               "run.") from None
         manifest = None
-    else:
-        rebuilding = None
-    try:
-        return _build(cases, params, manifest, stale, cache_dir, workers, progress)
-    finally:
-        if rebuilding is not None:
-            rebuilding.close()
-
-
-def _build(cases: List[Case], params: dict, manifest: Optional[dict], stale: bool, cache_dir: Path,
-           workers: Optional[int], progress: bool) -> Dict[str, dict]:
-    from LiverTumorSegLib.atomic import atomic_write_text
-
     entries = dict((manifest or {}).get("cases", {}))
     todo = [c for c in cases if not (c.case_id in entries and _entry_is_fresh(entries[c.case_id], c, cache_dir))]
     if stale or todo:  # a complete, fresh cache is only read: it may lie on read-only storage

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from .augment import sampled_patch_size
-from .cache import build_cache, default_cache_dir, entry_volume, hold_cache, load_arrays
+from .cache import build_cache, default_cache_dir, entry_volume, load_arrays
 from .dataset import Case, split_cases, training_cases
 from .sampling import FastLabelSampler
 from .transforms import (AIR_HU, CachedArrayReader, CachedLabelMap, CachedScalarImage, EngineIntensity,
@@ -138,7 +138,6 @@ class LiverDataModule(L.LightningDataModule):
         self.entries = build_cache(self.train_cases + self.val_cases, self.config, self.cache_dir,
                                    workers=self.config["data"]["cache_workers"], progress=False,
                                    rebuild_stale=self.rebuild_stale_cache)
-        hold_cache(self.cache_dir)  # while this process reads it, no other run rebuilds it
 
     def data_summary(self) -> dict:
         """What the model saw: the data set, the split and the cache parameters."""
