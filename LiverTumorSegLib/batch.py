@@ -36,8 +36,8 @@ STATUSES = ("done", "done earlier", "failed", "cancelled", "not run")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # The run settings that decide a case's labels and that ``--resume`` compares, as
 # stats.json's ``run`` records them.
-RESUME_KEYS = ("input", "input_fingerprint", "model_weights_sha256", "precision", "overlap", "weighting",
-               "min_lesion_ml", "window_grid")
+RESUME_KEYS = ("input", "input_fingerprint", "series_requested", "engine_version", "model_card_sha256",
+               "model_weights_sha256", "precision", "overlap", "weighting", "min_lesion_ml", "window_grid")
 
 
 @dataclass
@@ -68,14 +68,17 @@ Entry = Tuple[Optional[str], Path, Optional[str]]
 def read_list(list_file: Path) -> List[Entry]:
     """The inputs a list file names, one per line: a path; or a case name, a tab and a
     path; or those, a tab and the Series Instance UID to read from a DICOM folder that
-    holds several series. Blank lines and lines starting with ``#`` are skipped, a
-    UTF-8 byte-order mark and Windows line ends are allowed, and relative paths are taken
-    from the folder the list file is in (as named, not where a link to it points)."""
+    holds several series. Blank lines and lines starting with ``#`` are skipped; UTF-8
+    (with or without a byte-order mark), UTF-16 with one, and Windows line ends are read;
+    relative paths are taken from the folder the list file is in (as named, not where a
+    link to it points)."""
     list_file = Path(list_file).expanduser()
     try:
-        text = list_file.read_text(encoding="utf-8-sig")
+        data = list_file.read_bytes()
+        # UTF-8, with or without a byte-order mark; UTF-16 with one (a spreadsheet's "Unicode text")
+        text = data.decode("utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
     except (OSError, UnicodeError) as exc:
-        raise InputError(f"cannot read the list of inputs {list_file}: {exc}") from None
+        raise InputError(f"cannot read the list of inputs {list_file}: {exc}; save it as UTF-8 text") from None
     base = list_file.absolute().parent
     entries, problems = [], []
     for number, line in enumerate(text.splitlines(), 1):
@@ -131,7 +134,7 @@ def plan_cases(inputs: Iterable) -> List[Case]:
     paths = [Path(entry[1]).expanduser().absolute() for entry in entries]
     names = [case_name(p) if entry[0] is None else entry[0] for entry, p in zip(entries, paths)]
     problems, seen, taken = [], {}, {}
-    for path, name in zip(paths, names):
+    for entry, path, name in zip(entries, paths, names):
         try:
             check_path_text(path, InputError, "input")
         except InputError as exc:
@@ -140,11 +143,12 @@ def plan_cases(inputs: Iterable) -> List[Case]:
         if not path.exists():
             problems.append(f"{path}: no such file or folder")
             continue
-        identity = _identity(path)
-        if identity in seen:
-            problems.append(f"{path}: given twice (also as {seen[identity]})")
+        identity, series = _identity(path), entry[2]
+        twice = [earlier for earlier, s in seen.get(identity, []) if series is None or s is None or s == series]
+        if twice:  # one folder twice is fine when the list names another series each time
+            problems.append(f"{path}: given twice (also as {twice[0]})")
             continue
-        seen[identity] = path
+        seen.setdefault(identity, []).append((path, series))
         if not name or name.startswith(".") or "/" in name or "\\" in name or name.lower() == SUMMARY_NAME:
             problems.append(f"{path}: its case would be named {name!r}, which cannot be a case folder's name")
         elif name.casefold() in taken:
@@ -154,7 +158,7 @@ def plan_cases(inputs: Iterable) -> List[Case]:
         raise InputError("cannot start the batch: " + "; ".join(problems) + ". A list file (--list) can name "
                          "each case: a name, a tab, then its path, one case per line")
     resolved = [p.resolve() for p in paths]
-    nested = [f"{p} lies in the folder of the input {q}" for p in resolved for q in resolved if q in p.parents]
+    nested = sorted({f"{p} lies in the folder of the input {q}" for p in resolved for q in resolved if q in p.parents})
     if nested:
         raise InputError("cannot start the batch: " + "; ".join(nested) + "; give each series once")
     return [Case(name, real, entry[2]) for name, real, entry in zip(names, resolved, entries)]
@@ -178,12 +182,19 @@ def check_case_folders(cases: Sequence[Case], outdir: Path) -> None:
 
 
 def input_fingerprint(path: Path) -> str:
-    """SHA-256 of the names, sizes and modification times (ns) of an input's files (of
-    every file under a DICOM folder), not of their content: a file replaced or rewritten
-    at the same path changes it, reading it does not. ``--resume`` compares it."""
+    """SHA-256 of the names, sizes, modification and change times (ns) and inode numbers
+    of an input's files (of every file under a DICOM folder, hidden ones aside), not of
+    their content: a file replaced or written again at the same path changes it, even
+    with its size and modification time restored (``cp -p``, ``rsync -a``: the change
+    time cannot be set), and so does a copy of the folder elsewhere; reading it does
+    not. ``--resume`` compares it."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(Path(root, name) for root, _, names in os.walk(path) for name in names)
+        files = []
+        for root, folders, names in os.walk(path):
+            folders[:] = [f for f in folders if not f.startswith(".")]  # .DS_Store and the like: not the scan
+            files += [Path(root, name) for name in names if not name.startswith(".")]
+        files.sort()
     else:
         files = [path]
     digest = hashlib.sha256()
@@ -193,7 +204,8 @@ def input_fingerprint(path: Path) -> str:
         except OSError:
             continue  # a dangling link or a file gone: the reader reports what it needs
         name = os.fsencode(str(file.relative_to(path))) if file != path else b""
-        digest.update(name + b"\0" + str(st.st_size).encode() + b"\0" + str(st.st_mtime_ns).encode() + b"\n")
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        digest.update(name + b"\0" + " ".join(map(str, stamp)).encode() + b"\n")
     return digest.hexdigest()
 
 
@@ -225,32 +237,35 @@ def write_summary(outdir: Path, cases: Sequence[Case]) -> Path:
     return path
 
 
-def earlier_result(case_dir: Path, expected: dict, surfaces: Optional[str], preview: bool,
-                   series: Optional[str] = None):
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def earlier_result(case_dir: Path, expected: dict, surfaces: Optional[str], preview: bool):
     """For ``--resume``: ``(stats document, None)`` when ``case_dir`` holds a finished
     run of this case that this batch would repeat (the same input, model weights and
-    label settings, ``expected``: :data:`RESUME_KEYS`; the series ``series`` when one is
-    asked for; the same surface format, None for none; a preview or not), else
-    ``(None, reason)``, the reason None when there is no earlier run at all."""
+    settings, ``expected``: :data:`RESUME_KEYS`; the same surface format, None for none;
+    a preview or not), else ``(None, reason)``, the reason None when there is no earlier
+    run at all. A ``stats.json`` that is not one of ours, whole, counts as a reason."""
     path = Path(case_dir) / "stats.json"
     if not path.is_file() or path.is_symlink():
         return None, None
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-        run, outputs = document["run"], list(document["run"]["outputs"])
+        run, outputs = document["run"], document["run"]["outputs"]
         summary(document)  # the figures batch.csv takes from it
+        surfaces_part = document.get("surfaces")
+        files = surfaces_part.get("files") if isinstance(surfaces_part, dict) else None
+        if not (_strings(outputs) and _strings(run.get("warnings") or []) and (files is None or _strings(files))):
+            raise TypeError("not lists of names")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None, "its stats.json cannot be read"
     for key in RESUME_KEYS:
         if run.get(key) != expected[key]:
             if key == "input_fingerprint":
-                return None, ("the input's files have changed since (sizes or modification times)" if key in run
+                return None, ("the input's files have changed since" if key in run
                               else "the earlier run did not record its input's fingerprint")
             return None, f"the earlier run's {key} was {run.get(key)!r}, not {expected[key]!r}"
-    recorded = run.get("series")
-    if series is not None and (recorded.get("uid") if isinstance(recorded, dict) else None) != series:
-        return None, f"the earlier run did not read the series {series}"
-    files = document.get("surfaces", {}).get("files") if isinstance(document.get("surfaces"), dict) else None
     formats = {Path(name).suffix.lstrip(".") for name in files or ()}
     if (files is None) != (surfaces is None) or (surfaces is not None and formats - {surfaces}):
         return None, "the earlier run wrote other surface files"

@@ -221,7 +221,7 @@ def _segment_one(segmenter, input_path: Path, series: Optional[str], output: Pat
     progress(0.0, "reading")
     t = time.perf_counter()
     provenance = {"input": str(Path(input_path).resolve()),  # as typed, it depends on where the run was
-                  "input_fingerprint": input_fingerprint(input_path)}
+                  "input_fingerprint": input_fingerprint(input_path), "series_requested": series}
     if input_path.is_dir():  # a DICOM folder: also record which series was segmented
         ct, provenance["series"] = read_dicom_series(input_path, series)
     else:
@@ -305,9 +305,9 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
             reason = None
             if args.resume:
                 wanted = dict(expected, input=str(case.input), input_fingerprint=input_fingerprint(case.input))
-                document, reason = earlier_result(outdir / case.name, wanted,
+                document, reason = earlier_result(outdir / case.name, dict(wanted, series_requested=case.series),
                                                   None if args.no_surfaces else args.mesh_format,
-                                                  not args.no_preview, case.series)
+                                                  not args.no_preview)
                 if document is not None:
                     case.status, case.summary = "done earlier", summary(document)
                     case.warnings = list(document["run"].get("warnings") or [])

@@ -269,10 +269,18 @@ class Segmenter:
 
     def label_settings(self) -> dict:
         """What decides the labels besides the CT, as ``stats.json``'s ``run`` records it:
-        ``model_weights_sha256``, ``precision``, ``overlap``, ``weighting``,
-        ``min_lesion_ml`` and ``window_grid``. (Device, threads and batch size do not
-        change the result beyond rounding.)"""
-        return {"model_weights_sha256": self.card.weights_sha256, "precision": self.precision_name,
+        ``engine_version``, ``model_card_sha256`` (of the card's JSON form: grid, patch,
+        intensity window, architecture...), ``model_weights_sha256``, ``precision``,
+        ``overlap``, ``weighting``, ``min_lesion_ml`` and ``window_grid``. (Device, threads
+        and batch size do not change the result beyond rounding.)"""
+        import hashlib
+        import json
+
+        from . import __version__
+
+        card = json.dumps(self.card.to_dict(), sort_keys=True, default=str).encode("utf-8")
+        return {"engine_version": __version__, "model_card_sha256": hashlib.sha256(card).hexdigest(),
+                "model_weights_sha256": self.card.weights_sha256, "precision": self.precision_name,
                 "overlap": self.overlap(), "weighting": self.options.weighting,
                 "min_lesion_ml": self.options.min_lesion_ml,
                 "window_grid": self.options.window_grid if self.options.crop_to_body else "volume, uncropped"}
@@ -364,6 +372,7 @@ class Segmenter:
             "model": self.card.name, "model_version": self.card.version,
             "model_folder": str(Path(self.model.folder).absolute()),
             "model_weights_sha256": settings["model_weights_sha256"],
+            "model_card_sha256": settings["model_card_sha256"], "engine_version": settings["engine_version"],
             "device": self.device,
             "precision": settings["precision"],
             "overlap": settings["overlap"], "weighting": settings["weighting"],

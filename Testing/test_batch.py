@@ -267,13 +267,18 @@ def test_list_files_as_spreadsheets_and_editors_write_them(tmp_path, cts):
     assert read_list(tmp_path / "elsewhere" / "cohort.txt") == [(None, tmp_path / "elsewhere" / "x.nii.gz", None)]
 
 
-def test_a_study_of_several_series_takes_the_uid_from_the_list(tmp_path, tiny_model, capsys):
+def _two_series_study(folder: Path) -> None:
+    """A DICOM study folder holding two CT series: 1.2.3.1 (arterial) and 1.2.3.2 (venous)."""
     from .test_io import _tall_volume, _write_dicom_series
 
     v = _tall_volume()
-    _write_dicom_series(tmp_path / "study", v, series_uid="1.2.3.1", description="ARTERIAL")
-    _write_dicom_series(tmp_path / "study", v.with_array((v.array + 7).astype(np.int16)), series_uid="1.2.3.2",
+    _write_dicom_series(folder, v, series_uid="1.2.3.1", description="ARTERIAL")
+    _write_dicom_series(folder, v.with_array((v.array + 7).astype(np.int16)), series_uid="1.2.3.2",
                         description="VENOUS")
+
+
+def test_a_study_of_several_series_takes_the_uid_from_the_list(tmp_path, tiny_model, capsys):
+    _two_series_study(tmp_path / "study")
     listing = tmp_path / "cohort.txt"
     listing.write_text(f"venous\tstudy\t1.2.3.2\n", encoding="utf-8")
     out = tmp_path / "out"
@@ -286,7 +291,7 @@ def test_a_study_of_several_series_takes_the_uid_from_the_list(tmp_path, tiny_mo
     assert _batch("--list", listing, *options) == 0 and _rows(out)[0]["status"] == "done earlier"
     listing.write_text(f"venous\tstudy\t1.2.3.1\n", encoding="utf-8")  # another series under that name
     assert _batch("--list", listing, *options) == 0 and _rows(out)[0]["status"] == "done"
-    assert "the earlier run did not read the series 1.2.3.1" in capsys.readouterr().out
+    assert "the earlier run's series_requested was '1.2.3.2', not '1.2.3.1'" in capsys.readouterr().out
     assert json.loads((out / "venous" / "stats.json").read_text(encoding="utf-8"))["run"]["series"]["uid"] == "1.2.3.1"
     assert _batch(tmp_path / "study", "-o", tmp_path / "out2", "--model", tiny_model, "--progress", "none") == 2
     assert "(in a batch list file, a third column)" in _rows(tmp_path / "out2")[0]["error"]
@@ -406,3 +411,77 @@ def test_a_hangup_stops_a_batch_as_a_cancel_does(tmp_path):
     assert code == 130, proc.stderr.read()
     assert [(r["case"], r["status"]) for r in _rows(out)] == [("small", "done"), ("large", "cancelled")]
     assert sorted(os.listdir(out)) == ["batch.csv", "small"]  # no staging folder left
+
+
+def test_one_study_twice_for_two_series_and_what_resume_compares(tmp_path, tiny_model, capsys):
+    import shutil
+
+    _two_series_study(tmp_path / "study")
+    listing = tmp_path / "cohort.txt"
+    listing.write_text("art\tstudy\t1.2.3.1\nven\tstudy\t1.2.3.2\n", encoding="utf-8")
+    assert [c.series for c in plan_cases(read_list(listing))] == ["1.2.3.1", "1.2.3.2"]
+    for lines in ("a\tstudy\t1.2.3.1\nb\tstudy\t1.2.3.1\n", "a\tstudy\nb\tstudy\t1.2.3.2\n"):
+        listing.write_text(lines, encoding="utf-8")
+        with pytest.raises(InputError, match="given twice"):
+            plan_cases(read_list(listing))
+    listing.write_text("art\tstudy\t1.2.3.1\nven\tstudy\t1.2.3.2\n", encoding="utf-8")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    out = tmp_path / "out"
+    options = ["-o", out, "--model", model, "--progress", "none", "--allow-non-ct", "--no-surfaces", "--no-preview"]
+    assert _batch("--list", listing, *options) == 0
+    run = json.loads((out / "art" / "stats.json").read_text(encoding="utf-8"))["run"]
+    assert run["series"]["uid"] == run["series_requested"] == "1.2.3.1"
+    assert run["engine_version"] and len(run["model_card_sha256"]) == 64
+    capsys.readouterr()
+    # the model's card edited (same weights): every case again
+    card = json.loads((model / "model.json").read_text(encoding="utf-8"))
+    card["intensity"]["window_hu"] = [-150.0, 250.0]  # another intensity window
+    (model / "model.json").write_text(json.dumps(card), encoding="utf-8")
+    assert _batch("--list", listing, *options, "--resume") == 0
+    assert [r["status"] for r in _rows(out)] == ["done", "done"]
+    assert "art: segmenting again: the earlier run's model_card_sha256 was" in capsys.readouterr().out
+    # a study browsed in a file manager (a hidden file added) is still the same input
+    (tmp_path / "study" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "study" / ".thumbnails").mkdir()
+    (tmp_path / "study" / ".thumbnails" / "1.png").write_bytes(b"\0")
+    assert _batch("--list", listing, *options, "--resume") == 0
+    assert [r["status"] for r in _rows(out)] == ["done earlier", "done earlier"]
+
+
+def test_resume_treats_a_stats_json_of_the_wrong_shape_as_unreadable(cts, tmp_path, tiny_model, capsys):
+    out = tmp_path / "out"
+    options = ["-o", out, "--model", tiny_model, "--progress", "none", "--no-preview"]
+    assert _batch(cts / "a.nrrd", cts / "b.nii.gz", *options) == 0
+    for case, edit in (("a", lambda run: run.update(warnings=5)), ("b", lambda run: run["outputs"].append(None))):
+        path = out / case / "stats.json"
+        document = json.loads(path.read_text(encoding="utf-8"))
+        edit(document["run"])
+        path.write_text(json.dumps(document), encoding="utf-8")
+    capsys.readouterr()
+    assert _batch(cts / "a.nrrd", cts / "b.nii.gz", *options, "--resume") == 0
+    assert capsys.readouterr().out.count("segmenting again: its stats.json cannot be read") == 2
+
+
+def test_the_fingerprint_sees_a_file_written_again_with_its_size_and_time_restored(tmp_path):
+    from LiverTumorSegLib.batch import input_fingerprint
+
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(b"a" * 100)
+    st = path.stat()
+    before = input_fingerprint(path)
+    assert input_fingerprint(path) == before  # reading changes nothing
+    path.unlink()
+    path.write_bytes(b"b" * 100)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p or rsync -a leave it
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert input_fingerprint(path) != before
+
+
+def test_a_list_saved_as_utf16_by_a_spreadsheet_is_read(tmp_path, cts):
+    listing = tmp_path / "cohort.txt"
+    listing.write_bytes(f"name\u00e9\t{cts / 'a.nrrd'}\r\n".encode("utf-16"))
+    assert read_list(listing) == [("name\u00e9", cts / "a.nrrd", None)]
+    listing.write_bytes(b"\xe9\t" + str(cts / "a.nrrd").encode())  # Latin-1: not guessed
+    with pytest.raises(InputError, match="save it as UTF-8 text"):
+        read_list(listing)

@@ -339,6 +339,49 @@ def test_cache_is_rebuilt_when_the_preprocessing_code_changes(tmp_path, monkeypa
     assert ct_file.stat().st_mtime_ns != stamp
 
 
+def test_other_preprocessing_gets_its_own_default_cache_and_leaves_the_old_one_alone(tmp_path, monkeypatch, capsys):
+    """A run from changed code (a git pull between two folds) used to rebuild the default
+    cache in place, deleting the arrays under the run still reading it."""
+    from livertumorseg_training import cache as cache_module
+    from livertumorseg_training.cache import default_cache_dir, other_caches
+    from livertumorseg_training.data import LiverDataModule
+
+    root = make_dataset(tmp_path / "d")
+    first = LiverDataModule(root, _config())
+    first.prepare_data()
+    assert first.cache_dir.parent == root.resolve() / ".livertumorseg-cache"
+    assert first.cache_dir.name.startswith("4x4x4mm-LPS-") and len(first.cache_dir.name) == len("4x4x4mm-LPS-") + 8
+    arrays = sorted(first.cache_dir.glob("*.npy"))
+    stamps = [p.stat().st_mtime_ns for p in arrays]
+    assert default_cache_dir(root, _config()) == first.cache_dir and "note:" not in capsys.readouterr().err
+
+    monkeypatch.setattr(cache_module, "code_fingerprint", lambda: "edited")  # e.g. to_model_grid changed
+    second = LiverDataModule(root, _config())
+    assert second.cache_dir != first.cache_dir and second.cache_dir.name.startswith("4x4x4mm-LPS-")
+    second.prepare_data()
+    assert read_manifest(second.cache_dir)["params"]["code"] == "edited"
+    assert [p.stat().st_mtime_ns for p in arrays] == stamps  # the first run's cache untouched
+    assert read_manifest(first.cache_dir)["params"]["code"] == cache_module._CODE_FINGERPRINT[0]
+    assert other_caches(second.cache_dir) == [first.cache_dir]
+    assert f"1 cache(s) of other preprocessing (other settings or code) lie beside {second.cache_dir.name}" in \
+        capsys.readouterr().err
+    assert default_cache_dir(root, _config(spacing_mm=[2.0, 2.0, 2.0])).name.startswith("2x2x2mm-LPS-")
+
+
+def test_the_code_fingerprint_describes_the_code_imported_not_the_files_edited_since(tmp_path, monkeypatch):
+    from livertumorseg_training import cache as cache_module
+
+    before = cache_module.code_fingerprint()
+    source = tmp_path / "io.py"
+    source.write_text("# edited after import\n", encoding="utf-8")
+    import LiverTumorSegLib.io as io_module
+
+    monkeypatch.setattr(io_module, "__file__", str(source))  # the file on disk changed (a git pull)
+    assert cache_module.code_fingerprint() == before
+    monkeypatch.setattr(cache_module, "_CODE_FINGERPRINT", [])
+    assert cache_module.code_fingerprint() != before  # a new process would see the new code
+
+
 def test_cache_rebuilds_a_case_whose_source_changed(tmp_path):
     root = make_dataset(tmp_path / "d")
     cache = tmp_path / "cache"

@@ -9,9 +9,13 @@ network before intensity scaling.
 
 ``manifest.json`` holds the preprocessing parameters (with a fingerprint of the code
 that reads and resamples the data) and, per case, the model-grid geometry and the source
-files' size and modification time. A changed source file rebuilds that case. Changed
-parameters or code rebuild the whole default cache folder; a folder given with
-``--cache-dir`` is refused instead, because another run may be reading it.
+files' size and modification time. A changed source file rebuilds that case.
+
+The default cache folder is named by its preprocessing (:func:`default_cache_dir`: the
+grid and a hash of :func:`cache_params`), so a run with other parameters or code (a
+``git pull`` between two folds) builds a folder of its own and never deletes the arrays
+under a run still reading the old one. A folder given with ``--cache-dir`` whose
+manifest differs is refused, because another run may be reading it.
 """
 
 from __future__ import annotations
@@ -40,15 +44,22 @@ CODE_MODULES = ("LiverTumorSegLib.io", "LiverTumorSegLib.volume", "LiverTumorSeg
                 "LiverTumorSegLib.model.card", "livertumorseg_training.cache", "livertumorseg_training.dataset")
 
 
+_CODE_FINGERPRINT: List[str] = []  # computed once: the code this process runs, not what is on disk later
+
+
 def code_fingerprint() -> str:
     """SHA-256 (first 16 hex digits) of the source of :data:`CODE_MODULES`: an edit to
-    the preprocessing rebuilds the cache, even without a version change."""
-    import importlib
+    the preprocessing gives another cache, even without a version change. Read once per
+    process, so a long-lived process (a notebook, a loop over folds) keeps describing the
+    code it imported after the files change on disk."""
+    if not _CODE_FINGERPRINT:
+        import importlib
 
-    digest = hashlib.sha256()
-    for name in CODE_MODULES:
-        digest.update(Path(importlib.import_module(name).__file__).read_bytes())
-    return digest.hexdigest()[:16]
+        digest = hashlib.sha256()
+        for name in CODE_MODULES:
+            digest.update(Path(importlib.import_module(name).__file__).read_bytes())
+        _CODE_FINGERPRINT.append(digest.hexdigest()[:16])
+    return _CODE_FINGERPRINT[0]
 
 
 def cache_params(config: dict) -> dict:
@@ -68,10 +79,25 @@ def cache_params(config: dict) -> dict:
 
 
 def default_cache_dir(data_dir: Path, config: dict) -> Path:
-    """``<data-dir>/.livertumorseg-cache/<spacing>-<orientation>``."""
+    """``<data-dir>/.livertumorseg-cache/<spacing>-<orientation>-<hash>``, the hash the
+    first 8 hex digits of the SHA-256 of :func:`cache_params` (code fingerprint
+    included): other preprocessing, another folder."""
     sx, sy, sz = (float(s) for s in config["data"]["spacing_mm"])
-    tag = f"{sx:g}x{sy:g}x{sz:g}mm-{str(config['data']['orientation']).upper()}"
+    params = hashlib.sha256(json.dumps(cache_params(config), sort_keys=True).encode("utf-8")).hexdigest()[:8]
+    tag = f"{sx:g}x{sy:g}x{sz:g}mm-{str(config['data']['orientation']).upper()}-{params}"
     return Path(data_dir).expanduser().resolve() / ".livertumorseg-cache" / tag
+
+
+def other_caches(cache_dir: Path) -> List[Path]:
+    """The other cache folders beside ``cache_dir`` (made with other preprocessing), for
+    the user to delete once no run reads them."""
+    cache_dir = Path(cache_dir)
+    try:
+        siblings = [p for p in cache_dir.parent.iterdir() if p != cache_dir and p.is_dir()
+                    and (p / MANIFEST).is_file()]
+    except OSError:
+        return []
+    return sorted(siblings)
 
 
 def _source_stamp(path: Path) -> list:

@@ -21,6 +21,7 @@ mid-epoch (a SLURM requeue) starts that epoch's stream again.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from .augment import sampled_patch_size
-from .cache import build_cache, default_cache_dir, entry_volume, load_arrays
+from .cache import build_cache, default_cache_dir, entry_volume, load_arrays, other_caches
 from .dataset import Case, split_cases, training_cases
 from .sampling import FastLabelSampler
 from .transforms import (AIR_HU, CachedArrayReader, CachedLabelMap, CachedScalarImage, EngineIntensity,
@@ -102,9 +103,9 @@ class LiverDataModule(L.LightningDataModule):
     Args:
         data_dir: the MSD Task03-layout folder holding ``dataset.json``.
         config: the resolved recipe.
-        cache_dir: cache folder; default ``<data_dir>/.livertumorseg-cache/<spacing>-<orientation>``,
-            which is rebuilt when stale (a given folder is refused instead: see
-            :func:`~.cache.build_cache`).
+        cache_dir: cache folder; default :func:`~.cache.default_cache_dir`, named by its
+            preprocessing, so other settings or code give another folder (a given folder
+            whose manifest differs is refused: see :func:`~.cache.build_cache`).
     """
 
     def __init__(self, data_dir: Path, config: dict, cache_dir: Optional[Path] = None) -> None:
@@ -132,6 +133,11 @@ class LiverDataModule(L.LightningDataModule):
         self.split()
         build_cache(self.train_cases + self.val_cases, self.config, self.cache_dir,
                     workers=self.config["data"]["cache_workers"], rebuild_stale=self.rebuild_stale_cache)
+        others = other_caches(self.cache_dir) if self.rebuild_stale_cache else []
+        if others:
+            print(f"note: {len(others)} cache(s) of other preprocessing (other settings or code) lie beside "
+                  f"{self.cache_dir.name} in {self.cache_dir.parent}: {', '.join(p.name for p in others)}; "
+                  "delete them once no run reads them", file=sys.stderr)
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.split()

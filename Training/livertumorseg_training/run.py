@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe YAML, or a name in Training/configs (seed, default, smoke, demo)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<recipe name>-<time>)")
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help="preprocessing cache (default: <data-dir>/.livertumorseg-cache/<spacing>-<orientation>, e.g. 1.5x1.5x1.5mm-LPS)")
+                   help="preprocessing cache (default: <data-dir>/.livertumorseg-cache/<spacing>-<orientation>-<hash>, "
+                        "e.g. 1.5x1.5x1.5mm-LPS-3f9c20ab, the hash of its preprocessing settings and code)")
     p.add_argument("--folds", type=int, default=None, help="k-fold cross-validation: number of folds")
     p.add_argument("--fold", type=int, default=None, help="which fold validates (0-based)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoints/last.ckpt")
