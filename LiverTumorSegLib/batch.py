@@ -144,6 +144,9 @@ def plan_cases(inputs: Iterable) -> List[Case]:
             problems.append(f"{path}: no such file or folder")
             continue
         identity, series = _identity(path), entry[2]
+        if series is not None and not path.is_dir():
+            problems.append(f"{path}: a series UID ({series}) is for a DICOM folder, and this is a file")
+            continue
         twice = [earlier for earlier, s in seen.get(identity, []) if series is None or s is None or s == series]
         if twice:  # one folder twice is fine when the list names another series each time
             problems.append(f"{path}: given twice (also as {twice[0]})")

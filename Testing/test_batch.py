@@ -420,6 +420,10 @@ def test_one_study_twice_for_two_series_and_what_resume_compares(tmp_path, tiny_
     listing = tmp_path / "cohort.txt"
     listing.write_text("art\tstudy\t1.2.3.1\nven\tstudy\t1.2.3.2\n", encoding="utf-8")
     assert [c.series for c in plan_cases(read_list(listing))] == ["1.2.3.1", "1.2.3.2"]
+    listing.write_text(f"nifti\t{tmp_path / 'study' / os.listdir(tmp_path / 'study')[0]}\t1.2.3.1\n",
+                       encoding="utf-8")
+    with pytest.raises(InputError, match=r"a series UID \(1.2.3.1\) is for a DICOM folder, and this is a file"):
+        plan_cases(read_list(listing))
     for lines in ("a\tstudy\t1.2.3.1\nb\tstudy\t1.2.3.1\n", "a\tstudy\nb\tstudy\t1.2.3.2\n"):
         listing.write_text(lines, encoding="utf-8")
         with pytest.raises(InputError, match="given twice"):
