@@ -122,7 +122,8 @@ def plan_cases(inputs: Iterable) -> List[Case]:
 
     Refused before anything runs (:class:`InputError`, every problem listed): no input,
     an input that does not exist, a path that is not valid UTF-8, the same input twice
-    (hard links and links included), an input inside another input's folder, two cases
+    (hard links and links included; one DICOM folder may come once per series named), a
+    series UID given for a file, an input inside another input's folder, two cases
     of one name (letter case aside, as macOS and Windows see file names: name them in a
     list file), a name that is empty, starts with ``.``, holds a ``/`` or a ``\\``, or is
     ``batch.csv``.
