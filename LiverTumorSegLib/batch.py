@@ -85,7 +85,7 @@ def read_list(list_file: Path) -> List[Entry]:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = [f.strip() for f in line.split("\t")]
-        if len(fields) > 3 or (len(fields) > 1 and not fields[1]) or (len(fields) == 3 and not fields[2]):
+        if len(fields) > 3 or (len(fields) > 1 and not all(fields)):  # an empty cell: a row half filled in
             problems.append(f"line {number} ({line.strip()!r}) is not PATH, NAME<tab>PATH or NAME<tab>PATH<tab>UID")
             continue
         name, path, series = (None, fields[0], None) if len(fields) == 1 else (fields + [None])[:3]

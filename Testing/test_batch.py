@@ -254,11 +254,12 @@ def test_list_files_as_spreadsheets_and_editors_write_them(tmp_path, cts):
     listing.write_bytes(b"\xef\xbb\xbf# exported\r\nP1\t" + str(cts / "a.nrrd").encode() + b"\r\n"
                         + b"P2\t" + str(cts / "b.nii.gz").encode() + b"\t1.2.3\r\n")
     assert read_list(listing) == [("P1", cts / "a.nrrd", None), ("P2", cts / "b.nii.gz", "1.2.3")]
-    listing.write_text(f"P3\t\nP4\t{cts / 'a.nrrd'}\nP5\ta\tb\tc\nP6\t{cts / 'a.nrrd'}\t\n", encoding="utf-8")
+    listing.write_text(f"P3\t\nP4\t{cts / 'a.nrrd'}\nP5\ta\tb\tc\nP6\t{cts / 'a.nrrd'}\t\n\t{cts / 'a.nrrd'}\n",
+                       encoding="utf-8")
     with pytest.raises(InputError) as refused:
         read_list(listing)  # a row with an empty cell is not dropped without a word
     assert "line 1 ('P3')" in str(refused.value) and "line 3" in str(refused.value)
-    assert "line 4" in str(refused.value) and "line 2" not in str(refused.value)
+    assert "line 4" in str(refused.value) and "line 5" in str(refused.value) and "line 2" not in str(refused.value)
     # relative paths from the folder the list is in, as named, not where a link to it points
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "cohort.txt").symlink_to(tmp_path / "real" / "cohort.txt")
