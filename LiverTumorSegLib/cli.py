@@ -205,10 +205,11 @@ def _options(args):
 
 
 def _segment_one(segmenter, input_path: Path, series: Optional[str], output: Path, args,
-                 progress: Callable[[float, str], None], cancel: Callable[[], bool]) -> tuple:
+                 progress: Callable[[float, str], None], cancel: Callable[[], bool],
+                 fingerprint: Optional[str] = None) -> tuple:
     """Read one CT (``series``: the UID to read from a DICOM folder), segment it and
     write its outputs into ``output``: (result, written). ``progress`` hears the whole of
-    it, 0 to 1."""
+    it, 0 to 1; ``fingerprint``: the input's, when the caller has it already."""
     from .batch import input_fingerprint
     from .io import read_dicom_series, read_header, read_volume
     from .outputs import write_outputs
@@ -221,7 +222,7 @@ def _segment_one(segmenter, input_path: Path, series: Optional[str], output: Pat
     progress(0.0, "reading")
     t = time.perf_counter()
     provenance = {"input": str(Path(input_path).resolve()),  # as typed, it depends on where the run was
-                  "input_fingerprint": input_fingerprint(input_path), "series_requested": series}
+                  "input_fingerprint": fingerprint or input_fingerprint(input_path), "series_requested": series}
     if input_path.is_dir():  # a DICOM folder: also record which series was segmented
         ct, provenance["series"] = read_dicom_series(input_path, series)
     else:
@@ -302,9 +303,10 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
         for i, case in enumerate(cases):
             current = case
             where = f"[{i + 1}/{n}] {case.name}"
-            reason = None
+            reason = fingerprint = None
             if args.resume:
-                wanted = dict(expected, input=str(case.input), input_fingerprint=input_fingerprint(case.input))
+                fingerprint = input_fingerprint(case.input)  # once: the run below records the same
+                wanted = dict(expected, input=str(case.input), input_fingerprint=fingerprint)
                 document, reason = earlier_result(outdir / case.name, dict(wanted, series_requested=case.series),
                                                   None if args.no_surfaces else args.mesh_format,
                                                   not args.no_preview)
@@ -323,7 +325,7 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
             try:
                 try:
                     result, written = _segment_one(segmenter, case.input, case.series, outdir / case.name, args,
-                                                   lambda f, m: part(f, f"{where}: {m}"), cancel)
+                                                   lambda f, m: part(f, f"{where}: {m}"), cancel, fingerprint)
                 except InterruptedAfterwards:  # the case's files are all in; then the batch stops
                     case.status, case.seconds = "done", time.perf_counter() - t
                     try:

@@ -367,18 +367,10 @@ class Segmenter:
         report(1.0, "segmented")
         timings["statistics"] = time.perf_counter() - t
         warnings = result_warnings(labels, ct.array, stats, left_out_ml)
-        settings = self.label_settings()
         info = {
             "model": self.card.name, "model_version": self.card.version,
-            "model_folder": str(Path(self.model.folder).absolute()),
-            "model_weights_sha256": settings["model_weights_sha256"],
-            "model_card_sha256": settings["model_card_sha256"], "engine_version": settings["engine_version"],
-            "device": self.device,
-            "precision": settings["precision"],
-            "overlap": settings["overlap"], "weighting": settings["weighting"],
-            "batch_size": self.options.batch_size, "threads": self.threads,
-            "min_lesion_ml": settings["min_lesion_ml"],
-            "window_grid": settings["window_grid"],
+            "model_folder": str(Path(self.model.folder).absolute()), **self.label_settings(),
+            "device": self.device, "batch_size": self.options.batch_size, "threads": self.threads,
             "model_grid_size_xyz": list(hu.shape_xyz), "small_lesions_dropped": dropped,
             "liver_left_out_ml": round(left_out_ml, 3),
             "warnings": warnings,
