@@ -4,7 +4,9 @@ Single files are written to a temporary name in the same folder and renamed into
 place. A set of outputs (the command line's output folder) is written into a staging
 folder inside the target when it exists (beside it when it is still to be made) and
 moved in only when every file is complete; the files an
-earlier run listed that the new set does not have are removed after that.
+earlier run listed that the new set does not have are removed after that. A staging
+folder is locked while its run lives, so the next run into the same target removes
+those that a run killed outright left behind.
 """
 
 from __future__ import annotations
@@ -162,6 +164,8 @@ class StagedOutput:
         self.path: Path = Path()
         self.published: list = []
         self.removed: list = []
+        self.swept: list = []
+        self._lock: Optional[int] = None
 
     def __enter__(self) -> "StagedOutput":
         # Stage where publishing is a rename: inside a target that exists (it may be a mount
@@ -172,9 +176,23 @@ class StagedOutput:
             base = self.target
         else:
             base = self.target.parent if self.target.parent.is_dir() else existing_parent(self.target)
+        self.swept = sweep_stale_staging(self.target)
+        # Made under a name no sweep looks at, locked for as long as this run lives, and
+        # only then given the staging name: a sweep never finds this run's folder unlocked.
+        prefix = f".{self.target.name}."
         try:
-            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=base))
+            made = Path(tempfile.mkdtemp(prefix=prefix + "creating-", dir=base))
         except OSError as exc:
+            raise OutputError(f"cannot create a staging folder beside {self.target}: {exc}") from None
+        try:
+            self._lock = _hold(made)
+            self.path = made.with_name(prefix + "partial-" + made.name[len(prefix + "creating-"):])
+            os.rename(made, self.path)
+        except OSError as exc:
+            shutil.rmtree(made, ignore_errors=True)
+            if self._lock is not None:
+                os.close(self._lock)
+                self._lock = None
             raise OutputError(f"cannot create a staging folder beside {self.target}: {exc}") from None
         return self
 
@@ -184,6 +202,8 @@ class StagedOutput:
                 self._publish()
         finally:
             shutil.rmtree(self.path, ignore_errors=True)
+            if self._lock is not None:
+                os.close(self._lock)
 
     def _publish(self) -> None:
         # Files by their path inside the set (``imagesTr/liver_0.nii.gz``); the record last.
@@ -214,6 +234,58 @@ class StagedOutput:
             moved = f" ({len(self.published)} of the new files were moved in)" if self.published else ""
             raise OutputError(f"cannot move results into {self.target}: {exc}; the folder may now be "
                               f"incomplete{moved}, so run again") from None
+
+
+def _hold(folder: Path) -> Optional[int]:
+    """A descriptor holding an exclusive lock on ``folder`` (released when it is closed,
+    or when the process ends however it ends); None where folders cannot be locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def sweep_stale_staging(target: Path) -> list:
+    """Remove the staging folders of ``target`` that runs killed outright (SIGKILL, power
+    loss) left behind, in ``target`` and beside it. A staging folder is locked for as long
+    as its run lives, so one that can be locked now has no run; one whose lock cannot be
+    tested (no file locks on that file system, Windows) is left alone. Returns the
+    folders removed."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    pattern = f".{target.name}.partial-*"
+    removed = []
+    for base in {target, target.parent, existing_parent(target)}:
+        try:
+            found = [path for path in base.glob(pattern) if path.is_dir() and not path.is_symlink()]
+        except OSError:
+            continue
+        for folder in found:
+            try:
+                fd = os.open(folder, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)  # a live run's (or untestable): not ours to remove
+                continue
+            try:
+                shutil.rmtree(folder, ignore_errors=True)
+                if not folder.exists():
+                    removed.append(folder)
+            finally:
+                os.close(fd)
+    return removed
 
 
 @contextmanager

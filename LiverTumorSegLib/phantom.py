@@ -282,7 +282,7 @@ def _check_target(root: Path) -> list[str]:
     listed = earlier_dataset_files(root)
     if listed is not None:
         return listed
-    staging = f".{root.name}.partial-"  # left by a killed run of ours: not the user's data
+    staging = (f".{root.name}.partial-", f".{root.name}.creating-")  # another run's, or a killed one's
     for entry in root.iterdir():
         if entry.name.startswith(staging) or entry.name in OS_METADATA or entry.name.startswith("._"):
             continue

@@ -405,6 +405,45 @@ def test_outputs_publish_the_record_last_and_never_replace_a_folder(tmp_path, mo
     assert (out / "preview.png").is_dir() and (out / "stats.json").read_text() == "stats.json"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="staging folders are locked with flock, which Windows lacks")
+def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_run_and_a_live_one_is_not(tmp_path):
+    """A run killed outright (SIGKILL) leaves its hidden staging folder; the next run into
+    the same folder removes it. A run that is still alive keeps its own."""
+    from LiverTumorSegLib.atomic import StagedOutput
+
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from pathlib import Path\n"
+         "from LiverTumorSegLib.atomic import StagedOutput\n"
+         "with StagedOutput(Path(sys.argv[1])) as stage:\n"
+         "    (stage.path / 'segmentation.nii.gz').write_text('half')\n"
+         "    print(stage.path, flush=True)\n"
+         "    time.sleep(60)\n", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        staging = Path(child.stdout.readline().strip())
+        assert staging.parent == out and staging.name.startswith(".out.partial-")
+        with StagedOutput(out) as stage:  # the child is alive: its folder stays
+            (stage.path / "stats.json").write_text("{}")
+        assert stage.swept == [] and (staging / "segmentation.nii.gz").read_text() == "half"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        assert staging.is_dir()  # what a SIGKILL leaves
+        by_hand = tmp_path / ".out.partial-earlier"  # one beside it, as a run into a new folder leaves
+        by_hand.mkdir()
+        (by_hand / "liver.stl").write_text("half")
+        with StagedOutput(out) as stage:
+            (stage.path / "stats.json").write_text("{}")
+        assert sorted(stage.swept) == sorted([staging, by_hand])
+        assert not staging.exists() and not by_hand.exists()
+        assert sorted(p.name for p in out.iterdir()) == ["stats.json"]
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+
+
 def test_a_failed_rename_leaves_no_temporary_file_and_names_the_output(tmp_path, monkeypatch):
     import LiverTumorSegLib.atomic as atomic
     from LiverTumorSegLib.errors import OutputError
