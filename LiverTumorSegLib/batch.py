@@ -174,15 +174,34 @@ def check_case_folders(cases: Sequence[Case], outdir: Path) -> None:
     input's folder or holds an input (``batch P001 P002 -o .`` beside those DICOM
     folders)."""
     outdir = Path(outdir).resolve()
+    # By path, and by file identity where the folders exist: a case folder that is a link
+    # to an input's folder, or the same folder under another letter case (macOS, Windows).
+    lineages = {case.input: _lineage(case.input) for case in cases}
+    here = _lineage(outdir)
     problems = [f"the output folder {outdir} lies in the input {c.input}" for c in cases
-                if c.input == outdir or c.input in outdir.parents]
+                if c.input == outdir or c.input in outdir.parents or _identity(c.input) in here]
     for case in cases:
         folder = outdir / case.name
+        mark = _identity(folder)
         for other in cases:
-            if other.input == folder or folder in other.input.parents:
+            if other.input == folder or folder in other.input.parents or (mark and mark in lineages[other.input]):
                 problems.append(f"case {case.name!r} would write into {folder}, which holds the input {other.input}")
     if problems:
         raise InputError("cannot start the batch: " + "; ".join(problems) + "; choose another output folder")
+
+
+def _identity(path: Path) -> "tuple | None":
+    """(device, inode) of what ``path`` names, links followed; None where nothing is."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _lineage(path: Path) -> set:
+    """The identities of ``path`` and of every existing folder above it."""
+    return {mark for mark in map(_identity, (path, *Path(path).parents)) if mark}
 
 
 def input_fingerprint(path: Path) -> str:

@@ -125,6 +125,17 @@ def test_inputs_that_cannot_make_a_batch_are_refused_together_before_anything_ru
     (tmp_path / "list.txt").write_text(f"P001\t{dicom / '1.dcm'}\n", encoding="utf-8")  # a file in it
     assert _batch("--list", tmp_path / "list.txt", "-o", tmp_path, "--model", tiny_model) == 2
     assert f"which holds the input {dicom / '1.dcm'}" in capsys.readouterr().err
+    # the same folder by another path (a link here; another letter case on macOS or Windows)
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "P001").symlink_to(dicom, target_is_directory=True)
+    (links / "scans").symlink_to(cts, target_is_directory=True)
+    (tmp_path / "list.txt").write_text(f"P001\t{dicom}\nscans\t{cts / 'a.nrrd'}\n", encoding="utf-8")
+    assert _batch("--list", tmp_path / "list.txt", "-o", links, "--model", tiny_model) == 2
+    err = capsys.readouterr().err
+    assert f"case 'P001' would write into {links / 'P001'}, which holds the input {dicom}" in err
+    assert f"case 'scans' would write into {links / 'scans'}, which holds the input {cts / 'a.nrrd'}" in err
+    assert os.listdir(dicom) == ["1.dcm"]
 
 
 def test_list_file(tmp_path, cts, tiny_model):
