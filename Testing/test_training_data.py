@@ -477,3 +477,47 @@ def test_evaluation_lists_every_bad_case_before_segmenting_any(tmp_path, monkeyp
     assert "liver_0" in str(info.value) and "liver_2" in str(info.value)
     assert str(image) in str(info.value)  # the file itself, not just liver_2.nii.gz (image and label share names)
     assert not (tmp_path / "out").exists()
+
+
+def test_two_builders_saving_one_case_at_once_both_publish_a_whole_file(tmp_path, monkeypatch):
+    """Two runs started together build the same case: one saves while the other is half
+    way through its own save. Each must publish a whole array and neither may fail."""
+    import threading
+
+    import livertumorseg_training.cache as cache
+
+    real_save, halfway, go_on = np.save, threading.Event(), threading.Event()
+
+    def slow_save(file, array):
+        if threading.current_thread().name == "first":
+            with open(file, "wb") as handle:  # half the file, then wait for the other builder
+                real_save(handle, array)
+                handle.truncate(64)
+                halfway.set()
+                go_on.wait(10)
+                handle.seek(0)
+                real_save(handle, array)
+        else:
+            real_save(file, array)
+
+    monkeypatch.setattr(cache.np, "save", slow_save)
+    array = np.arange(4096, dtype=np.int16).reshape(16, 16, 16)
+    target = tmp_path / "liver_0_ct.npy"
+    failures = []
+
+    def build():
+        try:
+            cache._save_npy(target, array)
+        except Exception as exc:  # noqa: BLE001 - the failure is what the test reports
+            failures.append(exc)
+
+    first = threading.Thread(target=build, name="first")
+    first.start()
+    assert halfway.wait(10)
+    build()  # the second builder, all at once
+    np.testing.assert_array_equal(np.load(target), array)
+    go_on.set()
+    first.join(10)
+    assert failures == []
+    np.testing.assert_array_equal(np.load(target), array)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["liver_0_ct.npy"]

@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -169,9 +170,15 @@ def preprocess_case(case: Case, params: dict, out_dir: Path) -> dict:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.partial.npy")
-    np.save(tmp, np.ascontiguousarray(array))
-    os.replace(tmp, path)
+    # A name of this writer's own: two runs building one case at once (two folds started
+    # together) each publish a whole file, instead of one renaming the other's half-written one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial.npy")
+    try:
+        np.save(tmp, np.ascontiguousarray(array))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _run_case(args) -> dict:
