@@ -262,11 +262,12 @@ def sweep_stale_staging(target: Path) -> list:
         import fcntl
     except ImportError:
         return []
-    pattern = f".{target.name}.partial-*"
+    prefix = f".{target.name}.partial-"  # compared as text: a name may hold glob characters
     removed = []
     for base in {target, target.parent, existing_parent(target)}:
         try:
-            found = [path for path in base.glob(pattern) if path.is_dir() and not path.is_symlink()]
+            found = [path for path in base.iterdir()
+                     if path.name.startswith(prefix) and path.is_dir() and not path.is_symlink()]
         except OSError:
             continue
         for folder in found:

@@ -411,7 +411,7 @@ def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_run_and_a_
     the same folder removes it. A run that is still alive keeps its own."""
     from LiverTumorSegLib.atomic import StagedOutput
 
-    out = tmp_path / "out"
+    out = tmp_path / "out[1]"  # a name with glob characters
     out.mkdir()
     child = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\n"
@@ -424,14 +424,14 @@ def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_run_and_a_
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         staging = Path(child.stdout.readline().strip())
-        assert staging.parent == out and staging.name.startswith(".out.partial-")
+        assert staging.parent == out and staging.name.startswith(".out[1].partial-")
         with StagedOutput(out) as stage:  # the child is alive: its folder stays
             (stage.path / "stats.json").write_text("{}")
         assert stage.swept == [] and (staging / "segmentation.nii.gz").read_text() == "half"
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
         assert staging.is_dir()  # what a SIGKILL leaves
-        by_hand = tmp_path / ".out.partial-earlier"  # one beside it, as a run into a new folder leaves
+        by_hand = tmp_path / ".out[1].partial-earlier"  # one beside it, as a run into a new folder leaves
         by_hand.mkdir()
         (by_hand / "liver.stl").write_text("half")
         with StagedOutput(out) as stage:
