@@ -179,10 +179,10 @@ def check_case_folders(cases: Sequence[Case], outdir: Path) -> None:
     lineages = {case.input: _lineage(case.input) for case in cases}
     here = _lineage(outdir)
     problems = [f"the output folder {outdir} lies in the input {c.input}" for c in cases
-                if c.input == outdir or c.input in outdir.parents or _identity(c.input) in here]
+                if c.input == outdir or c.input in outdir.parents or _mark(c.input) in here]
     for case in cases:
         folder = outdir / case.name
-        mark = _identity(folder)
+        mark = _mark(folder)
         for other in cases:
             if other.input == folder or folder in other.input.parents or (mark and mark in lineages[other.input]):
                 problems.append(f"case {case.name!r} would write into {folder}, which holds the input {other.input}")
@@ -190,7 +190,7 @@ def check_case_folders(cases: Sequence[Case], outdir: Path) -> None:
         raise InputError("cannot start the batch: " + "; ".join(problems) + "; choose another output folder")
 
 
-def _identity(path: Path) -> "tuple | None":
+def _mark(path: Path) -> "tuple | None":
     """(device, inode) of what ``path`` names, links followed; None where nothing is."""
     try:
         st = os.stat(path)
@@ -201,7 +201,7 @@ def _identity(path: Path) -> "tuple | None":
 
 def _lineage(path: Path) -> set:
     """The identities of ``path`` and of every existing folder above it."""
-    return {mark for mark in map(_identity, (path, *Path(path).parents)) if mark}
+    return {mark for mark in map(_mark, (path, *Path(path).parents)) if mark}
 
 
 def input_fingerprint(path: Path) -> str:
@@ -210,7 +210,8 @@ def input_fingerprint(path: Path) -> str:
     their content: a file replaced or written again at the same path changes it, even
     with its size and modification time restored (``cp -p``, ``rsync -a``: the change
     time cannot be set), and so does a copy of the folder elsewhere; reading it does
-    not. ``--resume`` compares it."""
+    not. A header that keeps its voxels in another file (``.mhd``, ``.nhdr``) counts
+    that file too (:func:`data_files`). ``--resume`` compares it."""
     path = Path(path)
     if path.is_dir():
         files = []
@@ -218,18 +219,57 @@ def input_fingerprint(path: Path) -> str:
             folders[:] = [f for f in folders if not f.startswith(".")]  # .DS_Store and the like: not the scan
             files += [Path(root, name) for name in names if not name.startswith(".")]
         files.sort()
+        base = path
     else:
-        files = [path]
+        files, base = [path, *data_files(path)], path.parent
     digest = hashlib.sha256()
     for file in files:
         try:
             st = file.stat()
         except OSError:
             continue  # a dangling link or a file gone: the reader reports what it needs
-        name = os.fsencode(str(file.relative_to(path))) if file != path else b""
+        if file == path:
+            name = b""
+        else:
+            name = os.fsencode(str(file.relative_to(base) if file.is_relative_to(base) else file))
         stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         digest.update(name + b"\0" + " ".join(map(str, stamp)).encode() + b"\n")
     return digest.hexdigest()
+
+
+def data_files(header: Path) -> List[Path]:
+    """The files in which a header-only image keeps its voxels, as its header names them:
+    a MetaImage ``.mhd``'s ``ElementDataFile``, a detached NRRD ``.nhdr``'s ``data file``
+    (one file, or a ``LIST`` of them); every other file of its folder when it names them
+    by a pattern (``%03d``). None for a file that holds its own voxels (``LOCAL``,
+    ``.nii``, ``.nrrd``, ``.mha``) or a header that cannot be read."""
+    header = Path(header)
+    mhd = header.name.lower().endswith(".mhd")
+    if not (mhd or header.name.lower().endswith(".nhdr")):
+        return []
+    try:
+        with open(header, "rb") as handle:
+            lines = handle.read(1 << 16).decode("latin-1").splitlines()
+    except OSError:
+        return []
+    for number, line in enumerate(lines):
+        key, separator, value = line.partition("=" if mhd else ":")
+        if not separator or key.strip().lower() not in (("elementdatafile",) if mhd else ("data file", "datafile")):
+            continue
+        value = value.strip()
+        if not value or value.upper() == "LOCAL":
+            return []
+        if value.split()[0].upper() == "LIST":
+            names = [name.strip() for name in lines[number + 1:] if name.strip()]
+        elif "%" in value:
+            try:
+                return sorted(f for f in header.parent.iterdir() if f.is_file() and f != header)
+            except OSError:
+                return []
+        else:
+            names = [value]
+        return [header.parent / name for name in names]  # an absolute name stays absolute
+    return []
 
 
 def check_summary_is_ours(outdir: Path) -> None:

@@ -494,6 +494,40 @@ def test_the_fingerprint_sees_a_file_written_again_with_its_size_and_time_restor
     assert input_fingerprint(path) != before
 
 
+def test_the_fingerprint_of_a_header_counts_the_file_that_holds_its_voxels(tmp_path, cts, tiny_model, capsys):
+    """.mhd and .nhdr keep their voxels in another file: a scan replaced there (the
+    header untouched) must be segmented again by --resume, not kept."""
+    from LiverTumorSegLib.batch import data_files, input_fingerprint
+
+    ct = read_volume(cts / "b.nii.gz")
+    mhd, nhdr = tmp_path / "scan.mhd", tmp_path / "other.nhdr"
+    write_volume(ct, mhd)
+    write_volume(ct, nhdr)
+    (raw,), (nhdr_raw,) = data_files(mhd), data_files(nhdr)
+    assert raw.parent == tmp_path and raw.is_file() and raw.name.startswith("scan.")
+    assert nhdr_raw.parent == tmp_path and nhdr_raw.is_file() and nhdr_raw.name.startswith("other.")
+    assert data_files(cts / "b.nii.gz") == [] and data_files(cts / "a.nrrd") == []
+    listed = tmp_path / "listed.mhd"
+    listed.write_text("NDims = 3\nElementDataFile = LIST 2D\nslice0.raw\nslice1.raw\n")
+    assert data_files(listed) == [tmp_path / "slice0.raw", tmp_path / "slice1.raw"]
+    listed.write_text("NDims = 3\nElementDataFile = LOCAL\n")
+    assert data_files(listed) == []
+
+    options = ("-o", tmp_path / "out", "--model", tiny_model, "--no-surfaces", "--no-preview", "--progress", "none")
+    assert _batch(mhd, *options) == 0
+    before = input_fingerprint(mhd)
+    flipped = read_volume(mhd)
+    flipped.array[:] = flipped.array[:, :, ::-1]
+    data = tmp_path / "flipped"
+    data.mkdir()
+    write_volume(flipped, data / "scan.mhd")
+    (data / raw.name).replace(raw)  # the voxels replaced, the header as it was
+    assert input_fingerprint(mhd) != before
+    capsys.readouterr()
+    assert _batch(mhd, *options, "--resume") == 0
+    assert "segmenting again: the input's files have changed since" in capsys.readouterr().out
+
+
 def test_a_list_saved_as_utf16_by_a_spreadsheet_is_read(tmp_path, cts):
     listing = tmp_path / "cohort.txt"
     listing.write_bytes(f"name\u00e9\t{cts / 'a.nrrd'}\r\n".encode("utf-16"))
