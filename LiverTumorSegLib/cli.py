@@ -283,9 +283,10 @@ def run_segment(input_path: Path, args, cancel: Callable[[], bool]) -> int:
 def run_batch(args, cancel: Callable[[], bool]) -> int:
     """Segment every input into OUTDIR/CASE/, going on past cases that fail; batch.csv
     lists them all. Exit 0 when every case is done, 2 when one failed, 130 on a cancel."""
-    from .atomic import InterruptedAfterwards, check_writable_dir
+    from .atomic import InterruptedAfterwards, check_writable_dir, sweep_stale_staging
     from .batch import (check_case_folders, check_summary_is_ours, earlier_result, input_fingerprint, plan_cases,
                         read_list, write_summary)
+    from .errors import OutputError
     from .stats import summary, summary_text
 
     t0 = time.perf_counter()
@@ -297,6 +298,21 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
     reporter = _Reporter(args.progress)
     n = len(cases)
     current = None
+    unrecorded = []  # why batch.csv could not be written, while it cannot
+
+    def record() -> None:
+        """Rewrite batch.csv. A folder that stops taking files (a full disk) fails the
+        cases from then on, each named on stderr; the list waits for the folder."""
+        try:
+            write_summary(outdir, cases)
+        except OutputError as exc:
+            if not unrecorded:
+                reporter.line(f"livertumorseg: error: {exc}; the batch goes on, and the lines here are its "
+                              "record until the list can be written", error=True)
+            unrecorded[:] = [str(exc)]
+        else:
+            unrecorded.clear()
+
     try:
         segmenter = _load(args, reporter)
         expected = segmenter.label_settings()
@@ -313,7 +329,8 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
                 if document is not None:
                     case.status, case.summary = "done earlier", summary(document)
                     case.warnings = list(document["run"].get("warnings") or [])
-                    write_summary(outdir, cases)  # before any printing: a closed stdout must not leave it behind
+                    sweep_stale_staging(outdir / case.name)  # a killed run of this case may have left one
+                    record()  # before any printing: a closed stdout must not leave it behind
                     reporter.line(f"{where}: done earlier, kept: {summary_text(document)}")
                     reporter.event("case", case=case.name, index=i, status=case.status, summary=case.summary,
                                    warnings=case.warnings)
@@ -324,6 +341,7 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
             part = reporter.part(i / n, (i + 1) / n)
             try:
                 try:
+                    check_writable_dir(outdir / case.name)  # before the work, not after it
                     result, written = _segment_one(segmenter, case.input, case.series, outdir / case.name, args,
                                                    lambda f, m: part(f, f"{where}: {m}"), cancel, fingerprint)
                 except InterruptedAfterwards:  # the case's files are all in; then the batch stops
@@ -334,7 +352,7 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
                         case.warnings = list(document["run"].get("warnings") or [])
                     except (OSError, ValueError, KeyError, TypeError, AttributeError):
                         pass  # the row then lacks the figures; the case's own files have them
-                    write_summary(outdir, cases)
+                    record()
                     reporter.event("case", case=case.name, index=i, status=case.status, summary=case.summary,
                                    warnings=case.warnings, seconds=round(case.seconds, 3), redone_because=reason)
                     raise
@@ -345,7 +363,7 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
                 case.error = str(exc) if isinstance(exc, LiverTumorSegError) else (
                     f"internal error: {type(exc).__name__}: {exc} (a fault of this program: please report it, "
                     "with the traceback on stderr)")
-                write_summary(outdir, cases)
+                record()
                 if not isinstance(exc, LiverTumorSegError):
                     reporter.line("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(),
                                   error=True)
@@ -355,7 +373,7 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
                 continue
             case.status, case.seconds = "done", time.perf_counter() - t
             case.summary, case.warnings = summary(result.stats), list(result.info.get("warnings", []))
-            write_summary(outdir, cases)
+            record()
             reporter.line(f"{where}: {summary_text(result.stats)} ({case.seconds:.1f} s)")
             del result
             for warning in case.warnings:  # also in the case's stats.json and in batch.csv
@@ -372,9 +390,10 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
         finished = sum(c.status.startswith("done") for c in cases)
         if not finished and not any(c.status == "failed" for c in cases):
             raise  # nothing was written
-        write_summary(outdir, cases)
-        print(f"livertumorseg: cancelled{during}; the {finished} case(s) done are in {outdir}, listed in "
-              f"{outdir / 'batch.csv'}", file=sys.stderr)
+        record()
+        listed = "" if unrecorded else f", listed in {outdir / 'batch.csv'}"
+        print(f"livertumorseg: cancelled{during}; the {finished} case(s) done are in {outdir}{listed}",
+              file=sys.stderr)
         return EXIT_CANCELLED
     except BaseException:
         reporter.close(clear=True)
@@ -384,14 +403,18 @@ def run_batch(args, cancel: Callable[[], bool]) -> int:
     failed = [c.name for c in cases if c.status == "failed"]
     total = round(time.perf_counter() - t0, 3)
     if args.progress == "json":
-        reporter.event("done", cases=n, failed=len(failed), summary_csv=str(outdir / "batch.csv"), total_s=total)
+        reporter.event("done", cases=n, failed=len(failed), total_s=total,
+                       summary_csv=None if unrecorded else str(outdir / "batch.csv"))
     else:
-        _out(f"{n - len(failed)} of {n} case(s) done in {total:.1f} s; their folders and batch.csv are in {outdir}")
+        listing = "" if unrecorded else " and batch.csv"
+        _out(f"{n - len(failed)} of {n} case(s) done in {total:.1f} s; their folders{listing} are in {outdir}")
+    reasons = "reasons above" if unrecorded else f"reasons in {outdir / 'batch.csv'}"
     if failed:
-        print(f"livertumorseg: error: {len(failed)} of {n} case(s) failed: {', '.join(failed)} "
-              f"(reasons in {outdir / 'batch.csv'})", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return EXIT_OK
+        print(f"livertumorseg: error: {len(failed)} of {n} case(s) failed: {', '.join(failed)} ({reasons})",
+              file=sys.stderr)
+    if unrecorded:
+        print(f"livertumorseg: error: {unrecorded[0]}; the list of cases was not written", file=sys.stderr)
+    return EXIT_USER_ERROR if failed or unrecorded else EXIT_OK
 
 
 def run_models() -> int:

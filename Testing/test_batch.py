@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -535,3 +536,64 @@ def test_a_list_saved_as_utf16_by_a_spreadsheet_is_read(tmp_path, cts):
     listing.write_bytes(b"\xe9\t" + str(cts / "a.nrrd").encode())  # Latin-1: not guessed
     with pytest.raises(InputError, match="save it as UTF-8 text"):
         read_list(listing)
+
+
+def test_a_folder_that_stops_taking_files_fails_each_case_by_name_and_the_batch_goes_on(cts, tmp_path, tiny_model,
+                                                                                      capsys, monkeypatch):
+    """A full disk after the first case: batch.csv cannot be rewritten, and neither can
+    the later cases' files. Each case is still named as failed, the batch goes on, and
+    the exit code says the list was not written."""
+    import errno
+
+    import LiverTumorSegLib.atomic as atomic
+
+    real_replace, real_segment, full = os.replace, cli._segment_one, []
+
+    def replace(source, destination):
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(source, destination)
+
+    def segment_one(*args, **kwargs):
+        if args[1] != cts / "a.nrrd":
+            full.append(True)  # the disk fills up once the first case is in
+        return real_segment(*args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    monkeypatch.setattr(cli, "_segment_one", segment_one)
+    out = tmp_path / "out"
+    (tmp_path / "c.nii.gz").write_bytes((cts / "b.nii.gz").read_bytes())
+    code = _batch(cts / "a.nrrd", cts / "b.nii.gz", tmp_path / "c.nii.gz", "-o", out, "--model", tiny_model,
+                  "--progress", "none", "--no-preview", "--no-surfaces")
+    captured = capsys.readouterr()
+    assert code == 2
+    for case in ("[2/3] b", "[3/3] c"):
+        assert re.search(re.escape(case) + r": failed: cannot write .*No space left on device", captured.err)
+    assert captured.err.count("the batch goes on, and the lines here are its record") == 1
+    assert "2 of 3 case(s) failed: b, c (reasons above)" in captured.err
+    assert f"cannot write {out / 'batch.csv'}" in captured.err and "the list of cases was not written" in captured.err
+    assert "1 of 3 case(s) done" in captured.out and "batch.csv are in" not in captured.out
+    assert [(r["case"], r["status"]) for r in _rows(out)] == [("a", "done"), ("b", "not run"), ("c", "not run")]
+
+
+def test_resume_removes_the_staging_folder_a_killed_rerun_left_in_a_case_it_keeps(cts, tmp_path, tiny_model, capsys):
+    out = tmp_path / "out"
+    options = ("-o", out, "--model", tiny_model, "--progress", "none", "--no-preview", "--no-surfaces")
+    assert _batch(cts / "a.nrrd", *options) == 0
+    left = out / "a" / ".a.partial-killed"  # what a SIGKILL during a second run's writing leaves
+    left.mkdir()
+    (left / "segmentation.nii.gz").write_bytes(b"half")
+    assert _batch(cts / "a.nrrd", *options, "--resume") == 0
+    assert "done earlier, kept" in capsys.readouterr().out
+    assert not left.exists()
+
+
+def test_a_case_folder_that_cannot_be_written_fails_before_its_work(cts, tmp_path, tiny_model, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "_segment_one", lambda *args, **kwargs: calls.append(args[1]))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("a file where the case folder goes")
+    code = _batch(cts / "a.nrrd", "-o", out, "--model", tiny_model, "--progress", "none")
+    assert code == 2 and calls == []
+    assert f"a: failed: output path {out / 'a'} exists and is not a folder" in capsys.readouterr().err
