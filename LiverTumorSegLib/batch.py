@@ -19,6 +19,8 @@ import hashlib
 import io
 import json
 import os
+import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -71,15 +73,19 @@ def read_list(list_file: Path) -> List[Entry]:
     holds several series. Blank lines and lines starting with ``#`` are skipped; UTF-8
     (with or without a byte-order mark), UTF-16 with one, and Windows line ends are read;
     relative paths are taken from the folder the list file is in (as named, not where a
-    link to it points)."""
+    link to it points); from the current folder for ``-`` (standard input) and for a list
+    that is not a file in a folder (a pipe: ``--list <(find ...)``, ``/dev/stdin``)."""
+    piped = str(list_file) == "-"
     list_file = Path(list_file).expanduser()
     try:
-        data = list_file.read_bytes()
+        data = sys.stdin.buffer.read() if piped else list_file.read_bytes()
         # UTF-8, with or without a byte-order mark; UTF-16 with one (a spreadsheet's "Unicode text")
         text = data.decode("utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+        piped = piped or not stat.S_ISREG(os.stat(list_file).st_mode)
     except (OSError, UnicodeError) as exc:
-        raise InputError(f"cannot read the list of inputs {list_file}: {exc}; save it as UTF-8 text") from None
-    base = list_file.absolute().parent
+        shown = "from standard input" if piped else str(list_file)
+        raise InputError(f"cannot read the list of inputs {shown}: {exc}; save it as UTF-8 text") from None
+    base = Path.cwd() if piped else list_file.absolute().parent
     entries, problems = [], []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -134,7 +140,7 @@ def plan_cases(inputs: Iterable) -> List[Case]:
     # named as given: a link keeps its own name
     paths = [Path(entry[1]).expanduser().absolute() for entry in entries]
     names = [case_name(p) if entry[0] is None else entry[0] for entry, p in zip(entries, paths)]
-    problems, seen, taken = [], {}, {}
+    problems, seen, taken, naming = [], {}, {}, False
     for entry, path, name in zip(entries, paths, names):
         try:
             check_path_text(path, InputError, "input")
@@ -155,12 +161,15 @@ def plan_cases(inputs: Iterable) -> List[Case]:
         seen.setdefault(identity, []).append((path, series))
         if not name or name.startswith(".") or "/" in name or "\\" in name or name.lower() == SUMMARY_NAME:
             problems.append(f"{path}: its case would be named {name!r}, which cannot be a case folder's name")
+            naming = True
         elif name.casefold() in taken:
             problems.append(f"{path} and {taken[name.casefold()]} would both be case {name!r}")
+            naming = True
         taken.setdefault(name.casefold(), path)
     if problems:
-        raise InputError("cannot start the batch: " + "; ".join(problems) + ". A list file (--list) can name "
-                         "each case: a name, a tab, then its path, one case per line")
+        hint = (". A list file (--list) can name each case: a name, a tab, then its path, one case per line"
+                if naming else "")
+        raise InputError("cannot start the batch: " + "; ".join(problems) + hint)
     resolved = [p.resolve() for p in paths]
     nested = sorted({f"{p} lies in the folder of the input {q}" for p in resolved for q in resolved if q in p.parents})
     if nested:

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("inputs", type=Path, nargs="*", help="CT image files or DICOM series folders")
     batch.add_argument("--list", type=Path, default=None, metavar="FILE",
                        help="a file naming more inputs, one per line: PATH, or NAME<tab>PATH, or "
-                            "NAME<tab>PATH<tab>SERIES_UID (relative paths from the file's folder; # comments)")
+                            "NAME<tab>PATH<tab>SERIES_UID (relative paths from the file's folder; # comments); "
+                            "- reads it from standard input")
     batch.add_argument("-o", "--output", type=Path, required=True,
                        help="output folder: one subfolder per case, and batch.csv")
     batch.add_argument("--resume", action="store_true",

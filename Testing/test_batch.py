@@ -115,6 +115,7 @@ def test_inputs_that_cannot_make_a_batch_are_refused_together_before_anything_ru
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
     assert "missing.nii.gz: no such file or folder" in err and "given twice" in err
+    assert "A list file (--list) can name each case" not in err  # the hint is for names that clash
     assert _batch("-o", out, "--model", tiny_model) == 2 and "no inputs" in capsys.readouterr().err
     # a case folder that is an input's folder: the results would land among the patient's files
     dicom = tmp_path / "P001"
@@ -597,3 +598,22 @@ def test_a_case_folder_that_cannot_be_written_fails_before_its_work(cts, tmp_pat
     code = _batch(cts / "a.nrrd", "-o", out, "--model", tiny_model, "--progress", "none")
     assert code == 2 and calls == []
     assert f"a: failed: output path {out / 'a'} exists and is not a folder" in capsys.readouterr().err
+
+
+def test_a_list_from_a_pipe_takes_relative_paths_from_the_current_folder(tmp_path, cts, monkeypatch):
+    """`find ... | livertumorseg batch --list - ...` and `--list <(find ...)`: the list has
+    no folder of its own, so its relative paths are the shell's, as find printed them."""
+    import io as textio
+    import threading
+
+    monkeypatch.chdir(cts)
+    monkeypatch.setattr("sys.stdin", textio.TextIOWrapper(textio.BytesIO(b"a.nrrd\nnamed\tb.nii.gz\n")))
+    assert read_list(Path("-")) == [(None, cts / "a.nrrd", None), ("named", cts / "b.nii.gz", None)]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("a.nrrd\n"))
+    writer.start()
+    assert read_list(fifo) == [(None, cts / "a.nrrd", None)]
+    writer.join(10)
+    (tmp_path / "list.txt").write_text("a.nrrd\n")  # a list file in a folder: from its folder, as before
+    assert read_list(tmp_path / "list.txt") == [(None, tmp_path / "a.nrrd", None)]
