@@ -311,7 +311,7 @@ def _check_no_slice_unparsed(names: list, listed: list, uid: str) -> None:
     inodes = None  # of the listed files, only when a path differs in spelling (a link)
     for place in sorted({Path(name).parent for name in names}):
         shapes = {_name_shape(Path(name).name) for name in names if Path(name).parent == place}
-        ours, maybe = [], []
+        ours, maybe, hidden = [], [], []
         try:
             entries = sorted(os.scandir(place), key=lambda e: e.name)
         except OSError as exc:
@@ -328,7 +328,12 @@ def _check_no_slice_unparsed(names: list, listed: list, uid: str) -> None:
                 inodes = {_inode(name) for name in listed} - {None}
             if _inode(entry.path) in inodes:
                 continue
-            (ours if kind == "ours" else maybe).append(os.fsencode(entry.name).decode("utf-8", "replace"))
+            shown = os.fsencode(entry.name).decode("utf-8", "replace")
+            (maybe if kind != "ours" else hidden if entry.name.startswith(".") else ours).append(shown)
+        if hidden:  # the reader skips hidden files, whole or not
+            raise InputError(f"{len(hidden)} file(s) of the DICOM series {uid} in {place} (e.g. {hidden[0]}) are "
+                             "hidden (their names start with '.'), and the DICOM reader skips hidden files: the "
+                             "series would be read without those slices; rename them without the leading '.'")
         if ours:
             raise InputError(f"{len(ours)} file(s) of the DICOM series {uid} in {place} (e.g. {ours[0]}) cannot be "
                              "read (cut short or corrupt?): the series would be read without those slices; copy or "

@@ -332,6 +332,19 @@ def test_a_slice_the_reader_cannot_parse_is_not_silently_left_out(tmp_path, slic
         read_volume(folder)
 
 
+def test_a_hidden_slice_is_named_as_hidden_not_as_corrupt(tmp_path):
+    """The DICOM reader skips hidden files (names starting with '.'): a whole slice
+    hidden by a rename would be left out, and the message must say why."""
+    v = _tall_volume()
+    folder = tmp_path / "s"
+    _write_dicom_series(folder, v, series_uid="1.2.3.7")
+    victim = sorted(folder.glob("*.dcm"))[6]
+    victim.rename(folder / f".{victim.name}")
+    with pytest.raises(InputError, match=rf"1 file\(s\) of the DICOM series 1\.2\.3\.7 in .* \(e\.g\. "
+                                         rf"\.{victim.name}\) are hidden .* rename them without the leading"):
+        read_volume(folder)
+
+
 def test_a_cut_slice_in_the_second_folder_of_a_split_series_is_found(tmp_path):
     v = _tall_volume()
     _write_dicom_series(tmp_path / "whole", v, series_uid="1.2.3.7")
