@@ -294,7 +294,7 @@ def _two_series_study(folder: Path) -> None:
 def test_a_study_of_several_series_takes_the_uid_from_the_list(tmp_path, tiny_model, capsys):
     _two_series_study(tmp_path / "study")
     listing = tmp_path / "cohort.txt"
-    listing.write_text(f"venous\tstudy\t1.2.3.2\n", encoding="utf-8")
+    listing.write_text("venous\tstudy\t1.2.3.2\n", encoding="utf-8")
     out = tmp_path / "out"
     code = _batch("--list", listing, "-o", out, "--model", tiny_model, "--progress", "none", "--allow-non-ct",
                   "--no-surfaces", "--no-preview")
@@ -303,7 +303,7 @@ def test_a_study_of_several_series_takes_the_uid_from_the_list(tmp_path, tiny_mo
     options = ["-o", out, "--model", tiny_model, "--progress", "none", "--allow-non-ct", "--no-surfaces",
                "--no-preview", "--resume"]
     assert _batch("--list", listing, *options) == 0 and _rows(out)[0]["status"] == "done earlier"
-    listing.write_text(f"venous\tstudy\t1.2.3.1\n", encoding="utf-8")  # another series under that name
+    listing.write_text("venous\tstudy\t1.2.3.1\n", encoding="utf-8")  # another series under that name
     assert _batch("--list", listing, *options) == 0 and _rows(out)[0]["status"] == "done"
     assert "the earlier run's series_requested was '1.2.3.2', not '1.2.3.1'" in capsys.readouterr().out
     assert json.loads((out / "venous" / "stats.json").read_text(encoding="utf-8"))["run"]["series"]["uid"] == "1.2.3.1"

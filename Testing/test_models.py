@@ -124,8 +124,6 @@ def test_a_card_whose_checksum_is_not_64_hex_digits_is_refused(tiny_model, tmp_p
 def test_nan_weights_are_refused_and_linked_weights_checked(tiny_model, tmp_path):
     import shutil
 
-    import torch
-
     broken = tmp_path / "nan"
     shutil.copytree(tiny_model, broken)
     state = read_weights(broken)
