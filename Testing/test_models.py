@@ -413,3 +413,24 @@ def test_an_unwritable_cache_names_the_variable_that_moves_it(registry):
     (cache / ".tiny-remote.lock").mkdir(parents=True)  # the lock file cannot be opened (as on a read-only mount)
     with pytest.raises(ModelError, match="cannot lock .*set LIVERTUMORSEG_CACHE"):
         resolve_model("tiny-remote")
+
+
+def test_an_export_replaces_an_earlier_ones_weights_and_gives_the_same_bytes_each_time(tmp_path):
+    """Exporting into a folder that holds an earlier export: the other format's weights
+    file must not stay beside the new one (a zip of the folder would ship both), a
+    user's file there stays, and the same weights give the same SHA-256 every time."""
+    pytest.importorskip("safetensors")
+    from .helpers import make_tiny_model
+
+    folder = tmp_path / "model"
+    make_tiny_model(folder, weights_format="torch-state-dict")
+    first = load_model(folder).card.weights_sha256
+    (folder / "notes.txt").write_text("the user's")
+    make_tiny_model(folder, weights_format="torch-state-dict")
+    assert load_model(folder).card.weights_sha256 == first == sha256_of(folder / "weights.pt")
+    make_tiny_model(folder, weights_format="safetensors")
+    assert sorted(os.listdir(folder)) == ["model.json", "notes.txt", "weights.safetensors"]
+    assert load_model(folder).card.weights_format == "safetensors"
+    make_tiny_model(folder, weights_format="torch-state-dict")
+    assert sorted(os.listdir(folder)) == ["model.json", "notes.txt", "weights.pt"]
+    assert load_model(folder).card.weights_sha256 == first

@@ -171,14 +171,17 @@ def save_model(folder: Path, network, card: ModelCard, weights_format: str = "to
 
     ``weights_format`` is ``torch-state-dict`` (``weights.pt``) or ``safetensors``
     (``weights.safetensors``, which any torch the engine runs on reads safely; needs the
-    ``safetensors`` package). Used by the training package's export. Files are written
-    atomically.
+    ``safetensors`` package). Used by the training package's export. The weights and the
+    card are published together (:class:`~LiverTumorSegLib.atomic.StagedOutput`, the card
+    last); an earlier export's card and weights in ``folder`` are replaced, so a weights
+    file of the other format is not left beside the new one. Other files there are kept.
+    The same weights give the same bytes, and so the same SHA-256, on every export.
     """
     import torch
 
-    from ..atomic import atomic_path
-
+    from ..atomic import StagedOutput
     from ..errors import OutputError
+    from .card import CARD_NAME
 
     if weights_format not in WEIGHTS_FORMATS:
         raise ModelError(f"unknown weights format {weights_format!r}: use one of {', '.join(WEIGHTS_FORMATS)}")
@@ -191,20 +194,26 @@ def save_model(folder: Path, network, card: ModelCard, weights_format: str = "to
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"cannot write the model folder {folder}: a file of that name exists")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the model folder {folder}: {exc}") from None
+
+    def earlier_export() -> list:  # read when publishing: a model card there makes it one
+        return [CARD_NAME, *WEIGHTS_FORMATS.values()] if (folder / CARD_NAME).is_file() else []
+
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     weights_name = WEIGHTS_FORMATS[weights_format]
-    target = folder / weights_name
-    with atomic_path(target) as tmp:
-        if weights_format == "safetensors":
-            save_file(state, str(tmp))
-        else:
-            torch.save(state, tmp)
-    card.weights_file = weights_name
-    card.weights_format = weights_format
-    card.weights_sha256 = sha256_of(target)
-    card.save(folder)
+    with StagedOutput(folder, replaces=earlier_export, last=CARD_NAME) as stage:
+        # Saved under its final name in the private staging folder: torch names the
+        # archive's records after the file, so a temporary name would make every export's
+        # bytes (and SHA-256) differ.
+        weights = stage.path / weights_name
+        try:
+            if weights_format == "safetensors":
+                save_file(state, str(weights))
+            else:
+                torch.save(state, weights)
+        except (OSError, RuntimeError) as exc:
+            raise OutputError(f"cannot write the weights into {folder}: {exc}") from None
+        card.weights_file = weights_name
+        card.weights_format = weights_format
+        card.weights_sha256 = sha256_of(weights)
+        card.save(stage.path)
     return folder
