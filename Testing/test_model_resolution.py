@@ -32,6 +32,11 @@ def test_a_plain_name_that_is_no_known_model_may_be_a_folder_here(tmp_path, monk
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no model.json"):
         resolve_model("empty")
+    (tmp_path / "last.ckpt").write_bytes(b"")  # a training checkpoint, not yet exported
+    with pytest.raises(ModelError, match=r"last\.ckpt is not a model folder but a training checkpoint: export it"):
+        resolve_model("./last.ckpt")
+    with pytest.raises(ModelError, match=r"model\.json is a model card: give its folder"):
+        resolve_model(str(mine / "model.json"))
 
 
 def test_stats_json_records_the_models_folder_and_weights_checksum(tmp_path):

@@ -158,6 +158,8 @@ def test_export_refuses_clearly(smoke_run, tmp_path):
     err = export(text, tmp_path / "out")
     assert "not a PyTorch checkpoint written by train.py" in err and "weights_only" not in err
     assert not (tmp_path / "out").exists()
+    err = export(smoke_run / "checkpoints", tmp_path / "out")  # the folder, not a file in it
+    assert "is a folder; give a checkpoint file (it holds " in err and "last.ckpt" in err
 
 
 def test_resume_continues_with_the_step_count_intact(smoke_run, phantoms, tmp_path):

@@ -198,6 +198,12 @@ def _is_explicit_path(spec: str) -> bool:
 
 
 def _model_folder(path: Path) -> Path:
+    if path.is_file():
+        if path.name == CARD_NAME:
+            raise ModelError(f"{path} is a model card: give its folder, {path.parent}")
+        hint = ("a training checkpoint: export it first (python Training/export.py CHECKPOINT MODEL_DIR) and give "
+                "that folder" if path.suffix.lower() == ".ckpt" else "a file: give the model folder that holds it")
+        raise ModelError(f"{path} is not a model folder but {hint}")
     if not path.is_dir():
         raise ModelError(f"model folder {path} does not exist")
     if not (path / CARD_NAME).is_file():

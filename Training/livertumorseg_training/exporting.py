@@ -30,6 +30,10 @@ DEFAULT_INTENDED_USE = ("Research use only. Not a medical device; not for diagno
 def read_checkpoint(path: Path) -> dict:
     """Load a Lightning checkpoint written by ``train.py`` (tensors and plain data only)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        found = sorted(path.glob("*.ckpt")) or sorted(path.glob("checkpoints/*.ckpt"))
+        listed = f" (it holds {', '.join(str(f) for f in found[:3])}{', ...' if len(found) > 3 else ''})" if found else ""
+        raise ConfigError(f"{path} is a folder; give a checkpoint file{listed}")
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
