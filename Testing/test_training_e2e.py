@@ -141,6 +141,22 @@ def test_evaluate_writes_metrics_plots_and_overlays(smoke_run, phantoms, tmp_pat
     assert (out / "metrics.csv").read_text().count("\n") == 6
     for figure in ("dice_distribution", "detection_by_size", "loss_curves", "best_overlay", "worst_gif"):
         assert (out / metrics["figures"][figure]).is_file(), figure
+    present = sorted(f.relative_to(out).as_posix() for f in out.rglob("*") if f.is_file())
+    assert metrics["outputs"] == present
+    # again into the same folder, with fewer cases and no figures: nothing of the first run stays
+    (out / "notes.txt").write_text("the user's")
+    _run("evaluate.py", "--model", smoke_run / "model", "--data-dir", phantoms, "--split", "val", "--out", out,
+         "--device", "cpu", "--no-figures")
+    again = json.loads((out / "metrics.json").read_text())
+    assert 0 < len(again["cases"]) < 5 and "figures" not in again
+    present = sorted(f.relative_to(out).as_posix() for f in out.rglob("*") if f.is_file())
+    assert present == sorted([*again["outputs"], "notes.txt"])
+    assert sorted(f.name for f in (out / "predictions").iterdir()) == sorted(f"{c}.nii.gz" for c in again["cases"])
+    refused = subprocess.run([sys.executable, str(TRAINING / "evaluate.py"), "--model", str(smoke_run / "model"),
+                              "--data-dir", str(phantoms), "--image", str(phantoms / "imagesTr" / "liver_0.nii.gz"),
+                              "--label", str(phantoms / "labelsTr" / "liver_0.nii.gz"), "--out", str(tmp_path / "x")],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "not both" in refused.stderr and not (tmp_path / "x").exists()
 
 
 def test_export_refuses_clearly(smoke_run, tmp_path):

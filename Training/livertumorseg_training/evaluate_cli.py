@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def select_cases(args, card) -> List[Case]:
     """The cases the arguments name (a single pair, or a split of a data set)."""
+    if args.image is not None and args.data_dir is not None:
+        raise ConfigError("give --image and --label (one case) or --data-dir (a data set), not both")
+    if args.label is not None and args.image is None:
+        raise ConfigError("--label goes with --image (the CT it labels)")
     if args.image is not None:
         if args.label is None:
             raise ConfigError("--image needs --label (the reference to score against)")

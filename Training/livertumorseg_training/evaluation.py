@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -79,20 +80,61 @@ def evaluate_cases(model, cases: List[Case], out_dir: Path, *, options=None, liv
                    progress: bool = True) -> dict:
     """Segment and score ``cases`` with ``model`` (name, folder or LoadedModel); write the report.
 
-    Returns the ``metrics.json`` content.
+    Returns the ``metrics.json`` content. Everything is written into a staging folder and
+    published together once complete (``metrics.json`` last, listing every file in
+    ``outputs``); the files an earlier evaluation in ``out_dir`` wrote and this one does
+    not (another split's predictions and overlays) are removed then, other files kept.
     """
-    from tqdm import tqdm
-
-    from LiverTumorSegLib.atomic import atomic_write_text
-    from LiverTumorSegLib.io import write_volume
+    from LiverTumorSegLib.atomic import StagedOutput, atomic_write_text
     from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
 
     if not cases:
         raise DatasetError("nothing to evaluate: the selected split has no labelled case")
     check_cases(cases, liver_only, progress)
     out_dir = Path(out_dir)
-    (out_dir / "predictions").mkdir(parents=True, exist_ok=True)
     segmenter = Segmenter(model, options or SegmentOptions())
+    with StagedOutput(out_dir, replaces=lambda: earlier_evaluation(out_dir), last="metrics.json") as stage:
+        report = _evaluate_into(stage.path, segmenter, cases, liver_only, iou_threshold, logs_dir, visuals, progress)
+        outputs = sorted(f.relative_to(stage.path).as_posix() for f in stage.path.rglob("*") if f.is_file())
+        report["outputs"] = sorted({*outputs, "metrics.json"})
+        atomic_write_text(stage.path / "metrics.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+#: A file an evaluation writes: a report, a figure, or a case's prediction; never a path
+#: that leaves the folder or a hidden name, whatever a metrics.json says.
+_OUTPUT_NAME = re.compile(r"(predictions/)?[A-Za-z0-9][\w.+-]*\.(json|csv|png|gif|nii\.gz)")
+
+
+def earlier_evaluation(out_dir: Path) -> List[str]:
+    """The files an earlier evaluation wrote into ``out_dir``, from its ``metrics.json``
+    (``outputs``; for one written before that list, its cases' predictions and its
+    figures); none where there is no such record (no file, a link, another program's)."""
+    path = Path(out_dir) / "metrics.json"
+    if path.is_symlink():
+        return []
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if not (isinstance(report, dict) and "engine_path" in report and isinstance(report.get("cases"), dict)):
+            return []
+        if isinstance(report.get("outputs"), list):
+            names = report["outputs"]
+        else:
+            names = ["metrics.json", "metrics.csv", *(f"predictions/{case_id}.nii.gz" for case_id in report["cases"]),
+                     *dict(report.get("figures") or {}).values()]
+    except (OSError, ValueError, TypeError):
+        return []
+    return [name for name in names if isinstance(name, str) and _OUTPUT_NAME.fullmatch(name) and ".." not in name]
+
+
+def _evaluate_into(out_dir: Path, segmenter, cases: List[Case], liver_only: bool, iou_threshold: float,
+                   logs_dir: Optional[Path], visuals: bool, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    from LiverTumorSegLib.atomic import atomic_write_text
+    from LiverTumorSegLib.io import write_volume
+
+    (out_dir / "predictions").mkdir(parents=True, exist_ok=True)
     per_case, lesions = {}, []
     for case in tqdm(cases, desc="evaluating", unit="case", disable=not progress):
         ct, ref = _read_pair(case, liver_only)
@@ -128,13 +170,11 @@ def evaluate_cases(model, cases: List[Case], out_dir: Path, *, options=None, liv
                         "assd_mm": "mean surface distance over both directions",
                         "empty": "Dice/IoU 1 when both masks are empty; distances undefined (null) when either is"},
     }
-    atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out_dir / "metrics.csv", _csv(per_case))
     if visuals:
         from .plots import write_plots
 
         report["figures"] = write_plots(report, cases, out_dir, logs_dir, model_card=segmenter.card)
-        atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
