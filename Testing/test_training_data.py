@@ -91,6 +91,35 @@ def test_a_fold_without_the_number_of_folds_is_refused(tmp_path):
     assert config["data"]["folds"] == 3 and config["data"]["fold"] == 2
 
 
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.lr=fast", "optimizer.lr must be a number, not 'fast'"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs must be a whole number, not 'abc'"),
+    ("model.widths=[4, 8, x]", r"model.widths must be a list of whole numbers, not \[4, 8, 'x'\]"),
+    ("augmentation.flip=1", "augmentation.flip must be true or false, not 1"),
+    ("loss.class_weights=[1, a]", "loss.class_weights must be a list of numbers"),
+    ("trainer=5", r"trainer must be a section \(a mapping of keys\), not 5"),
+    ("sampling.label_probabilities={0: 1, 1: x}", "sampling.label_probabilities must map each label to a number"),
+])
+def test_a_value_of_the_wrong_kind_is_refused_before_anything_is_written(tmp_path, override, message):
+    """It used to pass, write config.yaml and logs/, then fail in the optimizer with a
+    traceback, after which the same command with the value fixed was refused (a used
+    run folder)."""
+    from livertumorseg_training.run import build_parser, resolve_config
+
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(build_parser().parse_args(["--data-dir", str(tmp_path), "--config", "smoke",
+                                                  "--out", str(tmp_path / "run"), override]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_numbers_yaml_reads_as_text_and_lightnings_own_kinds_are_taken():
+    config = load_config("smoke", ["optimizer.lr=1e-3", "trainer.devices=[0, 1]", "trainer.precision=16",
+                                   "trainer.deterministic=true", "loss.class_weights=[1, 1, 3]", "data.folds=5"])
+    assert config["optimizer"]["lr"] == 0.001 and isinstance(config["optimizer"]["lr"], float)
+    assert config["trainer"]["devices"] == [0, 1] and config["trainer"]["precision"] == 16
+    assert config["trainer"]["deterministic"] is True and config["loss"]["class_weights"] == [1, 1, 3]
+
+
 def test_the_learning_rate_schedule_takes_the_resumed_runs_length():
     """Resumed with more epochs, the schedule follows the new length from the saved step."""
     import torch

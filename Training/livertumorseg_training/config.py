@@ -145,8 +145,78 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> None:
             raise ConfigError(f"override {item!r}: cannot parse the value: {exc}") from None
 
 
+#: Keys whose value may take more than the default's type (Lightning's own options).
+_EITHER = {"trainer.precision": (str, int), "trainer.deterministic": (str, bool),
+           "trainer.devices": (int, str, list)}
+#: Keys whose default is null, with the type a value must have.
+_OPTIONAL = {"data.folds": int, "data.cache_workers": int, "validation.max_cases": int,
+             "trainer.gradient_clip_val": float, "loss.class_weights": list, "model.init_from": str,
+             "export.name": str}
+
+
+def _is_number(value: Any, integer: bool = False) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if integer else isinstance(value, (int, float))
+
+
+def _type_name(kind) -> str:
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "text",
+            list: "a list", dict: "a mapping"}[kind]
+
+
+def check_types(config: dict, defaults: dict = DEFAULTS, where: str = "") -> None:
+    """Refuse a value of the wrong kind (``optimizer.lr=fast``, ``widths: [4, 8, x]``,
+    ``flip: 1``) with its key, before anything runs or is written; the defaults give the
+    kinds. A number written as text (``1e-3``, which YAML reads as text for want of a
+    dot) becomes that number, in place."""
+    for key, default in defaults.items():
+        name, value = f"{where}{key}", config.get(key)
+        if isinstance(default, dict) and key != "label_probabilities":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a section (a mapping of keys), not {value!r}")
+            check_types(value, default, name + ".")
+            continue
+        kinds = _EITHER.get(name) or ((_OPTIONAL[name],) if name in _OPTIONAL else None)
+        if kinds is None:
+            if default is None:
+                continue
+            kinds = (float if isinstance(default, float) else type(default),)
+        elif value is None and name in _OPTIONAL:
+            continue
+        if isinstance(value, str) and (int in kinds or float in kinds) and str not in kinds:
+            value = config[key] = _number(value, float in kinds)  # YAML reads 1e-3 (no dot) as text
+        if not any(_fits(value, kind) for kind in kinds):
+            raise ConfigError(f"{name} must be {' or '.join(_type_name(k) for k in kinds)}, not {value!r}")
+        if isinstance(value, list) and isinstance(default, list) and default:
+            if not all(_is_number(item, isinstance(default[0], int)) for item in value):
+                raise ConfigError(f"{name} must be a list of {'whole ' if isinstance(default[0], int) else ''}"
+                                  f"numbers, not {value!r}")
+        elif isinstance(value, list) and name == "loss.class_weights":
+            if not all(_is_number(item) for item in value):
+                raise ConfigError(f"{name} must be a list of numbers, not {value!r}")
+        elif isinstance(value, dict):
+            if not all(_is_number(item) for item in value.values()):
+                raise ConfigError(f"{name} must map each label to a number, not {value!r}")
+
+
+def _number(text: str, real: bool):
+    """``text`` as the number it spells (``1e-3``, ``3``), else unchanged."""
+    try:
+        return float(text) if real else int(text)
+    except ValueError:
+        return text
+
+
+def _fits(value: Any, kind) -> bool:
+    if kind in (int, float):
+        return _is_number(value, integer=kind is int)
+    return isinstance(value, kind)
+
+
 def validate(config: dict) -> None:
     """Refuse recipes the engine or the sampler could not honour."""
+    check_types(config)
     data, sampling, model = config["data"], config["sampling"], config["model"]
     _triple(data["spacing_mm"], "data.spacing_mm", float)
     _triple(sampling["patch_size"], "sampling.patch_size", int)
