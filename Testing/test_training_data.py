@@ -550,3 +550,18 @@ def test_two_builders_saving_one_case_at_once_both_publish_a_whole_file(tmp_path
     assert failures == []
     np.testing.assert_array_equal(np.load(target), array)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["liver_0_ct.npy"]
+
+
+def test_case_fingerprints_survive_a_copy_and_tell_another_data_set_of_the_same_names(tmp_path):
+    import shutil
+
+    from livertumorseg_training.data import case_fingerprints
+    from LiverTumorSegLib.phantom import write_dataset
+
+    first = write_dataset(tmp_path / "a", 2, seed=3, preset="coarse")
+    shutil.copytree(first, tmp_path / "copy")  # another folder or disk: the same cases
+    other = write_dataset(tmp_path / "b", 2, seed=4, preset="coarse")
+    prints = case_fingerprints(training_cases(first))
+    assert sorted(prints) == ["liver_0", "liver_1"]
+    assert case_fingerprints(training_cases(tmp_path / "copy")) == prints
+    assert all(a != b for a, b in zip(prints.values(), case_fingerprints(training_cases(other)).values()))

@@ -210,6 +210,11 @@ def test_resume_refuses_another_recipe_or_split_before_writing_anything(smoke_ru
     listing["training"] = listing["training"][::-1]
     (reordered / "dataset.json").write_text(json.dumps(listing))
     assert "cases differ" in resume(data_dir=reordered)
+    from LiverTumorSegLib.phantom import write_dataset
+
+    other = write_dataset(tmp_path / "other", 5, seed=12, test_cases=1, preset="coarse")  # same names, other CTs
+    err = resume(data_dir=other)
+    assert "case(s) of" in err and "are not the ones" in err and f"another --data-dir ({phantoms.resolve()})" in err
     after = {p.relative_to(resumed): p.read_bytes() for p in resumed.rglob("*") if p.is_file()}
     assert after == before  # config.yaml and everything else untouched
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import lightning as L
 import numpy as np
@@ -97,6 +97,28 @@ def _first(batch: list) -> dict:
     return batch[0]
 
 
+def case_fingerprints(cases: List[Case]) -> Dict[str, str]:
+    """Per case, 12 hex digits of a SHA-256 of what tells one data set's case from
+    another's of the same name without reading its voxels: the image's grid size and
+    spacing (from its header) and the byte sizes of its image and label files. A copy of
+    the data set (another folder, disk or download) gives the same; another data set
+    whose cases are named alike (phantoms of another seed) does not. ``--resume``
+    compares them."""
+    from LiverTumorSegLib.io import read_header
+
+    def size(path: Path):
+        try:
+            return Path(path).stat().st_size
+        except OSError:
+            return None
+
+    out = {}
+    for case in cases:
+        parts = (read_header(case.image), size(case.image), size(case.label))
+        out[case.case_id] = hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
+    return out
+
+
 class LiverDataModule(L.LightningDataModule):
     """Data set, split, cache and loaders for one recipe.
 
@@ -161,6 +183,7 @@ class LiverDataModule(L.LightningDataModule):
                       "order": "sequential, as listed in dataset.json"},
             "training_cases": [c.case_id for c in self.train_cases],
             "validation_cases": [c.case_id for c in self.val_cases],
+            "case_fingerprints": case_fingerprints(self.train_cases + self.val_cases),
         }
 
     # -- subjects and loaders ------------------------------------------------------

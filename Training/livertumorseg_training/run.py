@@ -249,6 +249,13 @@ def check_resume(checkpoint_path: Path, config: dict, data_summary: dict) -> Non
             raise ConfigError(f"--resume: the {split.replace('_', ' ')} differ from those {checkpoint_path} was "
                               "trained with (another --folds/--fold, an edited dataset.json or another --data-dir); "
                               "resume on the same data and split, or start a new run")
+    before, now = data.get("case_fingerprints") or {}, data_summary.get("case_fingerprints") or {}
+    differ = [case for case in now if case in before and before[case] != now[case]]
+    if differ:  # same names, other images (a checkpoint from before this record has none to compare)
+        raise ConfigError(f"--resume: {len(differ)} case(s) of {data_summary.get('data_dir')} are not the ones "
+                          f"{checkpoint_path} was trained on, though named alike (e.g. {', '.join(differ[:3])}: "
+                          "another grid or other file sizes); was it trained on another --data-dir "
+                          f"({data.get('data_dir', 'unknown')})? Resume on the same data, or start a new run")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
