@@ -4,6 +4,7 @@ and the TorchIO bridge keeps the engine's (z, y, x) axis order."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -565,3 +566,44 @@ def test_case_fingerprints_survive_a_copy_and_tell_another_data_set_of_the_same_
     assert sorted(prints) == ["liver_0", "liver_1"]
     assert case_fingerprints(training_cases(tmp_path / "copy")) == prints
     assert all(a != b for a, b in zip(prints.values(), case_fingerprints(training_cases(other)).values()))
+
+
+def test_a_stopped_cache_build_keeps_the_cases_it_finished(tmp_path, monkeypatch):
+    """Ctrl-C during caching: the cases cached so far are in the manifest, so the next
+    run caches only the rest."""
+    import livertumorseg_training.cache as cache
+
+    root = make_dataset(tmp_path / "d", n=4)
+    config = load_config("smoke")
+    real, done = cache._run_case, []
+
+    def stopped_at_the_third(job):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(job[0].case_id)
+        return real(job)
+
+    monkeypatch.setattr(cache, "_run_case", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(training_cases(root), config, tmp_path / "cache", workers=1, progress=False)
+    assert sorted(read_manifest(tmp_path / "cache")["cases"]) == ["liver_0", "liver_1"]
+    done.clear()
+    monkeypatch.setattr(cache, "_run_case", lambda job: (done.append(job[0].case_id), real(job))[1])
+    build_cache(training_cases(root), config, tmp_path / "cache", workers=1, progress=False)
+    assert done == ["liver_2", "liver_3"]
+
+
+def test_a_caching_worker_leaves_ctrl_c_to_the_main_process():
+    """The terminal sends Ctrl-C to every process: a worker that died of it printed a
+    traceback each and cut its case off; the main process stops the pool instead."""
+    import subprocess
+
+    code = ("import os, signal, time\n"
+            "from livertumorseg_training.cache import _worker_setup\n"
+            "_worker_setup(1)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(0.2)\n"
+            "print('still working')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "Training")])))
+    assert result.returncode == 0 and result.stdout.strip() == "still working", result.stderr

@@ -240,20 +240,32 @@ def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optio
         workers = max(1, min(int(workers or os.cpu_count() or 1), len(todo)))
         jobs = [(case, params, cache_dir) for case in todo]
         bar = _progress_bar(len(todo), f"caching {len(todo)} case(s) at {params['spacing_mm']} mm", progress)
+        done_before = len(entries)
         try:
             if workers == 1:
-                results = map(_run_case, jobs)
-                for result in results:
-                    _collect(result, entries, errors, bar)
+                for job in jobs:
+                    _collect(_run_case(job), entries, errors, bar)
             else:
                 context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_limit_threads,
+                with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_setup,
                                          initargs=(max(1, (os.cpu_count() or 1) // workers),)) as pool:
-                    for result in pool.map(_run_case, jobs):
-                        _collect(result, entries, errors, bar)
+                    futures = [pool.submit(_run_case, job) for job in jobs]
+                    try:
+                        for future in futures:
+                            _collect(future.result(), entries, errors, bar)
+                    except BaseException:  # Ctrl-C: the cases under way finish (whole files), no new one starts
+                        for future in futures:
+                            future.cancel()
+                        pool.shutdown(wait=True)
+                        for future in futures:  # and every case finished by now goes into the manifest
+                            if future.done() and not future.cancelled() and future.exception() is None:
+                                entries.update({r["case_id"]: r for r in [future.result().get("ok")] if r})
+                        raise
         finally:
             bar.close()
-        atomic_write_text(cache_dir / MANIFEST, json.dumps({"params": params, "cases": entries}, indent=1))
+            # also after a stop: the cases cached so far are not done again next time
+            if len(entries) > done_before:
+                atomic_write_text(cache_dir / MANIFEST, json.dumps({"params": params, "cases": entries}, indent=1))
     if errors:
         listed = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
@@ -278,9 +290,15 @@ def _make_writable(cache_dir: Path, clear: bool) -> None:
                            "pass --cache-dir DIR on a writable disk") from None
 
 
-def _limit_threads(threads: int) -> None:
+def _worker_setup(threads: int) -> None:
+    """A caching worker: its share of the threads, and deaf to Ctrl-C, which the terminal
+    sends to every process of the run: the main process stops the pool (the worker's
+    case is finished, not cut off half-written, and no worker prints a traceback)."""
+    import signal
+
     import SimpleITK as sitk
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
