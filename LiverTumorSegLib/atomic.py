@@ -209,6 +209,11 @@ class StagedOutput:
         # Files by their path inside the set (``imagesTr/liver_0.nii.gz``); the record last.
         names = sorted((item.relative_to(self.path).as_posix() for item in self.path.rglob("*") if item.is_file()),
                        key=lambda name: (name == self.last, name))
+        if not self.path.is_dir() or (self.last and self.last not in names):
+            # removed under this run (by hand, or by a cleaner that could not see this
+            # run's lock): publishing nothing would still remove the earlier run's files
+            raise OutputError(f"the staging folder {self.path} lost its files before they could be moved into "
+                              f"{self.target}; nothing was changed there, so run again")
         in_the_way = [self.target / name for name in names
                       if (self.target / name).is_dir() and not (self.target / name).is_symlink()]
         if in_the_way:

@@ -444,6 +444,26 @@ def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_run_and_a_
         child.wait(timeout=30)
 
 
+def test_a_staging_folder_removed_under_a_run_changes_nothing_in_the_output(tmp_path):
+    """Were a run's staging folder removed while it runs (by hand, or by a cleaner that
+    cannot see its lock), publishing must not go on to remove the earlier run's files."""
+    import shutil
+
+    from LiverTumorSegLib.atomic import StagedOutput
+    from LiverTumorSegLib.errors import OutputError
+
+    out = tmp_path / "out"
+    with StagedOutput(out, last="stats.json") as stage:
+        (stage.path / "segmentation.nii.gz").write_text("earlier")
+        (stage.path / "stats.json").write_text("earlier")
+    with pytest.raises(OutputError, match="lost its files before they could be moved"):
+        with StagedOutput(out, replaces=["segmentation.nii.gz", "stats.json"], last="stats.json") as stage:
+            (stage.path / "stats.json").write_text("new")
+            shutil.rmtree(stage.path)
+    assert sorted(p.name for p in out.iterdir()) == ["segmentation.nii.gz", "stats.json"]
+    assert (out / "stats.json").read_text() == "earlier"
+
+
 def test_a_failed_rename_leaves_no_temporary_file_and_names_the_output(tmp_path, monkeypatch):
     import LiverTumorSegLib.atomic as atomic
     from LiverTumorSegLib.errors import OutputError
