@@ -421,6 +421,10 @@ def test_cache_rebuilds_a_case_whose_source_changed(tmp_path):
     second = build_cache(training_cases(root), _config(), cache, workers=1, progress=False)
     assert first["liver_2"]["label_voxels"][1] > 0 and second["liver_2"]["label_voxels"][1] == 0
     assert first["liver_0"] == second["liver_0"]
+    assert read_manifest(cache)["cases"]["liver_2"] == second["liver_2"]  # recorded: not rebuilt every time
+    stamp = (cache / "liver_2_label.npy").stat().st_mtime_ns
+    build_cache(training_cases(root), _config(), cache, workers=1, progress=False)
+    assert (cache / "liver_2_label.npy").stat().st_mtime_ns == stamp
 
 
 def test_cache_matches_the_engine_preprocessing(tmp_path):
@@ -607,3 +611,21 @@ def test_a_caching_worker_leaves_ctrl_c_to_the_main_process():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "Training")])))
     assert result.returncode == 0 and result.stdout.strip() == "still working", result.stderr
+
+
+def test_caching_workers_start_deaf_to_ctrl_c():
+    """Ctrl-C while the pool's workers were still starting printed a traceback per worker:
+    they must start with SIGINT ignored, not only once their initializer has run."""
+    import signal
+    import subprocess
+
+    from livertumorseg_training.cache import _sigint_ignored
+
+    before = signal.getsignal(signal.SIGINT)
+    with _sigint_ignored():
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        child = subprocess.run([sys.executable, "-c", "import signal; "
+                                "print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"],
+                               capture_output=True, text=True, timeout=60)
+    assert child.stdout.strip() == "True", child.stderr
+    assert signal.getsignal(signal.SIGINT) == before

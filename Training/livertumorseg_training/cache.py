@@ -27,6 +27,7 @@ import os
 import shutil
 import uuid
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -240,7 +241,7 @@ def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optio
         workers = max(1, min(int(workers or os.cpu_count() or 1), len(todo)))
         jobs = [(case, params, cache_dir) for case in todo]
         bar = _progress_bar(len(todo), f"caching {len(todo)} case(s) at {params['spacing_mm']} mm", progress)
-        done_before = len(entries)
+        before = dict(entries)
         try:
             if workers == 1:
                 for job in jobs:
@@ -249,7 +250,8 @@ def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optio
                 context = multiprocessing.get_context("spawn")
                 with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_setup,
                                          initargs=(max(1, (os.cpu_count() or 1) // workers),)) as pool:
-                    futures = [pool.submit(_run_case, job) for job in jobs]
+                    with _sigint_ignored():  # the workers start with it (see _worker_setup)
+                        futures = [pool.submit(_run_case, job) for job in jobs]
                     try:
                         for future in futures:
                             _collect(future.result(), entries, errors, bar)
@@ -264,7 +266,7 @@ def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optio
         finally:
             bar.close()
             # also after a stop: the cases cached so far are not done again next time
-            if len(entries) > done_before:
+            if entries != before:  # new cases, or cases rebuilt (a changed source, a missing array)
                 atomic_write_text(cache_dir / MANIFEST, json.dumps({"params": params, "cases": entries}, indent=1))
     if errors:
         listed = "\n  ".join(errors[:20])
@@ -288,6 +290,24 @@ def _make_writable(cache_dir: Path, clear: bool) -> None:
     except OSError as exc:
         raise DatasetError(f"cannot write the preprocessed cache in {cache_dir}: {exc.strerror or exc}; "
                            "pass --cache-dir DIR on a writable disk") from None
+
+
+@contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while the pool's workers are started, so they start deaf to it (a
+    disposition a new process keeps) instead of only once their initializer runs;
+    nothing to do outside the main thread, where no handler can be set."""
+    import signal
+
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _worker_setup(threads: int) -> None:

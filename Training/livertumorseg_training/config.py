@@ -186,6 +186,11 @@ def check_types(config: dict, defaults: dict = DEFAULTS, where: str = "") -> Non
             continue
         if isinstance(value, str) and (int in kinds or float in kinds) and str not in kinds:
             value = config[key] = _number(value, float in kinds)  # YAML reads 1e-3 (no dot) as text
+        elif kinds == (str,) and _is_number(value):
+            value = config[key] = str(value)  # export.version: 2, as the card's text "2"
+        if isinstance(value, list) and isinstance(default, list) and default:
+            value = config[key] = [_number(item, not isinstance(default[0], int)) if isinstance(item, str) else item
+                                   for item in value]
         if not any(_fits(value, kind) for kind in kinds):
             raise ConfigError(f"{name} must be {' or '.join(_type_name(k) for k in kinds)}, not {value!r}")
         if isinstance(value, list) and isinstance(default, list) and default:
