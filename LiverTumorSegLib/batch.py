@@ -81,7 +81,9 @@ def read_list(list_file: Path) -> List[Entry]:
         data = sys.stdin.buffer.read() if piped else list_file.read_bytes()
         # UTF-8, with or without a byte-order mark; UTF-16 with one (a spreadsheet's "Unicode text")
         text = data.decode("utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
-        piped = piped or not stat.S_ISREG(os.stat(list_file).st_mode)
+        # /dev/stdin, /dev/fd/N, /proc/self/fd/N: a descriptor, whatever it is connected to
+        piped = (piped or not stat.S_ISREG(os.stat(list_file).st_mode)
+                 or list_file.absolute().parts[1:2] in (("dev",), ("proc",)))
     except (OSError, UnicodeError) as exc:
         shown = "from standard input" if piped else str(list_file)
         raise InputError(f"cannot read the list of inputs {shown}: {exc}; save it as UTF-8 text") from None
@@ -205,7 +207,7 @@ def _mark(path: Path) -> "tuple | None":
         st = os.stat(path)
     except (OSError, ValueError):
         return None
-    return st.st_dev, st.st_ino
+    return (st.st_dev, st.st_ino) if st.st_ino else None  # no inode numbers here: nothing to compare
 
 
 def _lineage(path: Path) -> set:
@@ -235,8 +237,8 @@ def input_fingerprint(path: Path) -> str:
     for file in files:
         try:
             st = file.stat()
-        except OSError:
-            continue  # a dangling link or a file gone: the reader reports what it needs
+        except (OSError, ValueError):
+            continue  # a dangling link, a file gone, a name no path can hold: the reader reports what it needs
         if file == path:
             name = b""
         else:
@@ -277,7 +279,8 @@ def data_files(header: Path) -> List[Path]:
                 return []
         else:
             names = [value]
-        return [header.parent / name for name in names]  # an absolute name stays absolute
+        # an absolute name stays absolute; one no path can hold (a NUL) is the reader's to refuse
+        return [header.parent / name for name in names if "\0" not in name]
     return []
 
 

@@ -333,7 +333,9 @@ def _check_no_slice_unparsed(names: list, listed: list, uid: str) -> None:
         if hidden:  # the reader skips hidden files, whole or not
             raise InputError(f"{len(hidden)} file(s) of the DICOM series {uid} in {place} (e.g. {hidden[0]}) are "
                              "hidden (their names start with '.'), and the DICOM reader skips hidden files: the "
-                             "series would be read without those slices; rename them without the leading '.'")
+                             "series would be read without those slices. If they are slices, rename them without "
+                             "the leading '.'; if they are a copy's unfinished temporary files (rsync leaves "
+                             ".NAME.XXXXXX), copy the series again")
         if ours:
             raise InputError(f"{len(ours)} file(s) of the DICOM series {uid} in {place} (e.g. {ours[0]}) cannot be "
                              "read (cut short or corrupt?): the series would be read without those slices; copy or "

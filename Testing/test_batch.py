@@ -617,3 +617,43 @@ def test_a_list_from_a_pipe_takes_relative_paths_from_the_current_folder(tmp_pat
     writer.join(10)
     (tmp_path / "list.txt").write_text("a.nrrd\n")  # a list file in a folder: from its folder, as before
     assert read_list(tmp_path / "list.txt") == [(None, tmp_path / "a.nrrd", None)]
+
+
+def test_folders_without_inode_numbers_are_compared_by_path_alone(tmp_path, monkeypatch):
+    """Some file systems give every file inode 0: that is no identity, and sibling
+    folders must not be taken for one folder."""
+    import LiverTumorSegLib.batch as batch
+
+    for name in ("P1", "P2"):
+        (tmp_path / name).mkdir()
+    real_stat = os.stat
+
+    def no_inodes(path, *args, **kwargs):
+        st = real_stat(path, *args, **kwargs)
+        return os.stat_result((st.st_mode, 0, *tuple(st)[2:]))
+
+    monkeypatch.setattr(batch.os, "stat", no_inodes)
+    cases = [batch.Case("P1", tmp_path / "P1", None), batch.Case("P2", tmp_path / "P2", None)]
+    batch.check_case_folders(cases, tmp_path / "out")  # nothing refused
+
+
+def test_a_list_redirected_into_dev_stdin_takes_paths_from_the_current_folder(tmp_path, cts):
+    import subprocess
+    import sys
+
+    (tmp_path / "list.txt").write_text("a.nrrd\n", encoding="utf-8")
+    with open(tmp_path / "list.txt", "rb") as stdin:
+        result = subprocess.run([sys.executable, "-c", "from LiverTumorSegLib.batch import read_list; "
+                                 "print(read_list('/dev/stdin')[0][1])"], stdin=stdin, cwd=cts,
+                                capture_output=True, text=True, timeout=60,
+                                env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert result.stdout.strip() == str(cts / "a.nrrd"), result.stderr
+
+
+def test_a_header_naming_an_impossible_data_file_does_not_stop_the_fingerprint(tmp_path):
+    from LiverTumorSegLib.batch import data_files, input_fingerprint
+
+    header = tmp_path / "bad.mhd"
+    header.write_bytes(b"NDims = 3\nElementDataFile = a\x00b.raw\n")
+    assert data_files(header) == []
+    assert len(input_fingerprint(header)) == 64
