@@ -219,7 +219,7 @@ def test_resume_refuses_another_recipe_or_split_before_writing_anything(smoke_ru
     assert after == before  # config.yaml and everything else untouched
 
 
-def test_resume_check_names_every_differing_key_and_lets_the_caching_workers_change(smoke_run):
+def test_resume_check_names_every_differing_key_and_lets_the_caching_workers_change(smoke_run, tmp_path):
     """Another recipe named four keys and "12 more" (the network's among the hidden);
     data.cache_workers (how many processes cache, not what) was refused."""
     import copy
@@ -240,6 +240,18 @@ def test_resume_check_names_every_differing_key_and_lets_the_caching_workers_cha
     assert "\n" not in message and "more" not in message
     for key in ("data.spacing_mm", "model.widths", "sampling.patch_size"):
         assert f"{key}" in message, key
+    # a run started before recipes were type-checked kept optimizer.lr=3e-4 as the text
+    # '3e-4' (PyYAML's reading); resumed now, its recipe reads 0.0003: the same recipe
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    text_lr = str(state["livertumorseg"]["config"]["optimizer"]["lr"])
+    state["livertumorseg"]["config"]["optimizer"]["lr"] = text_lr
+    older = tmp_path / "older.ckpt"
+    torch.save(state, older)
+    config = copy.deepcopy(saved["config"])
+    config["optimizer"]["lr"] = float(text_lr)
+    check_resume(older, config, saved["data"])
 
 
 def test_stopped_and_resumed_run_trains_as_one_that_went_straight_through(smoke_run, phantoms, tmp_path):

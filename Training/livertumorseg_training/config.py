@@ -165,17 +165,23 @@ def _type_name(kind) -> str:
             list: "a list", dict: "a mapping"}[kind]
 
 
-def check_types(config: dict, defaults: dict = DEFAULTS, where: str = "") -> None:
+def check_types(config: dict, defaults: dict = DEFAULTS, where: str = "", lenient: bool = False) -> None:
     """Refuse a value of the wrong kind (``optimizer.lr=fast``, ``widths: [4, 8, x]``,
     ``flip: 1``) with its key, before anything runs or is written; the defaults give the
     kinds. A number written as text (``1e-3``, which YAML reads as text for want of a
-    dot) becomes that number, in place."""
+    dot) becomes that number, in place. ``lenient``: only those conversions, refusing
+    nothing (a checkpoint's recipe, to compare it with a resumed run's)."""
+    def refuse(message: str) -> None:
+        if not lenient:
+            raise ConfigError(message)
+
     for key, default in defaults.items():
         name, value = f"{where}{key}", config.get(key)
         if isinstance(default, dict) and key != "label_probabilities":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{name} must be a section (a mapping of keys), not {value!r}")
-            check_types(value, default, name + ".")
+            if isinstance(value, dict):
+                check_types(value, default, name + ".", lenient)
+            else:
+                refuse(f"{name} must be a section (a mapping of keys), not {value!r}")
             continue
         kinds = _EITHER.get(name) or ((_OPTIONAL[name],) if name in _OPTIONAL else None)
         if kinds is None:
@@ -183,6 +189,9 @@ def check_types(config: dict, defaults: dict = DEFAULTS, where: str = "") -> Non
                 continue
             kinds = (float if isinstance(default, float) else type(default),)
         elif value is None and name in _OPTIONAL:
+            continue
+        if key not in config:
+            refuse(f"{name} is missing")
             continue
         if isinstance(value, str) and (int in kinds or float in kinds) and str not in kinds:
             value = config[key] = _number(value, float in kinds)  # YAML reads 1e-3 (no dot) as text
@@ -192,17 +201,17 @@ def check_types(config: dict, defaults: dict = DEFAULTS, where: str = "") -> Non
             value = config[key] = [_number(item, not isinstance(default[0], int)) if isinstance(item, str) else item
                                    for item in value]
         if not any(_fits(value, kind) for kind in kinds):
-            raise ConfigError(f"{name} must be {' or '.join(_type_name(k) for k in kinds)}, not {value!r}")
-        if isinstance(value, list) and isinstance(default, list) and default:
+            refuse(f"{name} must be {' or '.join(_type_name(k) for k in kinds)}, not {value!r}")
+        elif isinstance(value, list) and isinstance(default, list) and default:
             if not all(_is_number(item, isinstance(default[0], int)) for item in value):
-                raise ConfigError(f"{name} must be a list of {'whole ' if isinstance(default[0], int) else ''}"
-                                  f"numbers, not {value!r}")
+                refuse(f"{name} must be a list of {'whole ' if isinstance(default[0], int) else ''}"
+                       f"numbers, not {value!r}")
         elif isinstance(value, list) and name == "loss.class_weights":
             if not all(_is_number(item) for item in value):
-                raise ConfigError(f"{name} must be a list of numbers, not {value!r}")
+                refuse(f"{name} must be a list of numbers, not {value!r}")
         elif isinstance(value, dict):
             if not all(_is_number(item) for item in value.values()):
-                raise ConfigError(f"{name} must map each label to a number, not {value!r}")
+                refuse(f"{name} must map each label to a number, not {value!r}")
 
 
 def _number(text: str, real: bool):

@@ -15,6 +15,7 @@ Multi-GPU and multi-node training is Lightning's DDP (``--devices``, ``--num-nod
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -229,11 +230,14 @@ def check_resume(checkpoint_path: Path, config: dict, data_summary: dict) -> Non
     """Refuse, before anything is written, to resume a run with another recipe or split:
     the weights would not fit (a size mismatch deep in Lightning), or the model card would
     list validation cases the model trained on."""
+    from .config import check_types
     from .exporting import read_checkpoint
     from .module import CHECKPOINT_KEY
 
     saved = read_checkpoint(checkpoint_path)[CHECKPOINT_KEY]
-    old, new = _flatten(saved.get("config", {})), _flatten(config)
+    recipe = copy.deepcopy(saved.get("config", {}))
+    check_types(recipe, lenient=True)  # as this version reads it (an lr saved as the text '3e-4': the number)
+    old, new = _flatten(recipe), _flatten(config)
     changed = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key)
                      and not key.startswith(RESUMABLE_CHANGES))
     if changed:  # every key named; the values of the first few (a whole other recipe would be a page)
