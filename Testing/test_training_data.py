@@ -115,7 +115,9 @@ def test_a_value_of_the_wrong_kind_is_refused_before_anything_is_written(tmp_pat
 
 def test_numbers_yaml_reads_as_text_and_lightnings_own_kinds_are_taken():
     config = load_config("smoke", ["optimizer.lr=1e-3", "trainer.devices=[0, 1]", "trainer.precision=16",
-                                   "trainer.deterministic=true", "loss.class_weights=[1, 1, 3]", "data.folds=5"])
+                                   "trainer.deterministic=true", "loss.class_weights=[1, 1, 3]", "data.folds=5",
+                                   "augmentation.affine_scales=null"])  # null: that augmentation off
+    assert config["augmentation"]["affine_scales"] is None
     assert config["optimizer"]["lr"] == 0.001 and isinstance(config["optimizer"]["lr"], float)
     assert config["trainer"]["devices"] == [0, 1] and config["trainer"]["precision"] == 16
     assert config["trainer"]["deterministic"] is True and config["loss"]["class_weights"] == [1, 1, 3]

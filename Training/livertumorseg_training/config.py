@@ -183,16 +183,16 @@ def check_types(config: dict, defaults: dict = DEFAULTS, where: str = "", lenien
             else:
                 refuse(f"{name} must be a section (a mapping of keys), not {value!r}")
             continue
+        if key not in config:
+            refuse(f"{name} is missing")
+            continue
+        if value is None:  # null: the setting off or left to its user (affine_scales: null); validate() has the rest
+            continue
         kinds = _EITHER.get(name) or ((_OPTIONAL[name],) if name in _OPTIONAL else None)
         if kinds is None:
             if default is None:
                 continue
             kinds = (float if isinstance(default, float) else type(default),)
-        elif value is None and name in _OPTIONAL:
-            continue
-        if key not in config:
-            refuse(f"{name} is missing")
-            continue
         if isinstance(value, str) and (int in kinds or float in kinds) and str not in kinds:
             value = config[key] = _number(value, float in kinds)  # YAML reads 1e-3 (no dot) as text
         elif kinds == (str,) and _is_number(value):
