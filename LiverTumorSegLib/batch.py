@@ -119,9 +119,8 @@ def case_name(path: Path) -> str:
 
 def _identity(path: Path) -> tuple:
     """What makes two paths one input: the same file or folder (links and hard links
-    included)."""
-    st = path.stat()
-    return (st.st_dev, st.st_ino) if st.st_ino else (str(path.resolve()),)
+    included); its resolved path where the file system has no inode numbers."""
+    return _mark(path) or (str(path.resolve()),)
 
 
 def plan_cases(inputs: Iterable) -> List[Case]:

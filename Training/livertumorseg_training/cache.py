@@ -261,7 +261,9 @@ def build_cache(cases: List[Case], config: dict, cache_dir: Path, workers: Optio
                         pool.shutdown(wait=True)
                         for future in futures:  # and every case finished by now goes into the manifest
                             if future.done() and not future.cancelled() and future.exception() is None:
-                                entries.update({r["case_id"]: r for r in [future.result().get("ok")] if r})
+                                entry = future.result().get("ok")
+                                if entry:
+                                    entries[entry["case_id"]] = entry
                         raise
         finally:
             bar.close()
