@@ -27,6 +27,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_write_text, check_path_text
 from .errors import InputError, OutputError
+from .io import file_identity
 from .stats import summary
 
 SUMMARY_NAME = "batch.csv"
@@ -120,7 +121,7 @@ def case_name(path: Path) -> str:
 def _identity(path: Path) -> tuple:
     """What makes two paths one input: the same file or folder (links and hard links
     included); its resolved path where the file system has no inode numbers."""
-    return _mark(path) or (str(path.resolve()),)
+    return file_identity(path) or (str(path.resolve()),)
 
 
 def plan_cases(inputs: Iterable) -> List[Case]:
@@ -189,10 +190,10 @@ def check_case_folders(cases: Sequence[Case], outdir: Path) -> None:
     lineages = {case.input: _lineage(case.input) for case in cases}
     here = _lineage(outdir)
     problems = [f"the output folder {outdir} lies in the input {c.input}" for c in cases
-                if c.input == outdir or c.input in outdir.parents or _mark(c.input) in here]
+                if c.input == outdir or c.input in outdir.parents or file_identity(c.input) in here]
     for case in cases:
         folder = outdir / case.name
-        mark = _mark(folder)
+        mark = file_identity(folder)
         for other in cases:
             if other.input == folder or folder in other.input.parents or (mark and mark in lineages[other.input]):
                 problems.append(f"case {case.name!r} would write into {folder}, which holds the input {other.input}")
@@ -200,18 +201,9 @@ def check_case_folders(cases: Sequence[Case], outdir: Path) -> None:
         raise InputError("cannot start the batch: " + "; ".join(problems) + "; choose another output folder")
 
 
-def _mark(path: Path) -> "tuple | None":
-    """(device, inode) of what ``path`` names, links followed; None where nothing is."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return (st.st_dev, st.st_ino) if st.st_ino else None  # no inode numbers here: nothing to compare
-
-
 def _lineage(path: Path) -> set:
     """The identities of ``path`` and of every existing folder above it."""
-    return {mark for mark in map(_mark, (path, *Path(path).parents)) if mark}
+    return {mark for mark in map(file_identity, (path, *Path(path).parents)) if mark}
 
 
 def input_fingerprint(path: Path) -> str:

@@ -325,8 +325,8 @@ def _check_no_slice_unparsed(names: list, listed: list, uid: str) -> None:
             if kind is None:
                 continue
             if inodes is None:
-                inodes = {_inode(name) for name in listed} - {None}
-            if _inode(entry.path) in inodes:
+                inodes = {file_identity(name) for name in listed} - {None}
+            if file_identity(entry.path) in inodes:
                 continue
             shown = os.fsencode(entry.name).decode("utf-8", "replace")
             (maybe if kind != "ours" else hidden if entry.name.startswith(".") else ours).append(shown)
@@ -347,12 +347,13 @@ def _check_no_slice_unparsed(names: list, listed: list, uid: str) -> None:
                              "those files away if they are not part of it")
 
 
-def _inode(path: str) -> "tuple | None":
-    """(device, inode) of a file, to know a link of it; None where the file system has
-    no inode numbers (``st_ino`` 0) or the file cannot be reached."""
+def file_identity(path) -> "tuple | None":
+    """(device, inode) of a file or folder, links followed, to know a link of it; None
+    where the file system has no inode numbers (``st_ino`` 0) or nothing can be reached
+    by that path."""
     try:
         info = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the name
         return None
     return (info.st_dev, info.st_ino) if info.st_ino else None
 
