@@ -41,3 +41,15 @@ def test_scripts_outside_a_checkout_use_the_installed_engine_or_say_it_is_missin
                           env={"PATH": ""}, cwd=tmp_path, timeout=60)
     assert none.returncode == 2 and "Traceback" not in none.stderr, none.stderr
     assert "LiverTumorSegLib is neither beside these scripts" in none.stderr and len(none.stderr.splitlines()) == 1
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C before Lightning's fit (reading the data, caching it) or in evaluate/export:
+    one line and the shell's exit code for SIGINT, not Python's traceback."""
+    code = ("import sys\nsys.path.insert(0, sys.argv[1])\nimport _bootstrap\n_bootstrap.add_repo_to_path()\n"
+            "def main():\n    raise KeyboardInterrupt\n"
+            "sys.exit(_bootstrap.run_script('train.py', main))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(REPO / "Training")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "train.py: stopped by Ctrl-C"

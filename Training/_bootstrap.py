@@ -24,7 +24,9 @@ def add_repo_to_path() -> None:
 
 
 def run_script(prog: str, main) -> int:
-    """Run a script's ``main()``; a ``LiverTumorSegError`` becomes a one-line error and exit 2."""
+    """Run a script's ``main()``; a ``LiverTumorSegError`` becomes a one-line error and
+    exit 2, Ctrl-C (outside Lightning's ``fit``, which handles its own) one line and exit
+    130, as a shell reports a job stopped by SIGINT."""
     from LiverTumorSegLib.errors import LiverTumorSegError
 
     try:
@@ -32,3 +34,6 @@ def run_script(prog: str, main) -> int:
     except LiverTumorSegError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: stopped by Ctrl-C", file=sys.stderr)
+        return 130
