@@ -107,3 +107,15 @@ def test_bench_recipe_refuses_an_unknown_initialisation(tmp_path):
     with pytest.raises(ValueError, match="init"):
         weights.train_bench_model(tmp_path / "m", {"init": "xavier"}, log=lambda m: None)
     assert not (tmp_path / "m").exists()  # refused before any work or any file
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").is_file(), reason="reads the total memory from /proc/meminfo (Linux)")
+def test_machine_description_has_the_memory_without_psutil(monkeypatch):
+    """The machine table names the memory even where psutil (bench extra) is absent."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks import machine
+
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil now raises ImportError
+    total_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemTotal:"))
+    assert machine.describe()["memory_gib"] == pytest.approx(total_kib / 2**20, rel=0.01)

@@ -49,8 +49,11 @@ def describe() -> dict:
         import psutil
 
         mem_gib = psutil.virtual_memory().total / 2**30
-    except ImportError:
-        mem_gib = None
+    except ImportError:  # psutil is in the bench extra, not the test one
+        try:
+            mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+            mem_gib = None
     gpu = None
     if torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(0)
