@@ -109,6 +109,32 @@ def test_bench_recipe_refuses_an_unknown_initialisation(tmp_path):
     assert not (tmp_path / "m").exists()  # refused before any work or any file
 
 
+def test_ablation_rows_and_onnx_runtime_variant(tiny_model):
+    """The forward-pass ablation on a tiny model: every variant timed per patch, the
+    larger batch counted as such, and ONNX Runtime's logits equal to the fp32 network's."""
+    pytest.importorskip("onnxruntime", reason="the ONNX Runtime variant needs onnxruntime (bench and test extras)")
+    pytest.importorskip("onnx", reason="exporting to ONNX needs onnx (bench and test extras)")
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks import ablation
+    from LiverTumorSegLib.model import load_model
+
+    model = load_model(tiny_model)
+    hu = np.random.default_rng(0).uniform(-1000, 400, size=(40, 40, 40)).astype(np.float32)
+    result = ablation.run(model, hu, reps=1, batch=1, onnx_too=True, log=lambda m: None)
+    rows = result["rows"]
+    assert {"fp32", "default (bf16 weights, channels_last)", "default, 2 patches per call",
+            "onnxruntime fp32 (CPU provider)"} <= set(rows)
+    assert rows["default, 2 patches per call"]["patches_per_run"] == 2
+    assert rows["fp32"]["patches_per_run"] == 1
+    for row in rows.values():
+        assert row["seconds_per_patch"] * row["patches_per_run"] == pytest.approx(row["seconds_median"])
+    assert rows["fp32"]["speedup_vs_fp32"] == pytest.approx(1.0)
+    assert 0.0 <= result["onnxruntime_max_abs_logit_diff_vs_fp32"] < 1e-3
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("ltsbench-onnx-*")), "the exported file was left behind"
+
+
 @pytest.mark.skipif(not Path("/proc/meminfo").is_file(), reason="reads the total memory from /proc/meminfo (Linux)")
 def test_machine_description_has_the_memory_without_psutil(monkeypatch):
     """The machine table names the memory even where psutil (bench extra) is absent."""

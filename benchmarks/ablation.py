@@ -4,21 +4,58 @@ Each variant runs the same weights on the same batch of phantom patches (taken f
 the item-1 input, so activations are realistic). ``fp32`` is the network as loaded
 (what MONAI and TorchIO run); ``default`` is what the engine runs
 (:func:`~LiverTumorSegLib.inference.prepare_network` at precision ``auto``).
-Optional variants: ``torch.compile`` (inductor; its compile time is reported apart).
+``default, N patches per call`` runs the default on a batch of twice the ablation's
+patches (the engine's ``--batch-size``). Optional variants: ``torch.compile``
+(inductor; its compile time is reported apart) and ONNX Runtime (the fp32 network
+exported to ONNX, run by its CPU execution provider with every graph optimisation and
+the same thread count; needs ``onnx`` and ``onnxruntime``, the ``bench`` extra). ONNX
+Runtime's x86 CPU provider has no bf16 convolution, so fp32 is what it can run.
+Every variant runs without the engine's allocator setting
+(:mod:`LiverTumorSegLib.allocator`), so the rows compare like with like; ONNX Runtime
+keeps its own memory arena between calls.
 """
 
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
-from typing import Callable, Dict
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 
 from .measure import interleaved, summary
 
 
-def variants(network, x, compile_too: bool = False, log=print) -> Dict[str, Callable]:
+def onnx_runtime_session(network, x, threads: int, log=print) -> Tuple[Callable, float]:
+    """(run, export seconds): ``network`` (fp32) exported to ONNX and loaded into an
+    ONNX Runtime CPU session with ``threads`` intra-op threads; ``run()`` returns the
+    logits of ``x`` as a numpy array. The exported file is removed once loaded."""
+    import onnxruntime as ort
+    import torch
+
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ltsbench-onnx-") as folder:
+        path = str(Path(folder) / "network.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(network.eval(), (x,), path, input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=17, dynamo=False)
+        export_s = time.perf_counter() - t
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {"image": x.detach().cpu().numpy()}
+    log(f"  ONNX Runtime {ort.__version__}: export {export_s:.1f} s")
+    return (lambda: session.run(None, feed)[0]), export_s
+
+
+def variants(network, x, compile_too: bool = False, onnx_too: bool = False, log=print) -> Dict[str, Callable]:
     import torch
 
     from LiverTumorSegLib.inference import prepare_network
@@ -48,17 +85,31 @@ def variants(network, x, compile_too: bool = False, log=print) -> Dict[str, Call
     }
     if x.shape[0] > 1:
         out["default, one patch per call"] = lambda: [plain(default, x_bf[i:i + 1])() for i in range(x.shape[0])]
+    twice = torch.cat([x_bf, x_bf]).contiguous(memory_format=cl)
+    out[f"default, {twice.shape[0]} patches per call"] = plain(default, twice)
     if compile_too:
         compiled = torch.compile(default)
         t = time.perf_counter()
         plain(compiled, x_bf)()
         out["torch.compile(default)"] = plain(compiled, x_bf)
         log(f"  torch.compile: first call (compile) {time.perf_counter() - t:.1f} s")
+    if onnx_too:
+        out["onnxruntime fp32 (CPU provider)"], _ = onnx_runtime_session(network, x, torch.get_num_threads(), log)
     return out
 
 
-def run(model, hu: np.ndarray, reps: int, batch: int = 2, compile_too: bool = False, log=print) -> dict:
-    """Forward time per patch for each variant; gains relative to ``fp32``."""
+def patches_per_run(name: str, batch: int) -> int:
+    """How many patches one timed run of variant ``name`` computes (in one call or, for
+    ``one patch per call``, in several)."""
+    if name.startswith("default, ") and name.endswith(" patches per call"):
+        return 2 * batch
+    return batch
+
+
+def run(model, hu: np.ndarray, reps: int, batch: int = 2, compile_too: bool = False, onnx_too: bool = False,
+        log=print) -> dict:
+    """Forward time per patch for each variant; gains relative to ``fp32``. With
+    ``onnx_too``, also ONNX Runtime's largest |logit difference| from the fp32 network."""
     import torch
 
     from LiverTumorSegLib.preprocess import scale_intensity
@@ -73,18 +124,25 @@ def run(model, hu: np.ndarray, reps: int, batch: int = 2, compile_too: bool = Fa
         z, y, xx = centre[0], min(centre[1] + i * patch[1] // 2, max(x.shape[1] - patch[1], 0)), centre[2]
         tiles.append(x[z:z + patch[0], y:y + patch[1], xx:xx + patch[2]])
     tensor = torch.from_numpy(np.stack(tiles)[:, None].copy())
-    fns = variants(model.network.eval(), tensor, compile_too, log)
-    for fn in fns.values():  # warm-up: oneDNN primitive creation, weight reorders
-        fn()
+    fns = variants(model.network.eval(), tensor, compile_too, onnx_too, log)
+    warm = {name: fn() for name, fn in fns.items()}  # warm-up: oneDNN primitive creation, weight reorders
+    out = {}
+    if onnx_too:
+        with torch.inference_mode():
+            reference = model.network(tensor).float().numpy()
+        out["onnxruntime_max_abs_logit_diff_vs_fp32"] = float(
+            np.abs(warm["onnxruntime fp32 (CPU provider)"] - reference).max())
+    del warm
     runs = interleaved(fns, reps, log=log)
-    flop = forward_flops(model.network, patch) * batch
+    flop_per_patch = forward_flops(model.network, patch)
     rows = {}
     base = None
     for name, samples in runs.items():
         s = summary(samples)
-        s["seconds_per_patch"] = s["seconds_median"] / batch
-        s["gflops"] = flop / s["seconds_median"] / 1e9
-        base = base or s["seconds_median"]
-        s["speedup_vs_fp32"] = base / s["seconds_median"]
+        s["patches_per_run"] = patches_per_run(name, batch)
+        s["seconds_per_patch"] = s["seconds_median"] / s["patches_per_run"]
+        s["gflops"] = flop_per_patch / s["seconds_per_patch"] / 1e9
+        base = base or s["seconds_per_patch"]
+        s["speedup_vs_fp32"] = base / s["seconds_per_patch"]
         rows[name] = s
-    return {"patch_size": list(patch), "batch": batch, "gflop_per_patch": flop / batch / 1e9, "rows": rows}
+    return dict(out, patch_size=list(patch), batch=batch, gflop_per_patch=flop_per_patch / 1e9, rows=rows)

@@ -82,11 +82,14 @@ def inference(s: dict) -> str:
 
 
 def ablation(s: dict) -> str:
-    rows = [[name, _f(r["seconds_per_patch"], 3), _f(r["gflops"], 0), _f(r["speedup_vs_fp32"], 2)]
-            for name, r in s["rows"].items()]
-    return (f"Forward pass, {s['batch']} patch(es) of {'x'.join(map(str, s['patch_size']))} per call, "
+    rows = [[name, str(r.get("patches_per_run", s["batch"])), _f(r["seconds_per_patch"], 3), _f(r["gflops"], 0),
+             _f(r["speedup_vs_fp32"], 2)] for name, r in s["rows"].items()]
+    text = (f"Forward pass, patches of {'x'.join(map(str, s['patch_size']))}, "
             f"{s['gflop_per_patch']:.0f} GFLOP per patch\n\n"
-            + _t(rows, ["variant", "s per patch (median)", "GFLOP/s", "speed-up vs fp32"]))
+            + _t(rows, ["variant", "patches per timed run", "s per patch (median)", "GFLOP/s", "speed-up vs fp32"]))
+    if "onnxruntime_max_abs_logit_diff_vs_fp32" in s:
+        text += f"\n\nONNX Runtime against the fp32 network: max |logit difference| {s['onnxruntime_max_abs_logit_diff_vs_fp32']:.2g}"
+    return text
 
 
 def cli(s: dict) -> str:

@@ -158,6 +158,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="repetitions per comparison (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile to the ablation")
+    parser.add_argument("--onnx", action="store_true",
+                        help="add ONNX Runtime (fp32, CPU provider) to the ablation; needs onnx and onnxruntime")
     parser.add_argument("--no-exactness", action="store_true",
                         help="item 1: skip the fp32 uncropped exactness runs (two extra runs at the first overlap)")
     parser.add_argument("--gpu-parts", default=",".join(gpu.PARTS), help="GPU section parts: cli,inference,training")
@@ -211,7 +213,7 @@ def run_sections(args, argv, scratch: Path) -> int:
     if "ablation" in only:
         log("ablation: forward pass per variant")
         save("ablation", ablation.run(model, hu, args.reps, batch=cfg["ablation_batch"],
-                                      compile_too=args.compile, log=log))
+                                      compile_too=args.compile, onnx_too=args.onnx, log=log))
     if "cli" in only:
         path = inputs.phantom_file(cfg["cli_shape"], cfg["cli_spacing"], log=log)
         log(f"cli: {path.name}, {cfg['cli_reps']} runs")
