@@ -33,7 +33,8 @@ def _write(path: Path, array: np.ndarray, spacing=(2.0, 2.0, 3.0), origin=(0.0, 
     sitk.WriteImage(image, str(path))
 
 
-def make_dataset(root: Path, n: int = 3, shape=(12, 16, 20)) -> Path:
+def make_dataset(root: Path, n: int = 3, shape=(12, 16, 20), suffix: str = ".nii.gz",
+                 spacing=(2.0, 2.0, 3.0)) -> Path:
     """A tiny MSD-layout data set: air around a 'liver' box with a 'tumor' inside."""
     entries = []
     for i in range(n):
@@ -42,9 +43,9 @@ def make_dataset(root: Path, n: int = 3, shape=(12, 16, 20)) -> Path:
         label = np.zeros(shape, dtype=np.uint8)
         label[4:-4, 5:-5, 5:-5] = 1
         label[5:7, 6:8, 6:8] = 2
-        _write(root / "imagesTr" / f"liver_{i}.nii.gz", ct)
-        _write(root / "labelsTr" / f"liver_{i}.nii.gz", label)
-        entries.append({"image": f"./imagesTr/liver_{i}.nii.gz", "label": f"./labelsTr/liver_{i}.nii.gz"})
+        _write(root / "imagesTr" / f"liver_{i}{suffix}", ct, spacing)
+        _write(root / "labelsTr" / f"liver_{i}{suffix}", label, spacing)
+        entries.append({"image": f"./imagesTr/liver_{i}{suffix}", "label": f"./labelsTr/liver_{i}{suffix}"})
     (root / "dataset.json").write_text(json.dumps({"name": "tiny", "training": entries, "test": []}))
     return root
 
@@ -631,3 +632,120 @@ def test_caching_workers_start_deaf_to_ctrl_c():
                                capture_output=True, text=True, timeout=60)
     assert child.stdout.strip() == "True", child.stderr
     assert signal.getsignal(signal.SIGINT) == before
+
+
+# -- recipe types (mutation review) -----------------------------------------------------
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_epochs=true", "trainer.max_epochs must be a whole number, not True"),  # a bool is not a count
+    ("optimizer.lr=true", "optimizer.lr must be a number, not True"),
+    ("trainer.max_epochs=2.5", "trainer.max_epochs must be a whole number, not 2.5"),  # else Lightning fails late
+])
+def test_booleans_and_fractions_are_not_counts(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", [override])
+
+
+def test_text_numbers_become_the_kind_their_key_takes():
+    """A count given as text becomes an int; numbers PyYAML reads as text (2.5e2, no signed
+    exponent) become floats; a number where the card wants text (a version) becomes text."""
+    config = load_config("smoke", ['trainer.max_epochs="5"', "intensity.window_hu=[-2e2, 2.5e2]",
+                                   "export.version=1.0"])
+    assert config["trainer"]["max_epochs"] == 5 and isinstance(config["trainer"]["max_epochs"], int)
+    assert config["intensity"]["window_hu"] == [-200.0, 250.0]
+    assert config["export"]["version"] == "1.0"
+
+
+def test_lenient_check_reaches_nested_sections_of_an_older_recipe():
+    """--resume reads a checkpoint's recipe leniently: one saved before a key existed
+    (data.cache_workers), with its lr as the text '3e-4', is converted, not refused."""
+    import copy
+
+    from livertumorseg_training.config import DEFAULTS, check_types
+
+    recipe = copy.deepcopy(DEFAULTS)
+    del recipe["data"]["cache_workers"]
+    recipe["optimizer"]["lr"] = "3e-4"
+    check_types(recipe, lenient=True)
+    assert recipe["optimizer"]["lr"] == 0.0003
+
+
+# -- cache rebuilds and failures (mutation review) --------------------------------------
+def test_a_failed_save_leaves_the_earlier_array_whole_and_no_temporary_file(tmp_path, monkeypatch):
+    """A full disk while a case is rebuilt: another run may be memory-mapping the array,
+    so it must stay whole under its name, and no half-written temporary is left."""
+    import livertumorseg_training.cache as cache
+
+    target = tmp_path / "liver_0_ct.npy"
+    old = np.arange(4096, dtype=np.int16).reshape(16, 16, 16)
+    np.save(target, old)
+    real_save = np.save
+
+    def disk_full(file, array):
+        with open(file, "wb") as handle:
+            real_save(handle, array)
+            handle.truncate(100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.np, "save", disk_full)
+    with pytest.raises(OSError):
+        cache._save_npy(target, old + 1)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.load(target), old)
+    assert os.listdir(tmp_path) == ["liver_0_ct.npy"]
+
+
+def test_a_deleted_array_is_cached_again(tmp_path):
+    root = make_dataset(tmp_path / "d", n=2)
+    build_cache(training_cases(root), _config(), tmp_path / "cache", workers=1, progress=False)
+    (tmp_path / "cache" / "liver_1_ct.npy").unlink()  # a clean-up, a disk quota
+    build_cache(training_cases(root), _config(), tmp_path / "cache", workers=1, progress=False)
+    assert (tmp_path / "cache" / "liver_1_ct.npy").is_file()
+
+
+def test_a_label_edited_in_place_at_the_same_size_is_cached_again(tmp_path):
+    """Uncompressed NIfTI: an edited label keeps its byte size; its modification time
+    must still rebuild the case, or training reads the old labels."""
+    root = make_dataset(tmp_path / "d", n=1, suffix=".nii")
+    label = root / "labelsTr" / "liver_0.nii"
+    first = build_cache(training_cases(root), _config(), tmp_path / "cache", workers=1, progress=False)
+    size, mtime = label.stat().st_size, label.stat().st_mtime_ns
+    _write(label, np.zeros((12, 16, 20), dtype=np.uint8))
+    os.utime(label, ns=(mtime + 10**9, mtime + 10**9))
+    assert label.stat().st_size == size
+    second = build_cache(training_cases(root), _config(), tmp_path / "cache", workers=1, progress=False)
+    assert first["liver_0"]["label_voxels"][1] > 0 and second["liver_0"]["label_voxels"][1] == 0
+
+
+def test_a_stopped_parallel_cache_build_keeps_the_cases_its_workers_finished(tmp_path, monkeypatch):
+    """Ctrl-C while the main process waits on the pool: the cases the workers finish
+    (shutdown waits for them) go into the manifest, not only those collected before."""
+    import livertumorseg_training.cache as cache
+
+    root = make_dataset(tmp_path / "d", n=3)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache, "_collect", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(training_cases(root), _config(), tmp_path / "cache", workers=2, progress=False)
+    manifest = read_manifest(tmp_path / "cache")
+    assert manifest is not None and {"liver_0", "liver_1"} <= set(manifest["cases"])
+
+
+def test_case_fingerprints_tell_another_grid_and_other_labels(tmp_path):
+    """--resume's data check: uncompressed images of one size on another grid (only the
+    header tells them apart), and the same images with other labels."""
+    import shutil
+
+    from livertumorseg_training.data import case_fingerprints
+
+    a = make_dataset(tmp_path / "a", n=1, suffix=".nii", spacing=(2.0, 2.0, 3.0))
+    b = make_dataset(tmp_path / "b", n=1, suffix=".nii", spacing=(1.0, 1.0, 1.0))
+    assert case_fingerprints(training_cases(a)) != case_fingerprints(training_cases(b))
+    c = make_dataset(tmp_path / "c", n=1)
+    shutil.copytree(c, tmp_path / "e")
+    relabelled = np.zeros((12, 16, 20), dtype=np.uint8)
+    relabelled[1:-1, 2:-2, 2:-2] = np.random.default_rng(0).integers(0, 3, (10, 12, 16))
+    _write(tmp_path / "e" / "labelsTr" / "liver_0.nii.gz", relabelled)
+    assert case_fingerprints(training_cases(c)) != case_fingerprints(training_cases(tmp_path / "e"))
