@@ -657,3 +657,85 @@ def test_a_header_naming_an_impossible_data_file_does_not_stop_the_fingerprint(t
     header.write_bytes(b"NDims = 3\nElementDataFile = a\x00b.raw\n")
     assert data_files(header) == []
     assert len(input_fingerprint(header)) == 64
+
+
+# -- from a mutation review: the fingerprint, --resume's comparison, folder checks -------
+def test_nrrd_datafile_key_without_a_space_and_mhd_slice_patterns_are_followed(tmp_path):
+    """NRRD allows ``datafile:`` as well as ``data file:``; MetaImage may name its slices by
+    a pattern. Either way the voxel files count in --resume's fingerprint."""
+    from LiverTumorSegLib.batch import data_files, input_fingerprint
+
+    nhdr = tmp_path / "a.nhdr"
+    nhdr.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\nencoding: raw\ndatafile: a.raw\n")
+    assert data_files(nhdr) == [tmp_path / "a.raw"]
+    series = tmp_path / "series"
+    series.mkdir()
+    mhd = series / "s.mhd"
+    mhd.write_text("NDims = 3\nElementDataFile = slice%03d.raw 0 1 1\n")
+    for i in range(2):
+        (series / f"slice{i:03d}.raw").write_bytes(b"\0" * 8)
+    assert data_files(mhd) == [series / "slice000.raw", series / "slice001.raw"]
+    before = input_fingerprint(mhd)
+    (series / "slice001.raw").write_bytes(b"\1" * 9)  # a slice replaced, the header as it was
+    assert input_fingerprint(mhd) != before
+
+
+def test_the_fingerprint_tells_a_replaced_file_where_the_change_time_says_nothing(tmp_path, monkeypatch):
+    """Some mounts (SMB, FUSE) report the modification time as the change time: a file
+    replaced by a copy with its size and time kept (cp -p, rsync -a) differs only by its
+    inode number."""
+    from LiverTumorSegLib.batch import input_fingerprint
+
+    real_stat = os.stat
+
+    def ctime_is_mtime(path, *args, **kwargs):
+        st = real_stat(path, *args, **kwargs)
+        return os.stat_result(list(st), {"st_mtime_ns": st.st_mtime_ns, "st_ctime_ns": st.st_mtime_ns,
+                                         "st_atime_ns": st.st_atime_ns})
+
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(b"a" * 100)
+    os.link(path, tmp_path / "old-inode")  # keeps the old inode alive: the new file cannot reuse its number
+    st = path.stat()
+    monkeypatch.setattr(os, "stat", ctime_is_mtime)
+    before = input_fingerprint(path)
+    path.unlink()
+    path.write_bytes(b"b" * 100)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert input_fingerprint(path) != before
+
+
+def test_resume_compares_surface_format_and_preview_and_refuses_a_linked_record(cts, tmp_path, tiny_model):
+    """An earlier run's OBJ surfaces are not what --mesh-format stl asks for, its preview
+    not what --no-preview asks for, and a stats.json that is a link is not its record."""
+    import shutil
+
+    from LiverTumorSegLib.batch import RESUME_KEYS, earlier_result
+
+    out = tmp_path / "out"
+    assert _batch(cts / "a.nrrd", "-o", out, "--model", tiny_model, "--progress", "none",
+                  "--mesh-format", "obj") == 0
+    case = out / "a"
+    run = json.loads((case / "stats.json").read_text(encoding="utf-8"))["run"]
+    expected = {key: run.get(key) for key in RESUME_KEYS}
+    assert earlier_result(case, expected, "obj", True)[0] is not None  # the same settings: kept
+    assert earlier_result(case, expected, "stl", True) == (None, "the earlier run wrote other surface files")
+    assert earlier_result(case, expected, "obj", False) == (None, "the earlier run wrote a preview")
+    shutil.move(case / "stats.json", tmp_path / "stats.json")
+    (case / "stats.json").symlink_to(tmp_path / "stats.json")
+    assert earlier_result(case, expected, "obj", True) == (None, None)
+
+
+def test_a_case_folder_holding_an_input_deeper_down_is_refused_without_inode_numbers(tmp_path, monkeypatch):
+    """Where the file system gives no inode numbers, the path check alone must see an
+    input two folders below a case folder."""
+    import LiverTumorSegLib.batch as batch
+
+    scan = tmp_path / "P001" / "2020" / "ct.nii.gz"
+    scan.parent.mkdir(parents=True)
+    scan.write_bytes(b"")
+    real_stat = os.stat
+    monkeypatch.setattr(batch.os, "stat", lambda p, *a, **k: os.stat_result(
+        (real_stat(p, *a, **k).st_mode, 0, *tuple(real_stat(p, *a, **k))[2:])))
+    with pytest.raises(InputError, match="would write into"):
+        batch.check_case_folders([batch.Case("P001", scan, None)], tmp_path)

@@ -405,6 +405,26 @@ def test_outputs_publish_the_record_last_and_never_replace_a_folder(tmp_path, mo
     assert (out / "preview.png").is_dir() and (out / "stats.json").read_text() == "stats.json"
 
 
+def test_a_staging_folder_emptied_under_a_run_keeps_the_earlier_outputs(tmp_path):
+    """A cleaner that deletes old files but not folders (tmpreaper, systemd-tmpfiles)
+    empties the staging folder: publishing must refuse, not publish nothing and then
+    remove the earlier run's files as replaced."""
+    from LiverTumorSegLib.atomic import StagedOutput
+    from LiverTumorSegLib.errors import OutputError
+
+    out = tmp_path / "out"
+    with StagedOutput(out, last="stats.json") as stage:
+        for name in ("segmentation.nii.gz", "stats.json"):
+            (stage.path / name).write_text("earlier")
+    with pytest.raises(OutputError, match="lost its files"):
+        with StagedOutput(out, replaces=["segmentation.nii.gz", "stats.json"], last="stats.json") as stage:
+            (stage.path / "segmentation.nii.gz").write_text("new")
+            (stage.path / "stats.json").write_text("new")
+            (stage.path / "stats.json").unlink()  # the record gone, the folder still there
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"segmentation.nii.gz": "earlier",
+                                                             "stats.json": "earlier"}
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="staging folders are locked with flock, which Windows lacks")
 def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_run_and_a_live_one_is_not(tmp_path):
     """A run killed outright (SIGKILL) leaves its hidden staging folder; the next run into
