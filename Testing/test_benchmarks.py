@@ -109,15 +109,19 @@ def test_bench_recipe_refuses_an_unknown_initialisation(tmp_path):
     assert not (tmp_path / "m").exists()  # refused before any work or any file
 
 
-def test_ablation_rows_and_onnx_runtime_variant(tiny_model):
+def test_ablation_rows_and_onnx_runtime_variant(tiny_model, tmp_path, monkeypatch):
     """The forward-pass ablation on a tiny model: every variant timed per patch, the
     larger batch counted as such, and ONNX Runtime's logits equal to the fp32 network's."""
     pytest.importorskip("onnxruntime", reason="the ONNX Runtime variant needs onnxruntime (bench and test extras)")
     pytest.importorskip("onnx", reason="exporting to ONNX needs onnx (bench and test extras)")
+    import tempfile
+
     import numpy as np
 
     sys.path.insert(0, str(REPO))
     from benchmarks import ablation
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the exported file goes here, and must go
     from LiverTumorSegLib.model import load_model
 
     model = load_model(tiny_model)
@@ -132,7 +136,7 @@ def test_ablation_rows_and_onnx_runtime_variant(tiny_model):
         assert row["seconds_per_patch"] * row["patches_per_run"] == pytest.approx(row["seconds_median"])
     assert rows["fp32"]["speedup_vs_fp32"] == pytest.approx(1.0)
     assert 0.0 <= result["onnxruntime_max_abs_logit_diff_vs_fp32"] < 1e-3
-    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("ltsbench-onnx-*")), "the exported file was left behind"
+    assert not list(tmp_path.glob("ltsbench-onnx-*")), "the exported file was left behind"
 
 
 @pytest.mark.skipif(not Path("/proc/meminfo").is_file(), reason="reads the total memory from /proc/meminfo (Linux)")
