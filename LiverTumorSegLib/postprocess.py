@@ -171,7 +171,10 @@ def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, 
     grid coarser than the model's, a lesion whose only voxels would touch another one is
     left out (two lesions less than about an input voxel apart come out as one). A
     lesion on the liver's surface may add voxels outside the liver region as mapped at
-    0.5; they are tumor, hence liver too. At 0.5 alone a lesion of one model
+    0.5; they are tumor, hence liver too. A lesion whose model voxels touch only at an
+    edge or a corner (one lesion, 26-connected) can map at 0.5 to pieces apart; they are
+    joined through the fewest voxels where its mask is above 0, so it stays one lesion,
+    a voxel or two above its volume. At 0.5 alone a lesion of one model
     voxel kept about a fifth of its volume on a 0.8 mm grid, and on grids a little
     coarser than the model's most lesions of one to three model voxels were lost.
     On an input grid much coarser than the model's, a lesion smaller than one input
@@ -214,12 +217,11 @@ def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, 
         inside = float(share.sum())
         least = 1 if inside >= 0.5 * share.size else 0  # a lesion mostly outside the scan may vanish
         missing = max(least, int(round(inside * ratio))) - int(np.count_nonzero(own))
-        if missing <= 0:
-            continue
         free = ~tumor & ~_touching(tumor & ~own)
-        candidates = np.flatnonzero((values > 0) & free)
+        passable = (values > 0) & free
+        candidates = np.flatnonzero(passable)
         if candidates.size == 0:
-            if own.any():
+            if own.any() or missing <= 0:
                 continue
             # no input voxel centre near it: the voxel holding its centroid
             at = np.floor(centres.mean(axis=0) + 0.5).astype(np.int64)
@@ -227,25 +229,61 @@ def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, 
             if np.all(at >= 0) and np.all(at < np.array(view.shape[::-1])) and free[at[2], at[1], at[0]]:
                 view[at[2], at[1], at[0]] = TUMOR
             continue
-        zyx = np.stack(np.unravel_index(candidates, values.shape), axis=1).astype(np.float64)
-        centre = np.argwhere(values >= values.max()).mean(axis=0)
-        distance = np.linalg.norm((zyx - centre) * np.asarray(reference.spacing[::-1]), axis=1)
-        order = np.lexsort((distance, -values.ravel()[candidates]))  # highest value first, then nearest
-        rank = np.full(values.size, values.size, dtype=np.int64)
-        rank[candidates[order]] = np.arange(candidates.size)
-        allowed = rank.reshape(values.shape) < values.size
         held = own.copy()
-        if not held.any():  # nothing at 0.5: start from the best voxel
-            held.flat[candidates[order[0]]] = True
-            missing -= 1
-        while missing > 0:  # layer by layer, so the lesion stays one piece
-            layer = np.flatnonzero(_touching(held) & allowed & ~held)
-            if layer.size == 0:
-                break
-            take = layer[np.argsort(rank[layer], kind="stable")[:missing]]
-            held.flat[take] = True
-            missing -= take.size
+        if missing > 0:
+            zyx = np.stack(np.unravel_index(candidates, values.shape), axis=1).astype(np.float64)
+            centre = np.argwhere(values >= values.max()).mean(axis=0)
+            distance = np.linalg.norm((zyx - centre) * np.asarray(reference.spacing[::-1]), axis=1)
+            order = np.lexsort((distance, -values.ravel()[candidates]))  # highest value first, then nearest
+            rank = np.full(values.size, values.size, dtype=np.int64)
+            rank[candidates[order]] = np.arange(candidates.size)
+            allowed = rank.reshape(values.shape) < values.size
+            if not held.any():  # nothing at 0.5: start from the best voxel
+                held.flat[candidates[order[0]]] = True
+                missing -= 1
+            while missing > 0:  # layer by layer, so the lesion stays one piece
+                layer = np.flatnonzero(_touching(held) & allowed & ~held)
+                if layer.size == 0:
+                    break
+                take = layer[np.argsort(rank[layer], kind="stable")[:missing]]
+                held.flat[take] = True
+                missing -= take.size
+        # model voxels that touch only at an edge or a corner map at 0.5 to pieces apart
+        _join_pieces(held, passable, values)
         view[held & ~own] = TUMOR
+
+
+def _join_pieces(held: np.ndarray, passable: np.ndarray, values: np.ndarray) -> None:
+    """Join the 26-connected pieces of ``held`` into one, in place, each through the
+    fewest ``passable`` voxels (the highest ``values`` where several chains are as
+    short); a piece that no chain of passable voxels reaches stays apart."""
+    import SimpleITK as sitk
+
+    while True:
+        pieces = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(held.astype(np.uint8)), True))
+        if pieces.max() <= 1:
+            return
+        reached = pieces == 1
+        others = (pieces > 1)
+        layers = []
+        while True:  # breadth first, a layer of passable voxels at a time
+            grown = _touching(reached) & ~reached
+            if (grown & others).any():
+                break
+            layer = grown & passable & ~others
+            if not layer.any():
+                return  # nothing joins the rest
+            layers.append(layer)
+            reached |= layer
+        # back from a voxel of another piece to the first piece, one layer at a time
+        at = tuple(np.argwhere(_touching(reached) & others)[0])
+        for layer in reversed(layers):
+            z, y, x = at
+            window = (slice(max(z - 1, 0), z + 2), slice(max(y - 1, 0), y + 2), slice(max(x - 1, 0), x + 2))
+            near = np.argwhere(layer[window])
+            best = near[np.argmax(values[window][tuple(near.T)])]
+            at = (window[0].start + best[0], window[1].start + best[1], window[2].start + best[2])
+            held[at] = True
 
 
 def _touching(mask: np.ndarray) -> np.ndarray:
