@@ -339,3 +339,36 @@ def test_crop_to_body_keeps_the_pooling_lattice(tiny_model, monkeypatch, align):
     assert computed.mean() > 0.9
     same = np.allclose(logits[:, computed], whole[(slice(None),) + box][:, computed], atol=1e-6)
     assert same == align
+
+
+# -- from a mutation review: boxes.py at the edges of its ranges -------------------------
+
+
+def test_class_mask_at_the_ends_of_the_label_range():
+    """The lookup table covers the whole label range (a 0/255 uint8 mask), and a
+    negative class value selects nothing (it must not wrap to the last entry, 255)."""
+    from LiverTumorSegLib.boxes import class_mask
+
+    labels = np.array([[[0, 1, 255]]], dtype=np.uint8)
+    assert class_mask(labels, (255,)).tolist() == [[[False, False, True]]]
+    assert not class_mask(labels, (-1,)).any()
+    wide = np.array([[[0, 65535]]], dtype=np.uint16)
+    assert class_mask(wide, (65535,)).tolist() == [[[False, True]]]
+    assert not class_mask(wide, (-1,)).any()
+
+
+def test_align_box_starts_at_the_last_window_when_the_box_starts_there():
+    """A box starting exactly where the whole array's last window starts fits
+    in that window, so the aligned box starts there too (the docstring's rule)."""
+    from LiverTumorSegLib.boxes import align_box
+
+    n, p, d = 100, 32, 8          # last window at 68, not on the 8-lattice
+    (out,) = align_box((slice(68, 98),), (n,), (p,), d)  # 64 + 40 > 100: flush
+    assert out == slice(68, 100)
+
+
+def test_patch_stride_truncates_like_monai():
+    """The stride is truncated, as MONAI's _get_scan_interval takes int(patch * (1 - overlap))."""
+    from LiverTumorSegLib.boxes import patch_starts
+
+    assert patch_starts(200, 80, 0.33) == [0, 53, 106, 120]  # 80 * 0.67 = 53.6 -> 53
