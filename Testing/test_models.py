@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import zipfile
@@ -434,3 +435,174 @@ def test_an_export_replaces_an_earlier_ones_weights_and_gives_the_same_bytes_eac
     make_tiny_model(folder, weights_format="torch-state-dict")
     assert sorted(os.listdir(folder)) == ["model.json", "notes.txt", "weights.pt"]
     assert load_model(folder).card.weights_sha256 == first
+
+
+def _copy_with_state(tiny_model, dest, change):
+    """A copy of the tiny model whose weights went through ``change`` (card checksum updated)."""
+    shutil.copytree(tiny_model, dest)
+    state = change(read_weights(dest))
+    card = json.loads((dest / "model.json").read_text())
+    card["weights"]["sha256"] = sha256_of(write_weights(dest, state))
+    (dest / "model.json").write_text(json.dumps(card))
+    return dest
+
+
+def _card(tiny_model):
+    return json.loads((tiny_model / "model.json").read_text(encoding="utf-8"))
+
+
+# -- from a mutation review: loading, cards and the registry at their edges ----------
+
+def test_a_single_nan_weight_is_refused(tiny_model, tmp_path):
+    """One NaN among finite weights is refused too, not only all-NaN tensors."""
+    def one_nan(state):
+        next(iter(state.values())).view(-1)[0] = float("nan")
+        return state
+
+    with pytest.raises(ModelError, match="NaN or infinite"):
+        load_model(_copy_with_state(tiny_model, tmp_path / "m", one_nan))
+
+
+@pytest.mark.parametrize("how", ["missing", "extra"])
+def test_weights_missing_or_adding_a_tensor_do_not_load(tiny_model, tmp_path, how):
+    """Weights lacking a tensor, or with one too many, do not load: a layer left at
+    its random initialisation would give garbage without an error."""
+    def change(state):
+        if how == "missing":
+            state.pop(sorted(state)[-1])
+        else:
+            state["stray.weight"] = torch.zeros(2)
+        return state
+
+    with pytest.raises(ModelError, match="do not match the architecture"):
+        load_model(_copy_with_state(tiny_model, tmp_path / "m", change))
+
+
+@pytest.mark.parametrize("torch_version", [None, "2.2.2+cu121"])
+def test_an_unknown_weights_format_is_refused_and_does_not_bypass_the_old_torch_guard(
+        tiny_model, tmp_path, monkeypatch, torch_version):
+    """A card saying "pytorch" (not "torch-state-dict") is refused before any read: read
+    by torch.load, it would skip the guard for torch before 2.6 (CVE-2025-32434)."""
+    folder = shutil.copytree(tiny_model, tmp_path / "m")
+    card = _card(folder)
+    card["weights"]["format"] = "pytorch"
+    (folder / "model.json").write_text(json.dumps(card))
+    if torch_version:
+        monkeypatch.setattr(torch, "__version__", torch_version)
+    with pytest.raises(ModelError, match="unknown weights format 'pytorch'"):
+        load_model(folder)
+
+
+def test_a_truncated_weights_file_with_a_matching_checksum_says_it_cannot_be_read(tiny_model, tmp_path):
+    """A weights file cut short (with a checksum made for it) is named as unreadable,
+    not blamed on the architecture."""
+    folder = shutil.copytree(tiny_model, tmp_path / "m")
+    weights = weights_path(folder)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    card = _card(folder)
+    card["weights"]["sha256"] = sha256_of(weights)
+    (folder / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="cannot read weights weights.pt"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("patch_size", [0, 32, 32], "patch_size"),
+    ("spacing_mm", [3.0, 3.0, 3.0, 3.0], "spacing_mm"),
+    ("intensity", {"mode": "window", "window_hu": [250, 250]}, "window_hu"),
+    ("default_overlap", 1.0, "default_overlap"),
+    ("intensity", {"mode": "window", "window_hu": [float("nan"), 250]}, "finite"),
+    ("intensity", {"mode": "window", "output_range": [-1, float("inf")]}, "finite"),
+    ("format_version", 2, "newer than this engine"),
+])
+def test_boundary_cards_are_refused(tiny_model, field, value, message):
+    card = _card(tiny_model)
+    card[field] = value
+    with pytest.raises(ModelError, match=message):
+        ModelCard.from_dict(card)
+
+
+def test_a_nan_window_from_json_is_refused_by_load_model(tiny_model, tmp_path):
+    """JSON allows NaN: a card with a NaN window would feed an all-NaN volume to the network."""
+    folder = shutil.copytree(tiny_model, tmp_path / "m")
+    card = _card(folder)
+    card["intensity"]["window_hu"] = [math.nan, 250.0]
+    (folder / "model.json").write_text(json.dumps(card))  # writes NaN literally
+    with pytest.raises(ModelError, match="finite"):
+        load_model(folder)
+
+
+def _zip(archive, files):
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return archive
+
+
+def _register(tmp_path, monkeypatch, archive, **extra):
+    reg = tmp_path / "registry.json"
+    reg.write_text(json.dumps({"models": [{"name": "remote", "url": archive.as_uri(),
+                                           "sha256": sha256_of(archive), **extra}]}))
+    monkeypatch.setenv("LIVERTUMORSEG_REGISTRY", str(reg))
+    monkeypatch.setenv("LIVERTUMORSEG_CACHE", str(tmp_path / "cache"))
+    return reg
+
+
+def _model_files(tiny_model, prefix):
+    return {f"{prefix}/{f.name}": f.read_bytes() for f in tiny_model.iterdir()}
+
+
+@pytest.mark.parametrize("sha", ["", "abc", "z" * 64])
+def test_a_registry_entry_without_a_valid_sha256_is_named_as_the_registrys_fault(tiny_model, tmp_path, monkeypatch, sha):
+    """An entry without a valid sha256 is the registry's fault, said when it is read; not
+    later, as a damaged transfer to run again."""
+    reg = _register(tmp_path, monkeypatch, _zip(tmp_path / "a.zip", _model_files(tiny_model, "m")))
+    data = json.loads(reg.read_text())
+    data["models"][0]["sha256"] = sha
+    reg.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="64-digit hex sha256"):
+        list_models()
+
+
+def test_an_archive_with_two_model_cards_is_refused(tiny_model, tmp_path, monkeypatch):
+    """Which of two models gets installed is not left to chance."""
+    files = {**_model_files(tiny_model, "a"), **_model_files(tiny_model, "b")}
+    _register(tmp_path, monkeypatch, _zip(tmp_path / "two.zip", files))
+    with pytest.raises(ModelError, match="exactly one model.json"):
+        resolve_model("remote")
+    assert not (tmp_path / "cache" / "remote").exists()
+
+
+def test_an_archive_with_too_many_members_is_refused(tiny_model, tmp_path, monkeypatch):
+    """An archive of more members than the limit is refused, and nothing installed."""
+    from LiverTumorSegLib.model.registry import MAX_MEMBERS
+
+    files = {**_model_files(tiny_model, "m"), **{f"m/junk/{i}": b"" for i in range(MAX_MEMBERS)}}
+    _register(tmp_path, monkeypatch, _zip(tmp_path / "many.zip", files))
+    with pytest.raises(ModelError, match=f"more than {MAX_MEMBERS}"):
+        resolve_model("remote")
+    assert not (tmp_path / "cache" / "remote").exists()
+
+
+def test_the_default_cache_folder(tmp_path, monkeypatch):
+    """The documented default: $XDG_CACHE_HOME/livertumorseg/models, else ~/.cache/...."""
+    from LiverTumorSegLib.model.registry import cache_dir
+
+    monkeypatch.delenv("LIVERTUMORSEG_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "livertumorseg" / "models"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "livertumorseg" / "models"
+
+
+def test_an_entrys_max_mb_also_limits_what_the_archive_unpacks_to(tiny_model, tmp_path, monkeypatch):
+    """An entry's max_mb limits what its archive unpacks to, not only the download: a
+    small archive that unpacks to far more than 2 x max_mb is refused, nothing installed."""
+    files = {**_model_files(tiny_model, "m"), "m/zeros.bin": b"\0" * (4 << 20)}  # 4 MiB, deflates to a few KiB
+    archive = _zip(tmp_path / "bomb.zip", files)
+    assert archive.stat().st_size < (1 << 20)
+    _register(tmp_path, monkeypatch, archive, max_mb=1)
+    with pytest.raises(ModelError, match="unpacks to"):
+        resolve_model("remote")
+    assert not (tmp_path / "cache" / "remote").exists()
