@@ -14,7 +14,9 @@ Steps (labels 0 background, 1 liver parenchyma, 2 tumor):
    volume on input grids finer than the model's, and can miss them altogether on
    coarser ones, so tumor components under :data:`SMALL_LESION_VOXELS` model voxels are
    then mapped, one by one, keeping their volume on the model grid and at least one
-   input voxel (:func:`_map_keeping_volume`);
+   input voxel (:func:`_map_keeping_volume`). A lesion whose model voxels touch only at
+   an edge or a corner can come out of the 0.5 rule in pieces; every lesion, of any
+   size, is joined back into one;
 5. tumor components (26-connected) smaller than ``min_lesion_ml`` become liver.
 """
 
@@ -97,7 +99,8 @@ def to_input_grid(labels: Volume, reference: Volume, small_lesion_voxels: int = 
     bounded for big inputs. Tumor components (26-connected) of fewer than
     ``small_lesion_voxels`` model voxels are then mapped one at a time keeping their
     model-grid volume, and at least one input voxel (:func:`_map_keeping_volume`); 0
-    turns this off.
+    turns this off. Larger ones that the 0.5 rule left in pieces are joined again, so
+    every lesion of the model grid is one lesion of the input grid.
     """
     import SimpleITK as sitk
 
@@ -137,6 +140,9 @@ def to_input_grid(labels: Volume, reference: Volume, small_lesion_voxels: int = 
         out[z0:z1, y_lo:y_hi, x_lo:x_hi] = slab
     if small.any():
         _map_keeping_volume(small, sub, reference, out)
+    large = (crop == TUMOR) & ~small
+    if large.any():
+        _map_keeping_volume(large, sub, reference, out, keep_volume=False)
     return out
 
 
@@ -156,9 +162,11 @@ def small_components(mask: np.ndarray, below: int) -> np.ndarray:
     return out
 
 
-def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, out: np.ndarray) -> None:
+def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, out: np.ndarray,
+                        keep_volume: bool = True) -> None:
     """Grow each component of ``small`` (on ``geometry``'s grid), already in ``out`` as
-    mapped at 0.5, to its model-grid volume.
+    mapped at 0.5, to its model-grid volume (``keep_volume=False``: only join its
+    pieces, below).
 
     A component's volume in input voxels is the volume of the part of its model voxels
     inside the scan, rounded, and at least one voxel when half of it or more is inside.
@@ -216,7 +224,7 @@ def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, 
                                 / (2.0 * half), 0.0, 1.0), axis=1)
         inside = float(share.sum())
         least = 1 if inside >= 0.5 * share.size else 0  # a lesion mostly outside the scan may vanish
-        missing = max(least, int(round(inside * ratio))) - int(np.count_nonzero(own))
+        missing = max(least, int(round(inside * ratio))) - int(np.count_nonzero(own)) if keep_volume else 0
         free = ~tumor & ~_touching(tumor & ~own)
         passable = (values > 0) & free
         candidates = np.flatnonzero(passable)

@@ -203,3 +203,24 @@ def test_small_lesions_of_random_shapes_come_back_as_one_lesion_each():
         assert pieces.max() == 1, (spacing, int(np.count_nonzero(model.array == TUMOR)))
         ratio = np.count_nonzero(out == TUMOR) * ct.voxel_volume_ml / (np.count_nonzero(model.array == TUMOR) * 0.027)
         assert 0.85 <= ratio <= 1.25, (spacing, ratio)
+
+
+@pytest.mark.parametrize("small_lesion_voxels", [0, 10])
+def test_a_large_lesion_joined_at_a_corner_comes_back_as_one_lesion(small_lesion_voxels):
+    """Lesions above the small-lesion bound (or with that mapping off) are mapped by the
+    0.5 rule alone; two blocks touching at a corner, one lesion on the model grid, come
+    back as one on finer grids too, their volume kept to within a few voxels."""
+    import SimpleITK as sitk
+
+    from LiverTumorSegLib.postprocess import LIVER, TUMOR, to_input_grid
+
+    model = Volume(np.zeros((20, 20, 20), np.uint8), spacing=(1.5, 1.5, 1.5))
+    model.array[2:18, 2:18, 2:18] = LIVER
+    model.array[5:8, 5:8, 5:8] = TUMOR
+    model.array[8:11, 8:11, 8:11] = TUMOR  # 54 voxels, one 26-connected lesion
+    for spacing, origin in (((0.7, 0.7, 0.8), (0.3, -0.2, 0.1)), ((0.6, 0.6, 1.0), (-0.4, 0.1, 0.2))):
+        ct = Volume(np.zeros(tuple(int(30 / s) for s in spacing[::-1]), np.int16), spacing=spacing, origin=origin)
+        out = to_input_grid(model, ct, small_lesion_voxels=small_lesion_voxels)
+        pieces = sitk.ConnectedComponent(sitk.GetImageFromArray((out == TUMOR).astype(np.uint8)), True)
+        assert int(sitk.GetArrayFromImage(pieces).max()) == 1, spacing
+        assert np.count_nonzero(out == TUMOR) * ct.voxel_volume_ml == pytest.approx(54 * 1.5 ** 3 / 1000, rel=0.25)
