@@ -79,3 +79,18 @@ def write_weights(folder: Path, state: dict) -> Path:
     else:
         torch.save(state, path)
     return path
+
+
+class Exploit:
+    """A pickled object that runs code when unpickled (it sets ``Exploit.ran``): what a
+    crafted weights file or checkpoint carries. Loading must never run it."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (Exploit._run, ())
+
+    @staticmethod
+    def _run():
+        Exploit.ran = True
+        return Exploit()

@@ -17,7 +17,7 @@ from LiverTumorSegLib.model.loading import sha256_of
 from LiverTumorSegLib.model.unet import UNet3D
 from LiverTumorSegLib.torch_versions import TORCH_SAFE_PICKLE, release
 
-from .helpers import read_weights, weights_path, write_weights
+from .helpers import Exploit, read_weights, weights_path, write_weights
 
 
 def test_seed_architecture_has_about_5_8_million_parameters():
@@ -61,17 +61,6 @@ def test_pickled_objects_are_never_loaded(tmp_path, tiny_model):
     if release(torch.__version__) >= TORCH_SAFE_PICKLE:  # torch's own text advises weights_only=False: never shown
         assert "holds Python objects other than tensors" in str(info.value) and "weights_only" not in str(info.value)
 
-
-class Exploit:
-    ran = False
-
-    def __reduce__(self):
-        return (Exploit._run, ())
-
-    @staticmethod
-    def _run():
-        Exploit.ran = True
-        return Exploit()
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .helpers import Exploit
+
 TRAINING = Path(__file__).resolve().parents[1] / "Training"
 
 
@@ -20,18 +22,6 @@ def training(monkeypatch):
     from livertumorseg_training.config import load_config
 
     return exporting, load_config
-
-
-class Exploit:
-    ran = False
-
-    def __reduce__(self):
-        return (Exploit._run, ())
-
-    @staticmethod
-    def _run():
-        Exploit.ran = True
-        return "ran"
 
 
 def test_a_crafted_checkpoint_is_never_unpickled(training, tmp_path):
