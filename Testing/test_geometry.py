@@ -3,11 +3,16 @@ segmentation, aligned with the input's own voxels."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from LiverTumorSegLib.errors import InputError
+from LiverTumorSegLib.model.card import IntensityTransform
 from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
-from LiverTumorSegLib.preprocess import model_grid_for, resample_to
+from LiverTumorSegLib.preprocess import (GRID_SLACK, air_value, body_bounding_box, check_spacing, model_grid_for,
+                                         resample_to, scale_intensity, to_model_grid)
 from LiverTumorSegLib.volume import Volume
 
 from .oracle import ThresholdNet, analytic_ct, dice, oracle_model, rotation
@@ -358,3 +363,100 @@ def test_spacings_that_differ_in_the_last_digits_give_one_model_grid():
     assert np.allclose(exact.origin, nearly.origin, atol=0.01)
     longer = model_grid_for(Volume(array, (3.0, 3.0, 3.05)), card)  # 210.45 mm: 70.15 voxels need 71
     assert longer.array.shape[0] == 71
+
+
+# -- from a mutation review: same_grid, the model grid, intensities, spacing bounds -----
+def test_same_grid_tells_every_geometry_attribute_apart():
+    """same_grid guards stats, the MRML export and the resampling short-cuts: each of
+    size, spacing, origin (sign included) and direction must count."""
+    base = Volume(np.zeros((4, 5, 6)), spacing=(0.8, 0.9, 2.5), origin=(10.0, -20.0, 30.0))
+    assert base.same_grid(Volume(np.zeros((4, 5, 6)), spacing=(0.8, 0.9, 2.5), origin=(10.0, -20.0, 30.0)))
+    others = {
+        "origin mirrored (RAS read as LPS)": dict(origin=(-10.0, 20.0, 30.0)),
+        "origin half a voxel off": dict(origin=(10.4, -20.0, 30.0)),
+        "spacing reversed": dict(spacing=(2.5, 0.9, 0.8)),
+        "direction flipped": dict(direction=np.diag([-1.0, -1.0, 1.0])),
+        "direction permuted": dict(direction=PERMUTED),
+    }
+    for why, kw in others.items():
+        geometry = dict(spacing=(0.8, 0.9, 2.5), origin=(10.0, -20.0, 30.0)) | kw
+        assert not base.same_grid(Volume(np.zeros((4, 5, 6)), **geometry)), why
+
+
+def test_a_permuted_cube_on_the_model_spacing_is_still_resampled():
+    """A cube at the card's spacing whose axes are permuted (no flip) has the template's
+    size, spacing and origin: only the direction differs, so the short-cut in
+    to_model_grid must not hand the array over as if it were already LPS."""
+    card = oracle_model(spacing=(2.0, 2.0, 2.0)).card
+    array = np.random.default_rng(0).normal(0, 100, size=(6, 6, 6)).astype(np.float32)
+    ct = Volume(array, spacing=(2.0, 2.0, 2.0), origin=(-5.0, 7.0, 11.0), direction=PERMUTED)
+    hu = to_model_grid(ct, card)
+    assert np.allclose(hu.direction, np.eye(3))
+    # model voxel (x=a, y=b, z=c) lies at input (i=b, j=c, k=a): out[c, b, a] = in[a, c, b]
+    np.testing.assert_allclose(hu.array, array.transpose(1, 2, 0), atol=1e-3)
+
+
+def _physical_box(v: Volume):
+    n = np.array(v.shape_xyz)
+    corners = np.array([[i, j, k, 1.0] for i in (-0.5, n[0] - 0.5) for j in (-0.5, n[1] - 0.5)
+                        for k in (-0.5, n[2] - 0.5)]) @ v.ijk_to_lps().T
+    return corners[:, :3].min(axis=0), corners[:, :3].max(axis=0)
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAS", "LAI"])
+def test_the_model_grid_is_centred_on_the_input_and_covers_it(orientation):
+    """For any card orientation the model grid covers the input's box, centred on it
+    (a half-voxel shift or an origin not put through the card's direction misplaces it)."""
+    card = dataclasses.replace(oracle_model(spacing=(2.0, 2.0, 3.0)).card, orientation=orientation)
+    ct = Volume(np.zeros((17, 23, 29), np.int16), spacing=(0.7, 0.9, 2.5), origin=(-40.0, 25.0, -300.0),
+                direction=rotation("z", 17.0) @ np.diag([-1.0, 1.0, 1.0]))
+    grid = model_grid_for(ct, card)
+    lo_in, hi_in = _physical_box(ct)
+    lo, hi = _physical_box(grid)
+    np.testing.assert_allclose((lo + hi) / 2, (lo_in + hi_in) / 2, atol=1e-6)
+    slack = GRID_SLACK * np.array(card.spacing_mm)
+    assert np.all(lo <= lo_in + slack) and np.all(hi >= hi_in - slack)
+
+
+def test_resampling_onto_its_own_oblique_grid_changes_nothing():
+    """resample_to must hand the reference's direction to ITK as ITK reads it (row-major);
+    a transposed direction only shows for a non-symmetric (oblique) reference."""
+    rng = np.random.default_rng(1)
+    v = Volume(rng.normal(0, 100, size=(8, 9, 10)).astype(np.float32), spacing=(1.0, 1.2, 2.0),
+               origin=(3.0, -4.0, 5.0), direction=rotation("x", 20.0) @ rotation("z", 30.0))
+    out = resample_to(v, v)
+    np.testing.assert_allclose(out.array, v.array, atol=1e-3)
+
+
+def test_window_scaling_clips_and_maps_linearly():
+    """Bone, contrast and metal above the window (and padding below it) must be clipped:
+    a network trained on [-1, 1] never saw 20."""
+    t = IntensityTransform("window", (-200.0, 250.0), (-1.0, 1.0))
+    hu = np.array([-3024.0, -1024.0, -200.0, 25.0, 250.0, 3000.0], np.float32)
+    np.testing.assert_allclose(scale_intensity(hu, t), [-1.0, -1.0, -1.0, 0.0, 1.0, 1.0], atol=1e-6)
+    t01 = IntensityTransform("window", (-100.0, 300.0), (0.0, 1.0))
+    np.testing.assert_allclose(scale_intensity(np.array([-100.0, 100.0, 300.0], np.float32), t01), [0.0, 0.5, 1.0],
+                               atol=1e-6)
+
+
+def test_air_value_is_minus_1024_hu_through_the_transform():
+    assert air_value(IntensityTransform("window", (-200.0, 250.0), (-1.0, 1.0))) == pytest.approx(-1.0)
+    # a window reaching below air: air is not the bottom of the output range
+    assert air_value(IntensityTransform("window", (-2000.0, 2000.0), (-1.0, 1.0))) == pytest.approx(-0.512)
+
+
+def test_body_box_keeps_its_margin():
+    hu = np.full((30, 30, 30), -1000.0, np.float32)
+    hu[10:13, 15, 20] = 40.0
+    assert body_bounding_box(hu) == (slice(6, 17), slice(11, 20), slice(16, 25))
+    assert body_bounding_box(hu, margin=0) == (slice(10, 13), slice(15, 16), slice(20, 21))
+    assert body_bounding_box(np.full((5, 5, 5), -1000.0)) is None
+
+
+def test_spacing_bounds_both_ends():
+    """Spacing in metres (x1000 too small) or micrometres (x1000 too large) is refused."""
+    for bad in [(0.0008, 0.0008, 0.0025), (0.01, 0.8, 0.8), (800.0, 800.0, 2500.0), (0.8, 0.8, 60.0)]:
+        with pytest.raises(InputError, match="implausible"):
+            check_spacing(bad)
+    for fine in [(0.05, 0.05, 0.05), (0.3, 0.3, 10.0), (1.0, 1.0, 50.0)]:
+        check_spacing(fine)

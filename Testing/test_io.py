@@ -577,3 +577,47 @@ def test_dicom_text_is_decoded_with_the_files_character_set():
     assert _dicom_text(latin1, "") == "Abdomen Übersicht"  # no character set named: Latin-1, not a surrogate
     assert _dicom_text("Leber é", "ISO_IR 192") == "Leber é"
     assert _dicom_text("plain", "") == "plain"
+
+
+# -- from a mutation review: gantry tilt bounds, rescale slope and intercept -----------
+@pytest.mark.parametrize("degrees", [1.0, 2.0, 5.0])
+def test_a_small_gantry_tilt_is_refused_too(tmp_path, degrees):
+    """The reader stacks tilted slices straight: over a 400 mm scan a 2 degree tilt shears
+    the last slice 14 mm sideways. Only up to MAX_TILT_DEGREES (0.5) may pass."""
+    tilt_mm = np.tan(np.radians(degrees)) * 2.5  # per slice, along the rows
+    _write_dicom_series(tmp_path / "s", _tall_volume(), tilt_mm=tilt_mm)
+    with pytest.raises(InputError, match=rf"gantry-tilted by {degrees:.1f} degrees"):
+        read_volume(tmp_path / "s")
+
+
+def test_a_tilt_within_tolerance_is_read(tmp_path):
+    _write_dicom_series(tmp_path / "s", _tall_volume(), tilt_mm=np.tan(np.radians(0.3)) * 2.5)
+    assert read_volume(tmp_path / "s").array.shape == (14, 12, 10)
+
+
+def test_dicom_rescale_intercept_and_slope_give_hounsfield_units(tmp_path):
+    """The suite's DICOM series all carry intercept 0, slope 1, so nothing checks that the
+    stored values are turned into HU. Here the files store (HU + 1024) / 2 (checked in the
+    raw pixel bytes) with intercept -1024 and slope 2; the volume read must be in HU."""
+    import SimpleITK as sitk
+
+    v = _tall_volume()
+    v.array[:] = (v.array // 2) * 2  # even HU: exact with slope 2
+    image, writer = v.to_sitk(), sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    orientation = "\\".join(f"{c:.6f}" for c in list(v.direction[:, 0]) + list(v.direction[:, 1]))
+    for k in range(image.GetDepth()):
+        s = image[:, :, k]
+        position = v.ijk_to_lps() @ np.array([0, 0, k, 1.0])
+        for key, value in {"0008|0060": "CT", "0020|000d": "1.2.3", "0020|000e": "1.2.3.4", "0008|0018": f"1.2.3.4.{k}",
+                           "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{c:.6f}" for c in position[:3]),
+                           "0020|0037": orientation, "0028|1052": "-1024", "0028|1053": "2"}.items():
+            s.SetMetaData(key, value)
+        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
+        writer.Execute(s)
+    raw = (tmp_path / "slice000.dcm").read_bytes()[-v.array[0].size * 2:]
+    stored = np.frombuffer(raw, "<u2").reshape(v.array[0].shape)
+    np.testing.assert_array_equal(stored, (v.array[0].astype(np.int32) + 1024) // 2)  # not HU on disk
+    back = read_volume(tmp_path)
+    np.testing.assert_array_equal(back.array, v.array)
+    assert back.same_grid(v, tol=1e-4)
