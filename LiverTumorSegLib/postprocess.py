@@ -14,7 +14,7 @@ Steps (labels 0 background, 1 liver parenchyma, 2 tumor):
    volume on input grids finer than the model's, and can miss them altogether on
    coarser ones, so tumor components under :data:`SMALL_LESION_VOXELS` model voxels are
    then mapped, one by one, keeping their volume on the model grid and at least one
-   input voxel (:func:`_map_keeping_volume`). A lesion whose model voxels touch only at
+   input voxel (:func:`_map_lesions`). A lesion whose model voxels touch only at
    an edge or a corner can come out of the 0.5 rule in pieces; every lesion, of any
    size, is joined back into one;
 5. tumor components (26-connected) smaller than ``min_lesion_ml`` become liver.
@@ -98,7 +98,7 @@ def to_input_grid(labels: Volume, reference: Volume, small_lesion_voxels: int = 
     (outside it the interpolated masks are 0), one slab at a time so memory stays
     bounded for big inputs. Tumor components (26-connected) of fewer than
     ``small_lesion_voxels`` model voxels are then mapped one at a time keeping their
-    model-grid volume, and at least one input voxel (:func:`_map_keeping_volume`); 0
+    model-grid volume, and at least one input voxel (:func:`_map_lesions`); 0
     turns this off. Larger ones that the 0.5 rule left in pieces are joined again, so
     every lesion of the model grid is one lesion of the input grid.
     """
@@ -139,10 +139,10 @@ def to_input_grid(labels: Volume, reference: Volume, small_lesion_voxels: int = 
             slab[region & _resample_mask(tumor_img, ref)] = TUMOR
         out[z0:z1, y_lo:y_hi, x_lo:x_hi] = slab
     if small.any():
-        _map_keeping_volume(small, sub, reference, out)
+        _map_lesions(small, sub, reference, out)
     large = (crop == TUMOR) & ~small
     if large.any():
-        _map_keeping_volume(large, sub, reference, out, keep_volume=False)
+        _map_lesions(large, sub, reference, out, keep_volume=False)
     return out
 
 
@@ -162,8 +162,8 @@ def small_components(mask: np.ndarray, below: int) -> np.ndarray:
     return out
 
 
-def _map_keeping_volume(small: np.ndarray, geometry: Volume, reference: Volume, out: np.ndarray,
-                        keep_volume: bool = True) -> None:
+def _map_lesions(small: np.ndarray, geometry: Volume, reference: Volume, out: np.ndarray,
+                 keep_volume: bool = True) -> None:
     """Grow each component of ``small`` (on ``geometry``'s grid), already in ``out`` as
     mapped at 0.5, to its model-grid volume (``keep_volume=False``: only join its
     pieces, below).
@@ -272,7 +272,7 @@ def _join_pieces(held: np.ndarray, passable: np.ndarray, values: np.ndarray) -> 
         if pieces.max() <= 1:
             return
         reached = pieces == 1
-        others = (pieces > 1)
+        others = pieces > 1
         layers = []
         while True:  # breadth first, a layer of passable voxels at a time
             grown = _touching(reached) & ~reached

@@ -55,7 +55,9 @@ def onnx_runtime_session(network, x, threads: int, log=print) -> Tuple[Callable,
     return (lambda: session.run(None, feed)[0]), export_s
 
 
-def variants(network, x, compile_too: bool = False, onnx_too: bool = False, log=print) -> Dict[str, Callable]:
+def variants(network, x, compile_too: bool = False, onnx_too: bool = False,
+             log=print) -> Dict[str, Tuple[Callable, int]]:
+    """{name: (run, patches one run computes)} for the batch ``x``."""
     import torch
 
     from LiverTumorSegLib.inference import prepare_network
@@ -85,25 +87,19 @@ def variants(network, x, compile_too: bool = False, onnx_too: bool = False, log=
     }
     if x.shape[0] > 1:
         out["default, one patch per call"] = lambda: [plain(default, x_bf[i:i + 1])() for i in range(x.shape[0])]
+    out = {name: (fn, x.shape[0]) for name, fn in out.items()}
     twice = torch.cat([x_bf, x_bf]).contiguous(memory_format=cl)
-    out[f"default, {twice.shape[0]} patches per call"] = plain(default, twice)
+    out[f"default, {twice.shape[0]} patches per call"] = (plain(default, twice), twice.shape[0])
     if compile_too:
         compiled = torch.compile(default)
         t = time.perf_counter()
         plain(compiled, x_bf)()
-        out["torch.compile(default)"] = plain(compiled, x_bf)
+        out["torch.compile(default)"] = (plain(compiled, x_bf), x.shape[0])
         log(f"  torch.compile: first call (compile) {time.perf_counter() - t:.1f} s")
     if onnx_too:
-        out["onnxruntime fp32 (CPU provider)"], _ = onnx_runtime_session(network, x, torch.get_num_threads(), log)
+        out["onnxruntime fp32 (CPU provider)"] = (onnx_runtime_session(network, x, torch.get_num_threads(), log)[0],
+                                                  x.shape[0])
     return out
-
-
-def patches_per_run(name: str, batch: int) -> int:
-    """How many patches one timed run of variant ``name`` computes (in one call or, for
-    ``one patch per call``, in several)."""
-    if name.startswith("default, ") and name.endswith(" patches per call"):
-        return 2 * batch
-    return batch
 
 
 def run(model, hu: np.ndarray, reps: int, batch: int = 2, compile_too: bool = False, onnx_too: bool = False,
@@ -124,7 +120,8 @@ def run(model, hu: np.ndarray, reps: int, batch: int = 2, compile_too: bool = Fa
         z, y, xx = centre[0], min(centre[1] + i * patch[1] // 2, max(x.shape[1] - patch[1], 0)), centre[2]
         tiles.append(x[z:z + patch[0], y:y + patch[1], xx:xx + patch[2]])
     tensor = torch.from_numpy(np.stack(tiles)[:, None].copy())
-    fns = variants(model.network.eval(), tensor, compile_too, onnx_too, log)
+    found = variants(model.network.eval(), tensor, compile_too, onnx_too, log)
+    fns = {name: fn for name, (fn, _) in found.items()}
     warm = {name: fn() for name, fn in fns.items()}  # warm-up: oneDNN primitive creation, weight reorders
     out = {}
     if onnx_too:
@@ -139,7 +136,7 @@ def run(model, hu: np.ndarray, reps: int, batch: int = 2, compile_too: bool = Fa
     base = None
     for name, samples in runs.items():
         s = summary(samples)
-        s["patches_per_run"] = patches_per_run(name, batch)
+        s["patches_per_run"] = found[name][1]
         s["seconds_per_patch"] = s["seconds_median"] / s["patches_per_run"]
         s["gflops"] = flop_per_patch / s["seconds_per_patch"] / 1e9
         base = base or s["seconds_per_patch"]
