@@ -21,8 +21,8 @@ from .errors import InputError
 from .inference import prepare_network, sliding_window_inference
 from .model import LoadedModel, load_model, resolve_model
 from .postprocess import argmax_labels, clean_labels, drop_small_lesions, to_input_grid
-from .preprocess import (BODY_THRESHOLD_HU, air_value, as_resamplable, body_bounding_box, scale_intensity,
-                         to_model_grid, validate_ct)
+from .preprocess import (BODY_THRESHOLD_HU, air_value, as_resamplable, body_bounding_box, resolve_intensity,
+                         scale_intensity, to_model_grid, validate_ct)
 from .result_checks import result_warnings
 from .resources import batch_activation_bytes, check_memory, model_grid_size, resolve_device, resolve_precision
 from .volume import Volume
@@ -293,7 +293,8 @@ class Segmenter:
         else:  # where the whole volume's windows sit, unless a crop saves windows
             box = window_box(box, hu.shape, self.card.patch_size, self.overlap(),
                              getattr(self.model.network, "divisor", 1), grid=self.options.window_grid)
-        net_input = scale_intensity(hu[box], self.card.intensity)
+        # min-max scaling on the whole model-grid volume, as in training, not on the crop
+        net_input = scale_intensity(hu[box], resolve_intensity(hu, self.card.intensity))
         body = hu[box] > BODY_THRESHOLD_HU if self.options.crop_to_body else None
         return net_input, body, box
 

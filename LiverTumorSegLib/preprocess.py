@@ -200,15 +200,24 @@ def to_model_grid(volume: Volume, card: ModelCard) -> Volume:
     return resample_to(volume, template)
 
 
-def scale_intensity(hu: np.ndarray, transform: IntensityTransform) -> np.ndarray:
-    """Map HU to network input as the card's intensity transform says (float32)."""
-    out_lo, out_hi = transform.output_range
+def resolve_intensity(hu: np.ndarray, transform: IntensityTransform) -> IntensityTransform:
+    """The fixed window ``transform`` amounts to for the volume ``hu``: itself in
+    ``"window"`` mode; in ``"minmax"`` mode a window on ``hu``'s own min..max. Scaling a
+    crop of a volume with the window resolved on the whole volume scales it as training
+    did (the whole volume's min..max), whatever the crop leaves out."""
     if transform.mode == "window":
-        lo, hi = transform.window_hu
-    else:
-        lo, hi = float(hu.min()), float(hu.max())
-        if hi <= lo:
-            hi = lo + 1.0
+        return transform
+    lo, hi = float(hu.min()), float(hu.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    return IntensityTransform("window", (lo, hi), tuple(transform.output_range))
+
+
+def scale_intensity(hu: np.ndarray, transform: IntensityTransform) -> np.ndarray:
+    """Map HU to network input as the card's intensity transform says (float32); in
+    ``"minmax"`` mode on ``hu``'s own min..max (see :func:`resolve_intensity`)."""
+    out_lo, out_hi = transform.output_range
+    lo, hi = resolve_intensity(hu, transform).window_hu
     scale = (out_hi - out_lo) / (hi - lo)
     out = np.empty_like(hu, dtype=np.float32, subok=False)  # keeps the input's memory layout
     np.clip(hu, lo, hi, out=out)
@@ -220,7 +229,8 @@ def scale_intensity(hu: np.ndarray, transform: IntensityTransform) -> np.ndarray
 
 def air_value(transform: IntensityTransform) -> float:
     """The network input value of air (-1024 HU), with which patches are padded beyond
-    the image (inference, and validation during training)."""
+    the image (inference, and validation during training). In ``"minmax"`` mode, the
+    bottom of the output range: the volume's minimum, as training pads its subjects."""
     return float(scale_intensity(np.array([-1024.0], np.float32), transform)[0])
 
 

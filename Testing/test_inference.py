@@ -307,6 +307,34 @@ def test_window_grid_volume_reproduces_the_uncropped_run_where_the_body_grid_mov
         Segmenter(model, SegmentOptions(window_grid="moving", **opts))
 
 
+
+def test_minmax_scaling_uses_the_whole_volume_not_the_body_crop(tiny_model):
+    """A card with per-volume min-max scaling (the seed recipe's) was trained on the whole
+    volume's min..max. Padding outside the scanner's field of view (-3024 HU) lies
+    outside the body's box: scaling the crop on its own min..max would hand the network
+    other values than training did, and than the uncropped run does."""
+    import dataclasses
+
+    from LiverTumorSegLib.model import load_model
+    from LiverTumorSegLib.model.card import IntensityTransform
+    from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
+
+    model = load_model(tiny_model)
+    card = dataclasses.replace(model.card, intensity=IntensityTransform("minmax", (-200.0, 250.0), (-1.0, 1.0)))
+    model = dataclasses.replace(model, card=card)
+    rng = np.random.default_rng(7)
+    hu = np.full((40, 40, 75), -1000.0, dtype=np.float32)
+    hu[4:36, 4:36, 30:60] = rng.uniform(-150.0, 200.0, size=(32, 32, 30))
+    hu[:, :2, :2] = -3024.0  # the field of view's corner, far from the body
+    seg = Segmenter(model, SegmentOptions(window_grid="body", device="cpu", precision="fp32", overlap=0.25))
+    net_input, _, box = seg._network_input(hu)
+    assert hu[box].min() == -1000.0  # the corner is outside the crop
+    lo, hi = -3024.0, float(hu.max())
+    np.testing.assert_allclose(net_input, (hu[box] - lo) * (2.0 / (hi - lo)) - 1.0, atol=1e-5)
+    uncropped, _, _ = Segmenter(model, SegmentOptions(crop_to_body=False, device="cpu"))._network_input(hu)
+    np.testing.assert_array_equal(net_input, uncropped[box])
+
+
 class _PoolNet(torch.nn.Module):
     """Depends on nothing but the 4-voxel pooling lattice: no context across blocks."""
 
