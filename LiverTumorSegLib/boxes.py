@@ -75,7 +75,7 @@ def patch_starts(size: int, patch: int, overlap: float) -> list:
     return sorted({min(i * step, size - patch) for i in range(count)})
 
 
-WINDOW_GRIDS = ("volume", "body")  # the first is the default
+WINDOW_GRIDS = ("volume", "cover", "body")  # the first is the default
 WEIGHTINGS = ("gaussian", "constant")  # how overlapping windows blend; the first is the default
 
 
@@ -88,7 +88,15 @@ def window_box(box: tuple, shape: tuple, patch_size: tuple, overlap: float, divi
     windows that reach into ``box``. The box's voxels then get exactly the whole-array
     result (a window that misses the box adds nothing inside it), whatever the box.
 
-    ``grid="body"`` (fewest windows): per axis, that span unless a grid
+    ``grid="cover"``: the whole array's windows too, but on every axis only as many
+    as cover ``box``: from the last window starting at or before the box, on the
+    windows' stride, and the one flush with the far edge only where those fall short of
+    the box. No window moves; a window is left out only where the others already cover
+    every voxel of the box it reaches (MONAI adds the flush window to cover the array's
+    edge, which can be air beyond the body). Inside the box the result blends fewer
+    windows, so it can differ slightly from the whole-array result there.
+
+    ``grid="body"`` (fewest windows): per axis, the ``"volume"`` span unless a grid
     laid on ``box`` itself, grown onto the network's pooling lattice
     (:func:`align_box`), needs fewer windows; only then does the crop change where
     windows sit, and the result inside the box then depends on the box.
@@ -102,7 +110,13 @@ def window_box(box: tuple, shape: tuple, patch_size: tuple, overlap: float, divi
         if n <= p:
             out.append(slice(0, n))
             continue
-        reaching = [s for s in patch_starts(n, p, overlap) if s < sl.stop and s + p > sl.start]
+        starts = patch_starts(n, p, overlap)
+        if grid == "cover":  # a window laid by the sliding window on this slice is one of starts
+            a = max(s for s in starts if s <= sl.start)
+            step = max(int(p * (1.0 - overlap)), 1)
+            out.append(slice(a, min(a + p + max(math.ceil((sl.stop - a - p) / step), 0) * step, n)))
+            continue
+        reaching = [s for s in starts if s < sl.stop and s + p > sl.start]
         if grid == "body" and len(patch_starts(cropped.stop - cropped.start, p, overlap)) < len(reaching):
             out.append(cropped)  # the box's own grid saves windows along this axis
         else:

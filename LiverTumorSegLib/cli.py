@@ -94,9 +94,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--window-grid", choices=WINDOW_GRIDS, default=WINDOW_GRIDS[0],
                    help="where the sliding windows sit: 'volume' (default) keeps the whole volume's "
-                        "grid (MONAI's), reproducing an uncropped run inside the body; 'body' lays "
-                        "them on the body's box where that needs fewer windows (faster; the labels "
-                        "can differ slightly)")
+                        "grid (MONAI's), reproducing an uncropped run inside the body; 'cover' takes "
+                        "only as many of those windows as cover the body (faster where the volume's "
+                        "last window only adds air); 'body' lays them on the body's box where that "
+                        "needs fewer windows (fastest). With 'cover' and 'body' the labels can "
+                        "differ slightly")
     p.add_argument("--min-lesion-ml", type=_positive(float, zero=True), default=0.01,
                    help="drop tumor components below this volume (mL; 0 keeps every one)")
     p.add_argument("--allow-non-ct", action="store_true", help="run even if the intensities do not look like CT HU")

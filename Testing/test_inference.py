@@ -248,6 +248,52 @@ def test_window_box_keeps_the_whole_grid_unless_a_crop_saves_windows():
     assert kept > 100 and cropped > 100
 
 
+
+def test_window_box_cover_takes_as_few_of_the_whole_grids_windows_as_cover_the_box():
+    """``grid="cover"`` never moves a window: those the sliding window lays on its crop
+    are the whole array's, every one reaches the box, together they cover it, and
+    without the first or the last some voxel of the box would be left uncovered."""
+    from LiverTumorSegLib.boxes import window_box
+
+    rng = np.random.default_rng(12)
+    fewer = 0
+    for _ in range(600):
+        n, p = int(rng.integers(5, 300)), int(rng.choice([16, 32, 96]))
+        overlap = float(rng.choice([0.0, 8 / 96, 0.25, 0.5, 0.7]))
+        start = int(rng.integers(0, n))
+        stop = int(rng.integers(start + 1, n + 1))
+        (out,) = window_box((slice(start, stop),), (n,), (p,), overlap, 8, grid="cover")
+        here = [out.start + s for s in patch_starts(out.stop - out.start, p, overlap)]
+        whole = patch_starts(n, p, overlap)
+        reaching = [s for s in whole if s < stop and s + p > start] if n > p else [0]
+        assert set(here) <= set(reaching) and len(here) >= 1
+        covered = np.zeros(n, bool)
+        for s in here:
+            covered[s:s + p] = True
+        assert covered[start:stop].all()
+        assert out == slice(here[0], min(here[-1] + p, n))
+        for dropped in (here[1:], here[:-1]):
+            if len(here) > 1:
+                rest = np.zeros(n, bool)
+                for s in dropped:
+                    rest[s:s + p] = True
+                assert not rest[start:stop].all()
+        fewer += len(here) < len(reaching)
+    assert fewer > 100
+
+
+def test_window_box_cover_on_the_benchmark_phantoms_body():
+    """The item-2 benchmark case (a 274 x 274 x 300 model grid, 96^3 patches at 25 %%
+    overlap, the body at y 58..223, x 37..256): the whole grid's windows at 178 along y
+    add nothing the windows at 0, 72 and 144 do not cover."""
+    from LiverTumorSegLib.boxes import window_box
+
+    box = (slice(0, 300), slice(58, 223), slice(37, 256))
+    assert window_box(box, (300, 274, 274), (96, 96, 96), 0.25, 8, grid="cover") == (
+        slice(0, 300), slice(0, 240), slice(0, 274))
+    assert window_box(box, (300, 274, 274), (96, 96, 96), 0.25, 8, grid="volume") == (
+        slice(0, 300), slice(0, 274), slice(0, 274))
+
 @pytest.mark.parametrize("weighting", ["constant", "gaussian"])
 def test_crop_to_body_computes_the_whole_volume_result_where_it_saves_no_windows(tiny_model, weighting, monkeypatch):
     """A context-dependent network, ``window_grid="body"``: where a grid on the body's box

@@ -16,6 +16,8 @@ Configurations, in the order the optimisations were added:
   this work's changes);
 * ``default``: the engine as shipped (channels-last-3d copy with bf16 weights; the
   whole volume's window grid);
+* ``cover_grid``: the default with ``window_grid="cover"`` (``--window-grid cover``):
+  only as many of the whole volume's windows as cover the body's box;
 * ``body_grid``: the default with ``window_grid="body"`` (``--window-grid body``): the
   grid laid on the body's box along axes where that saves windows.
 
@@ -84,6 +86,7 @@ def segmenters(model) -> dict:
     before._prepared = (model.network.eval(), torch.bfloat16)  # pre-optimisation path
     configs["bf16_autocast"] = before
     configs["default"] = make()
+    configs["cover_grid"] = make(window_grid="cover")
     configs["body_grid"] = make(window_grid="body")
     configs["constant_weighting"] = make(weighting="constant")
     return configs

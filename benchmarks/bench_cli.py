@@ -91,7 +91,8 @@ def summarise(runs: List[dict], flops_per_patch: float, peaks: dict) -> dict:
 
 
 # Timed beside the default, same reps: name -> (extra CLI arguments, extra environment).
-VARIANTS = {"body_grid": (("--window-grid", "body"), {}),
+VARIANTS = {"cover_grid": (("--window-grid", "cover"), {}),
+            "body_grid": (("--window-grid", "body"), {}),
             "no_memory_reuse": ((), {ENV_SWITCH: "0"})}  # ablation of LiverTumorSegLib.allocator
 
 
