@@ -229,13 +229,15 @@ def taubin_smooth(mesh: Mesh, iterations: int, lam: float = TAUBIN_LAMBDA, mu: f
     a, b = keys // n, keys % n
     src = np.concatenate([a, b])
     dst = np.concatenate([b, a])
-    degree = np.maximum(np.bincount(src, minlength=n), 1).astype(np.float64)
+    degree = np.bincount(src, minlength=n).astype(np.float64)
+    used = degree > 0  # a vertex on no triangle has no neighbours and stays where it is
+    degree[~used] = 1.0
     points = mesh.vertices.astype(np.float64, copy=True)
 
     def laplacian(p: np.ndarray) -> np.ndarray:
         out = np.empty_like(p)
         for axis in range(3):
-            out[:, axis] = np.bincount(src, weights=p[dst, axis], minlength=n) / degree - p[:, axis]
+            out[:, axis] = np.bincount(src, weights=p[dst, axis], minlength=n) / degree - p[:, axis] * used
         return out
 
     for _ in range(iterations):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LiverTumorSegLib.errors import InputError
+from LiverTumorSegLib import preview
+from LiverTumorSegLib.errors import InputError, OutputError
 from LiverTumorSegLib.preview import write_preview_png
 from LiverTumorSegLib.volume import Volume
 
@@ -124,3 +125,97 @@ def test_both_slices_pass_through_the_largest_lesion():
     s, p = _focus(labels)
     assert 26 <= s < 33 and 26 <= p < 33
     assert (labels[s] == 2).any() and (labels[:, p] == 2).any()
+
+
+def test_a_vector_ct_is_refused_with_an_input_error(tmp_path):
+    """A 4D (vector) CT shares its first three axes with the labels; without the ndim
+    check it failed deep inside numpy with a ValueError instead of a clear message."""
+    ct, labels = phantom()
+    vector = Volume(np.zeros(ct.array.shape + (3,), np.int16), ct.spacing, ct.origin, ct.direction)
+    with pytest.raises(InputError, match="3D CT"):
+        write_preview_png(vector, labels, tmp_path / "p.png")
+
+
+def test_panel_sizes_follow_the_finest_in_plane_spacing_and_each_axis_in_mm(tmp_path):
+    """Pixels are square and as fine as the finer in-plane spacing (here 1 mm); each panel
+    axis is its extent in mm (S 11 x 2.6 = 28.6 mm -> 29 pixels). Guards against the
+    coarser spacing, another axis's spacing, or truncation setting a panel's size."""
+    shape = (11, 200, 200)  # (z, y, x); spacing i=1.0 (L), j=2.0 (P), k=2.6 (S)
+    geometry = dict(spacing=(1.0, 2.0, 2.6))
+    ct = Volume(np.zeros(shape, np.int16), **geometry)
+    labels = Volume(np.zeros(shape, np.uint8), **geometry)
+    write_preview_png(ct, labels, tmp_path / "p.png")
+    rgb = read_rgb(tmp_path / "p.png")
+    assert rgb.shape == (400, 200 + preview.GAP_PIXELS + 200, 3)  # axial: 400 mm of P, 200 mm of L
+    drawn = rgb.any(axis=2)
+    assert drawn[:, :200].all()
+    coronal_rows = np.flatnonzero(drawn[:, 200 + preview.GAP_PIXELS:].any(axis=1))
+    np.testing.assert_array_equal(coronal_rows, np.arange(29))
+
+
+def test_focus_rounds_to_the_nearest_slice_on_the_s_and_p_axes():
+    """The slices go through the lesion's centre of mass, rounded (5.75 -> 6, 10.75 -> 11),
+    each on its own axis; truncation or the wrong axis's counts missed small lesions."""
+    from LiverTumorSegLib.preview import _focus
+
+    labels = np.zeros((10, 20, 30), np.uint8)
+    for s, p, left in ((5, 10, 5), (6, 11, 5), (6, 11, 6), (6, 11, 7)):
+        labels[s, p, left] = 2
+    assert _focus(labels) == (6, 11)
+
+
+def test_focus_of_empty_labels_is_the_middle_of_the_volume():
+    """With nothing found, the slices go through the middle, not the (air) edge."""
+    from LiverTumorSegLib.preview import _focus
+
+    assert _focus(np.zeros((10, 20, 30), np.uint8)) == (5, 10)
+
+
+def test_resample_aligns_pixel_centres_and_rounds_nearest():
+    """Pixel-centre alignment: [0, 1] -> [0, .25, .75, 1] (not shifted by half a pixel);
+    nearest-neighbour labels round to the nearest source pixel."""
+    from LiverTumorSegLib.preview import _resample
+
+    linear = _resample(np.array([[0.0, 1.0]], np.float32), (1, 4), linear=True)
+    np.testing.assert_allclose(linear, [[0.0, 0.25, 0.75, 1.0]])
+    np.testing.assert_array_equal(_resample(np.array([[1, 2]]), (1, 4), linear=False), [[1, 1, 2, 2]])
+    np.testing.assert_array_equal(_resample(np.array([[0, 1, 2]]), (1, 2), linear=False), [[0, 2]])
+    np.testing.assert_allclose(_resample(np.array([[0.0], [1.0]], np.float32), (4, 1), linear=True),
+                               [[0.0], [0.25], [0.75], [1.0]])
+
+
+def test_outline_is_the_ring_of_pixels_with_a_4_neighbour_outside():
+    """Every side of a region is outlined (a dropped neighbour left one side unmarked)."""
+    from LiverTumorSegLib.preview import _outline
+
+    mask = np.zeros((6, 6), bool)
+    mask[1:5, 1:5] = True
+    ring = mask.copy()
+    ring[2:4, 2:4] = False
+    np.testing.assert_array_equal(_outline(mask), ring)
+
+
+def test_liver_and_tumor_fills_have_their_own_tints(tmp_path):
+    """Parenchyma is tinted red over the grey, tumor green over that: the tumor tint must
+    not spread over the whole liver."""
+    ct, labels = phantom()
+    write_preview_png(ct, labels, tmp_path / "p.png")
+    rgb = read_rgb(tmp_path / "p.png").reshape(-1, 3).astype(int)
+    grey = np.full(3, (0 + 160) / 400 * 255)  # 0 HU in the (-160, 240) window
+    liver = grey * (1 - preview.LIVER_ALPHA) + np.array(preview.LIVER_RGB) * preview.LIVER_ALPHA
+    tumor = liver * (1 - preview.TUMOR_ALPHA) + np.array(preview.TUMOR_RGB) * preview.TUMOR_ALPHA
+    n_liver = np.all(rgb == np.round(liver), axis=1).sum()
+    n_tumor = np.all(rgb == np.round(tumor), axis=1).sum()
+    assert n_liver > 1000 and 50 < n_tumor < n_liver
+
+
+def test_write_errors_become_output_errors(tmp_path):
+    """Both an OS error (the folder is a file) and SimpleITK's RuntimeError (a format it
+    cannot write) reach the user as an OutputError with advice, not a traceback."""
+    ct, labels = phantom()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="writable output folder"):
+        write_preview_png(ct, labels, tmp_path / "file" / "p.png")
+    with pytest.raises(OutputError, match="writable output folder"):
+        write_preview_png(ct, labels, tmp_path / "p.unknownformat")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
