@@ -270,12 +270,15 @@ class _Accumulators:
             self.counts[z:z + pz, y:y + py, x:x + px].add_(self.weights)
 
     def result(self) -> np.ndarray:
-        """Weighted mean logits, (K, Z, Y, X) float32 numpy; divides in place."""
-        covered = self.counts > 0
-        out = self.sums.div_(self.counts.clamp_(min=1e-20))
-        del self.counts
-        if not bool(covered.all()):
-            fill = torch.full((self.num_classes,), UNCOVERED_LOGIT, device=out.device)
-            fill[0] = 0.0
-            out[:, ~covered] = fill[:, None]
-        return out.cpu().numpy()
+        """Weighted mean logits, (K, Z, Y, X) float32 numpy; divides in place. In
+        inference mode: sums moved off the GPU inside the patch loop are inference
+        tensors, which only inference mode may update in place."""
+        with torch.inference_mode():
+            covered = self.counts > 0
+            out = self.sums.div_(self.counts.clamp_(min=1e-20))
+            del self.counts
+            if not bool(covered.all()):
+                fill = torch.full((self.num_classes,), UNCOVERED_LOGIT, device=out.device)
+                fill[0] = 0.0
+                out[:, ~covered] = fill[:, None]
+            return out.cpu().numpy()

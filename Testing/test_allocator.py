@@ -188,3 +188,102 @@ def test_sliding_window_runs_its_cpu_patches_inside_a_block_and_the_results_are_
     assert depths and all(d == 0 for d in depths)
     if allocator.glibc() is not None:
         assert inside and all(d == 1 for d in inside)
+
+
+# -- from a mutation review: the switches and outside_settings --------------------------
+
+
+@pytest.mark.parametrize("tunables, tuned", [("glibc.malloc.mmap_max=0", True),
+                                             ("glibc.rtld.nns=2:glibc.malloc.trim_threshold=1", True),
+                                             ("glibc.rtld.nns=2", False), ("", False)])
+def test_glibc_malloc_tunables_count_as_the_user_tuning_malloc(monkeypatch, tunables, tuned):
+    """GLIBC_TUNABLES naming a glibc.malloc.* setting is the user's own tuning (left
+    alone, the block does nothing); other tunables are not."""
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    assert allocator.user_tunes_malloc() is tuned
+    with allocator.reuse_freed_memory() as on:
+        assert on is (allocator.glibc() is not None and not tuned)
+
+
+def test_outside_settings_does_nothing_when_the_switch_is_off(monkeypatch):
+    """$LIVERTUMORSEG_REUSE_MEMORY=0 leaves glibc alone: outside_settings sets nothing
+    and says so (the benchmarks report it)."""
+    monkeypatch.setenv(allocator.ENV_SWITCH, "0")
+    assert allocator.outside_settings() is False
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
+    monkeypatch.delenv(allocator.ENV_SWITCH)
+    assert allocator.outside_settings() is False
+
+
+@needs_glibc
+def test_outside_settings_inside_an_open_block_leaves_the_block_in_force():
+    """Called while a block is open (another thread's inference), outside_settings must
+    not switch mmap back on under it."""
+    _maps_large_blocks()
+    assert allocator.outside_settings() is True
+    with allocator.reuse_freed_memory():
+        assert allocator.outside_settings() is True
+        assert _mmapped_for_a_new_block() == 0
+    assert _mmapped_for_a_new_block() >= 300 * MIB
+
+
+_HEAP_SCRIPT = """
+import ctypes, json, sys
+sys.path.insert(0, sys.argv[1])
+from LiverTumorSegLib import allocator  # no torch in this process: glibc's thresholds as they come
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+lib = allocator.glibc()
+if not hasattr(lib, "mallinfo2"):
+    print(json.dumps(None)); sys.exit()
+lib.mallinfo2.restype = MallInfo2
+lib.malloc.restype, lib.malloc.argtypes, lib.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+MIB = 2**20
+
+def mapped(nbytes):
+    before = lib.mallinfo2().hblkhd
+    p = lib.malloc(nbytes)
+    out = lib.mallinfo2().hblkhd - before
+    lib.free(p)
+    return out
+
+out = {"probe": mapped(MIB)}
+with allocator.reuse_freed_memory() as on:
+    out["on"] = on
+    p = lib.malloc(64 * MIB)  # from the heap's top (mmap is off), untouched
+    held = lib.mallinfo2().arena
+    lib.free(p)
+    out["trimmed"] = held - lib.mallinfo2().arena
+out["mapped_16"] = mapped(16 * MIB)
+out["mapped_48"] = mapped(48 * MIB)
+print(json.dumps(out))
+"""
+
+
+@needs_glibc
+def test_glibc_thresholds_inside_and_after_a_block_in_a_fresh_process():
+    """In a process without torch (glibc's thresholds as they come): inside a block a
+    freed block at the heap's top is kept (trim threshold at its largest), and after
+    it the mmap threshold is 32 MiB, however low it was before."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in allocator.USER_TUNING + ("GLIBC_TUNABLES",
+                                                                                  allocator.ENV_SWITCH)}
+    proc = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT, str(root)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    if r is None:
+        pytest.skip("this glibc is older than 2.33 (no mallinfo2)")
+    if r["mapped_48"] < 48 * MIB:
+        pytest.skip("malloc here does not map large blocks with mmap (another allocator preloaded?)")
+    assert r["on"] is True
+    assert r["trimmed"] < MIB  # kept for reuse, not handed back at free
+    assert r["mapped_16"] == 0  # from the heap: the threshold a block leaves behind is 32 MiB

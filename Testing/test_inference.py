@@ -446,3 +446,259 @@ def test_patch_stride_truncates_like_monai():
     from LiverTumorSegLib.boxes import patch_starts
 
     assert patch_starts(200, 80, 0.33) == [0, 53, 106, 120]  # 80 * 0.67 = 53.6 -> 53
+
+
+# -- from a mutation review: inference.py's network preparation, skipping and fallbacks --
+
+
+class _Recorder(torch.nn.Module):
+    """Wraps a network; records, per forward pass, the batch's size, dtype, whether it
+    is channels-last-3d (and not plain contiguous), and the CPU autocast in force."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(dict(n=x.shape[0], dtype=x.dtype,
+                              channels_last=x.is_contiguous(memory_format=torch.channels_last_3d)
+                              and not x.is_contiguous(),
+                              autocast=torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+        return self.net(x)
+
+
+def _two_channel_net(seed: int = 0) -> UNet3D:
+    torch.manual_seed(seed)
+    return UNet3D(in_channels=2, widths=(4, 8)).eval()
+
+
+def test_prepare_network_gives_an_eval_channels_last_copy_and_leaves_the_original():
+    """On the CPU the original network keeps its mode, dtype and layout; the copy is in
+    eval mode, channels-last-3d, and with bf16 weights (no autocast left) at bf16."""
+    from LiverTumorSegLib.inference import prepare_network
+
+    net = _net().train()
+    prepared, left = prepare_network(net, "cpu", torch.bfloat16)
+    assert prepared is not net and left is None and not prepared.training
+    assert all(p.dtype == torch.bfloat16 for p in prepared.parameters())
+    convs = [p for p in prepared.parameters() if p.ndim == 5]
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)  # really channels-last, not merely both
+    assert net.training
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in net.parameters())
+    full, left = prepare_network(net, "cpu", None)
+    assert left is None and all(p.dtype == torch.float32 for p in full.parameters())
+    _, left = prepare_network(net, "cpu", torch.float16)  # only bf16 becomes weights
+    assert left == torch.float16
+
+
+def test_a_prepared_bf16_network_gets_bf16_channels_last_batches_and_no_autocast():
+    """Batches are fed in the network's own dtype and memory format (a float32 batch into
+    bf16 weights fails); autocast is skipped when the input is already in its dtype."""
+    from LiverTumorSegLib.inference import prepare_network
+
+    image = np.random.default_rng(12).normal(size=(2, 16, 16, 24)).astype(np.float32)
+    prepared, left = prepare_network(_two_channel_net(), "cpu", torch.bfloat16)
+    spy = _Recorder(prepared)
+    out = sliding_window_inference(image, spy, (16, 16, 16), num_classes=3, autocast_dtype=torch.bfloat16)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    assert spy.seen and all(s["dtype"] == torch.bfloat16 and s["channels_last"] and s["autocast"] is None
+                            for s in spy.seen)
+
+
+def test_an_unprepared_network_gets_plain_float32_batches_with_the_autocast_asked_for():
+    """A contiguous float32 network is fed contiguous batches (a 1x1x1 head conv is
+    contiguous both ways and must not count as channels-last), under the bf16 autocast
+    asked for; without one, under none."""
+    image = np.random.default_rng(13).normal(size=(2, 16, 16, 24)).astype(np.float32)
+    spy = _Recorder(_two_channel_net())
+    sliding_window_inference(image, spy, (16, 16, 16), num_classes=3, autocast_dtype=torch.bfloat16)
+    assert spy.seen and all(s["dtype"] == torch.float32 and not s["channels_last"]
+                            and s["autocast"] == torch.bfloat16 for s in spy.seen)
+    spy.seen.clear()
+    sliding_window_inference(image, spy, (16, 16, 16), num_classes=3)
+    assert spy.seen and all(s["autocast"] is None for s in spy.seen)
+
+
+def test_defaults_are_monai_like_overlap_batch_and_gaussian():
+    """Documented defaults: overlap 0.25, 2 patches per batch, Gaussian weighting."""
+    image = np.random.default_rng(14).normal(size=(40, 16, 16)).astype(np.float32)
+    spy = _Recorder(_net(15))
+    out = sliding_window_inference(image, spy, (16, 16, 16), num_classes=3)
+    assert [s["n"] for s in spy.seen] == [2, 1]  # z starts 0, 12, 24 (stride 12); at 0.5: 0, 8, 16, 24
+    gauss = sliding_window_inference(image, spy, (16, 16, 16), num_classes=3, overlap=0.25, weighting="gaussian")
+    const = sliding_window_inference(image, spy, (16, 16, 16), num_classes=3, overlap=0.25, weighting="constant")
+    np.testing.assert_array_equal(out, gauss)
+    assert np.abs(out - const).max() > 1e-4
+
+
+@pytest.mark.parametrize("overlap", [1.0, -0.1, 1.5])
+def test_overlap_outside_zero_to_one_is_refused(overlap):
+    """An overlap of 1 would give a zero stride (no grid at all); a negative one gaps."""
+    with pytest.raises(ValueError, match="overlap"):
+        sliding_window_inference(np.zeros((16, 16, 16), np.float32), _net(), (16, 16, 16), num_classes=3,
+                                 overlap=overlap)
+
+
+class _Tumor(torch.nn.Module):
+    """Counts its patches; everything it computes is tumour (class 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches = 0
+
+    def forward(self, x):
+        self.patches += x.shape[0]
+        out = torch.zeros((x.shape[0], 3) + x.shape[2:])
+        out[:, 2] = 5.0
+        return out
+
+
+def test_a_body_voxel_at_a_patch_s_far_corner_makes_that_patch_computed():
+    """A patch is computed when any voxel of it is body, up to its last voxel on every
+    axis (no off-by-one, no swapped y/x in the mask look-up)."""
+    image = np.zeros((16, 32, 48), dtype=np.float32)
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[15, 31, 47] = True  # the far corner of the last patch, (0, 16, 32)
+    net = _Tumor()
+    out = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, overlap=0.0, batch_size=1,
+                                   compute_mask=mask)
+    assert net.patches == 1
+    labels = out.argmax(0)
+    assert (labels[:, 16:, 32:] == 2).all()
+    assert labels[:, :16, :].max() == 0 and labels[:, :, :32].max() == 0
+
+
+def test_padding_of_a_small_image_never_counts_as_body():
+    """The compute mask is padded with False: a patch whose real voxels are all air is
+    skipped even though it covers the padding."""
+    image = np.zeros((10, 16, 32), dtype=np.float32)  # z padded 3 + 3 to a patch
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[:, :, :8] = True  # only the first patch along x touches the body
+    net = _Tumor()
+    out = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, overlap=0.0, batch_size=1,
+                                   compute_mask=mask)
+    assert net.patches == 1 and out.shape == (3, 10, 16, 32)
+    labels = out.argmax(0)
+    assert (labels[:, :, :16] == 2).all() and (labels[:, :, 16:] == 0).all()
+
+
+def test_cancel_before_the_first_batch_computes_nothing():
+    """cancel() is asked before every batch, the first included."""
+    from LiverTumorSegLib.errors import Cancelled
+
+    net = _Tumor()
+    with pytest.raises(Cancelled):
+        sliding_window_inference(np.zeros((16, 16, 64), np.float32), net, (16, 16, 16), num_classes=3,
+                                 overlap=0.0, batch_size=1, cancel=lambda: True)
+    assert net.patches == 0
+
+
+def test_off_the_cpu_the_patch_loop_leaves_the_host_allocator_alone():
+    """reuse_freed_memory is for the host's activations: with the network on another
+    device ('meta' stands in for a GPU here) no block is opened."""
+    from LiverTumorSegLib import allocator
+
+    depths = []
+
+    def net(x):
+        depths.append(allocator._depth)
+        return torch.zeros((x.shape[0], 3) + x.shape[2:])
+
+    out = sliding_window_inference(np.zeros((16, 16, 32), np.float32), net, (16, 16, 16), num_classes=3,
+                                   device="meta", accumulate_on="cpu")
+    assert out.shape == (3, 16, 16, 32) and depths and all(d == 0 for d in depths)
+
+
+def _fake_gpu_accumulators(monkeypatch, raise_on_call):
+    """_Accumulators labelled 'cuda' (their tensors stay on the CPU) whose
+    ``raise_on_call``-th accumulation on the 'GPU' runs out of memory."""
+    import LiverTumorSegLib.inference as inference
+
+    original_init, original_add = inference._Accumulators.__init__, inference._Accumulators._add
+    state = {"calls": 0}
+
+    def init_as_if_on_gpu(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.device = torch.device("cuda")
+
+    def add_that_runs_out(self, *args, **kwargs):
+        if self.device.type != "cuda":
+            return original_add(self, *args, **kwargs)
+        state["calls"] += 1
+        if state["calls"] == raise_on_call:
+            raise inference.OutOfMemoryError("CUDA out of memory (simulated)")
+        self.device = torch.device("cpu")  # the real accumulation, on the tensors' own device
+        try:
+            return original_add(self, *args, **kwargs)
+        finally:
+            self.device = torch.device("cuda")
+
+    monkeypatch.setattr(inference._Accumulators, "__init__", init_as_if_on_gpu)
+    monkeypatch.setattr(inference._Accumulators, "_add", add_that_runs_out)
+    return state
+
+
+@pytest.mark.parametrize("copy_to_host", [False, True])
+def test_gpu_out_of_memory_mid_run_keeps_what_was_accumulated(monkeypatch, copy_to_host):
+    """Running out on the second of three batches: the first batch's sums move to the CPU
+    with the accumulators (they must not be dropped), and the result is unchanged. On a
+    real GPU ``.cpu()`` makes new tensors, inside the patch loop's inference mode
+    (``copy_to_host``: a clone stands in for that copy); the mean must still be taken
+    from them (an in-place update of an inference tensor outside inference mode is an
+    error)."""
+    rng = np.random.default_rng(8)
+    image = rng.normal(size=(16, 16, 40)).astype(np.float32)  # x windows at 0, 12, 24
+    net = _net(9)
+    kwargs = dict(num_classes=3, overlap=0.25, batch_size=1)
+    expected = sliding_window_inference(image, net, (16, 16, 16), **kwargs)
+    state = _fake_gpu_accumulators(monkeypatch, raise_on_call=2)
+    if copy_to_host:
+        monkeypatch.setattr(torch.Tensor, "cpu", lambda self: self.clone())
+    with pytest.warns(UserWarning, match="GPU memory ran out"):
+        out = sliding_window_inference(image, net, (16, 16, 16), **kwargs)
+    assert state["calls"] == 2
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_out_of_memory_on_the_cpu_is_raised_without_a_gpu_fallback(monkeypatch):
+    """On the CPU there is nowhere to fall back to: the error propagates at once, with no
+    misleading 'GPU memory ran out' warning and no retry."""
+    import warnings
+
+    import LiverTumorSegLib.inference as inference
+
+    calls = []
+
+    def add_that_runs_out(self, *args, **kwargs):
+        calls.append(self.device.type)
+        raise inference.OutOfMemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(inference._Accumulators, "_add", add_that_runs_out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(inference.OutOfMemoryError):
+            sliding_window_inference(np.zeros((16, 16, 16), np.float32), _Tumor(), (16, 16, 16), num_classes=3)
+    assert calls == ["cpu"]
+
+
+def test_accumulators_that_do_not_fit_on_the_gpu_start_on_the_cpu(monkeypatch):
+    """Out of GPU memory already when the accumulators are allocated: they are allocated
+    on the CPU instead, with a warning, and the result is the same."""
+    import LiverTumorSegLib.inference as inference
+
+    original = inference._Accumulators._allocate
+
+    def allocate_only_on_the_cpu(self, device):
+        if device.type != "cpu":
+            raise inference.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, device)
+
+    image = np.random.default_rng(10).normal(size=(16, 20, 24)).astype(np.float32)
+    net = _net(11)
+    expected = sliding_window_inference(image, net, (16, 16, 16), num_classes=3)
+    monkeypatch.setattr(inference._Accumulators, "_allocate", allocate_only_on_the_cpu)
+    with pytest.warns(UserWarning, match="GPU memory ran out"):
+        out = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, accumulate_on="cuda")
+    np.testing.assert_allclose(out, expected, atol=1e-6)
