@@ -21,7 +21,7 @@ from LiverTumorSegLib.volume import Volume
 from LiverTumorSegLib.model.registry import BUNDLED_DIR, DEFAULT_MODEL
 
 from .helpers import REPO, real_data
-from .oracle import analytic_ct
+from .oracle import analytic_ct, oracle_model
 
 
 def _model_for_real_data(tiny_model):
@@ -658,3 +658,118 @@ def test_written_surfaces_hold_the_format_named_and_the_whole_liver(tmp_path, me
                              ) / 6000.0
     assert enclosed["liver"] == pytest.approx(stats["liver"]["volume_ml"], rel=0.1)
     assert enclosed["tumor"] == pytest.approx(stats["tumor"]["volume_ml"], rel=0.1)
+
+
+# -- from a mutation review: pipeline.py (options, threads, memory, cancel, run record) --
+
+
+def test_an_overlap_of_one_is_refused_when_the_segmenter_is_made(tiny_model):
+    """overlap 1.0 (a stride of 0) used to pass the constructor's checks and fail only
+    once a CT had been read and preprocessed; so did a boolean overlap (False is 0)."""
+    from LiverTumorSegLib.errors import InputError
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    for value in (1.0, False):
+        with pytest.raises(InputError, match="overlap must be a number in"):
+            Segmenter(tiny_model, SegmentOptions(overlap=value))
+    assert Segmenter(tiny_model, SegmentOptions(overlap=0.0, min_lesion_ml=0.0)).overlap() == 0.0  # the edges are fine
+
+
+def test_the_overlap_used_is_the_options_then_the_cards_and_none_when_fast(tiny_model):
+    """--overlap overrides the card's default_overlap (0.25 for tiny_model); --fast means
+    no overlap whatever the card says, and stats.json's run records what was used."""
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    def used(**kw):
+        segmenter = Segmenter(tiny_model, SegmentOptions(device="cpu", **kw))
+        assert segmenter.label_settings()["overlap"] == segmenter.overlap()
+        return segmenter.overlap()
+
+    assert used() == 0.25 and used(overlap=0.5) == 0.5 and used(overlap=0.0) == 0.0
+    assert used(fast=True) == 0.0
+    assert Segmenter(tiny_model, SegmentOptions(crop_to_body=False)).label_settings()["window_grid"] == \
+        "volume, uncropped"  # no crop: the windows lie on the whole volume whatever window_grid says
+    assert Segmenter(tiny_model, SegmentOptions(window_grid="body")).label_settings()["window_grid"] == "body"
+
+
+def test_a_process_wide_thread_setting_is_changed_under_the_lock(monkeypatch):
+    """Where torch's thread count is process-wide, two runs setting it at once would
+    put back each other's value: a block that sets it holds the lock; one that leaves
+    it alone, or a per-thread (OpenMP) build, does not."""
+    import threading
+
+    from LiverTumorSegLib import pipeline
+
+    def held_by_another_thread():
+        seen = []
+
+        def probe():
+            got = pipeline._THREADS_LOCK.acquire(blocking=False)
+            if got:
+                pipeline._THREADS_LOCK.release()
+            seen.append(not got)
+
+        thread = threading.Thread(target=probe)
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    monkeypatch.setattr(pipeline, "_threads_are_per_thread", lambda: False)
+    with pipeline.torch_threads(1):
+        assert held_by_another_thread()
+    assert not held_by_another_thread()
+    with pipeline.torch_threads(None):
+        assert not held_by_another_thread()
+    monkeypatch.setattr(pipeline, "_threads_are_per_thread", lambda: True)
+    with pipeline.torch_threads(1):
+        assert not held_by_another_thread()
+
+
+def test_segment_refuses_a_volume_over_the_memory_budget_before_running(tiny_model):
+    """The Python API (and the Slicer bridge in-process) checks the budget too, not only
+    the command line on the header: a volume just over it is refused before inference."""
+    from LiverTumorSegLib.errors import ResourceError
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    need = Segmenter(tiny_model, SegmentOptions(device="cpu", memory_budget_gb=64.0)).check_memory(ct.shape_xyz,
+                                                                                                    ct.spacing)
+    seen = []
+    tight = Segmenter(tiny_model, SegmentOptions(device="cpu", memory_budget_gb=(need - 1) / 2 ** 30))
+    with pytest.raises(ResourceError, match="Crop the volume"):
+        tight.segment(ct, progress=lambda f, m: seen.append(m))
+    assert seen == []  # refused before any stage started
+    roomy = Segmenter(tiny_model, SegmentOptions(device="cpu", memory_budget_gb=need / 2 ** 30))
+    assert roomy.segment(ct).labels.array.shape == ct.array.shape
+
+
+def test_a_cancel_after_inference_still_stops_the_run():
+    """Cancel pressed while postprocessing (after the last patch) must raise Cancelled,
+    not hand back a result the user no longer wants."""
+    from LiverTumorSegLib.errors import Cancelled
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    seen = []
+    with pytest.raises(Cancelled):
+        Segmenter(oracle_model(spacing=(3.0, 3.0, 3.0)), SegmentOptions(device="cpu", fast=True)).segment(
+            ct, progress=lambda f, m: seen.append(m), cancel=lambda: "postprocess" in seen)
+    assert "postprocess" in seen and "statistics" not in seen
+
+
+def test_liver_left_out_is_reported_in_millilitres_of_the_model_grid(monkeypatch):
+    """``liver_left_out_ml`` counts the model grid's voxels left out by the largest-
+    component step times the model voxel's volume (all three spacings), and a large
+    amount raises the left-out warning."""
+    from LiverTumorSegLib import pipeline
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    real_clean = pipeline.clean_labels
+    monkeypatch.setattr(pipeline, "clean_labels", lambda labels, tissue: (real_clean(labels, tissue)[0], 1000))
+    ct, _ = analytic_ct((3.0, 3.0, 3.0), np.eye(3))
+    model = oracle_model(spacing=(2.0, 3.0, 4.0))  # a 24 uL model voxel
+    result = Segmenter(model, SegmentOptions(device="cpu", fast=True)).segment(ct)
+    assert result.info["liver_left_out_ml"] == pytest.approx(24.0)
+    assert result.stats["liver"]["volume_ml"] * 0.05 < 24.0  # so over the warning's threshold
+    assert any("24.0 mL labelled liver apart from the liver region kept" in w for w in result.info["warnings"])
+    assert set(result.timings) == {"preprocess", "inference", "postprocess", "statistics"}

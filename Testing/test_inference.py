@@ -702,3 +702,32 @@ def test_accumulators_that_do_not_fit_on_the_gpu_start_on_the_cpu(monkeypatch):
     with pytest.warns(UserWarning, match="GPU memory ran out"):
         out = sliding_window_inference(image, net, (16, 16, 16), num_classes=3, accumulate_on="cuda")
     np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+# -- from a mutation review: pipeline.py's crop to the body ------------------------------
+
+
+def test_crop_to_body_runs_no_window_without_a_body_voxel():
+    """Two small bodies at opposite corners: their box is the whole volume, so every one
+    of its 27 windows reaches the box, but only the 2 holding a body voxel are run."""
+    from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
+
+    from .oracle import ThresholdNet, oracle_model
+
+    class Counting(ThresholdNet):
+        patches = 0
+
+        def forward(self, x):
+            Counting.patches += x.shape[0]
+            return super().forward(x)
+
+    model = oracle_model(spacing=(3.0, 3.0, 3.0), patch=(32, 32, 32))
+    model.network = Counting()
+    hu = np.full((80, 80, 80), -1000.0, dtype=np.float32)  # windows at 0, 24 and 48 along each axis
+    hu[2:10, 2:10, 2:10] = hu[70:78, 70:78, 70:78] = 40.0
+    opts = dict(device="cpu", precision="fp32", overlap=0.25)
+    for crop, expected in ((True, 2), (False, 27)):
+        Counting.patches = 0
+        logits, box = Segmenter(model, SegmentOptions(crop_to_body=crop, **opts)).infer_logits(hu)
+        assert Counting.patches == expected and box == (slice(0, 80),) * 3
+    assert (logits[1][4:8, 4:8, 4:8] > logits[0][4:8, 4:8, 4:8]).all()  # the bodies are liver to the oracle

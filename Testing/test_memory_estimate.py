@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from LiverTumorSegLib.errors import ResourceError
@@ -61,3 +62,84 @@ def test_a_model_too_large_for_the_budget_is_blamed_not_the_volume(tmp_path):
     small = make_tiny_model(tmp_path / "small", widths=(4, 8), patch=(32, 32, 32))
     with pytest.raises(ResourceError, match="Crop the volume"):  # a volume too large is still the volume's fault
         Segmenter(small, options).check_memory((1024, 1024, 1024), (0.5, 0.5, 0.5))
+
+
+# -- from a mutation review: resources.py and Segmenter.check_memory ---------------------
+
+
+def test_the_budget_is_in_gibibytes_and_an_estimate_equal_to_it_fits():
+    """--memory-budget-gb counts GiB (2**30 bytes), as the messages print it: a job
+    needing exactly the budget runs, one byte more is refused."""
+    from LiverTumorSegLib.resources import check_memory, estimate_peak_bytes
+
+    header = ((200, 200, 100), (0.8, 0.8, 1.5), (1.5, 1.5, 1.5))
+    need = estimate_peak_bytes(*header)
+    assert check_memory(*header, budget_gb=need / 2 ** 30) == need
+    with pytest.raises(ResourceError, match="Crop the volume"):
+        check_memory(*header, budget_gb=(need - 1) / 2 ** 30)
+
+
+def test_the_model_grid_bound_covers_a_slightly_rotated_input():
+    """Scanner direction cosines are often a fraction of a degree off the axes: the
+    model grid then spans one more voxel along x and y than the extent says, which the
+    bound's margin of one voxel covers."""
+    from LiverTumorSegLib.preprocess import model_grid_for
+    from LiverTumorSegLib.resources import model_grid_size
+    from LiverTumorSegLib.volume import Volume
+
+    from .oracle import oracle_model, rotation
+
+    card = oracle_model(spacing=(3.0, 3.0, 3.0)).card
+    ct = Volume(np.zeros((30, 30, 30), np.int16), (3.0, 3.0, 3.0), direction=rotation("z", 0.5))
+    bound = model_grid_size(ct.shape_xyz, ct.spacing, card.spacing_mm)
+    assert np.all(bound >= np.array(model_grid_for(ct, card).shape_xyz))
+
+
+def test_a_batch_is_capped_by_the_windows_along_each_axis_of_a_non_cubic_patch(tmp_path):
+    """The window count pairs the model grid's z, y, x with the patch's z, y, x: here
+    2 x 2 x 2 = 8 windows, so any batch size from 8 up costs as much as 8."""
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+
+    model = make_tiny_model(tmp_path / "m", widths=(4, 8), patch=(16, 32, 64))  # (z, y, x)
+    header = ((64, 32, 16), (3.0, 3.0, 3.0))  # x, y, z: a 65 x 33 x 17 model grid
+
+    def need(batch):
+        return Segmenter(model, SegmentOptions(device="cpu", precision="fp32", batch_size=batch)).check_memory(*header)
+
+    assert need(7) < need(8) == need(64)
+
+
+def test_the_estimate_follows_the_precision_and_the_number_of_classes(tmp_path):
+    """A bf16 run holds about half the activations of an fp32 one; each class adds a
+    logit sum on the model grid (4 bytes a voxel)."""
+    import dataclasses
+
+    from LiverTumorSegLib.model import LoadedModel, load_model
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+    from LiverTumorSegLib.resources import model_grid_size
+
+    header = ((128, 128, 64), (3.0, 3.0, 3.0))
+    model = load_model(make_tiny_model(tmp_path / "m", widths=(8, 16), patch=(32, 32, 32)))
+
+    def need(model, precision):
+        return Segmenter(model, SegmentOptions(device="cpu", precision=precision)).check_memory(*header)
+
+    fp32, bf16 = need(model, "fp32"), need(model, "bf16")
+    windows = 2  # the default batch size; the grid has more windows than that
+    assert fp32 - bf16 == windows * 32 ** 3 * 8 * (ACTIVATION_BYTES["full"] - ACTIVATION_BYTES["half"])
+    card = dataclasses.replace(model.card, architecture={**model.card.architecture, "num_classes": 4},
+                               labels={**model.card.labels, "3": "vessel"})
+    four = LoadedModel(card=card, network=model.network, folder=model.folder)
+    n_model = float(np.prod(model_grid_size(*header, model.card.spacing_mm)))
+    assert need(four, "fp32") - fp32 == int(4 * n_model)
+
+
+def test_the_estimate_of_a_fast_growing_card_stays_above_its_measured_peaks():
+    """README, "Memory and size limits": widths 2 then 96 with 128^3 patches peaked at up
+    to 4,050 MiB in fp32 and 1,844 MiB in bf16 (one patch a batch). The per-level
+    channel counts of :func:`_level_load` were set from those peaks; the runtime and
+    one batch alone must stay above them."""
+    from LiverTumorSegLib.resources import RUNTIME_BYTES
+
+    for half, peak_mib in ((False, 4050), (True, 1844)):
+        assert RUNTIME_BYTES + batch_activation_bytes((128,) * 3, (2, 96), 1, half) >= peak_mib * 2 ** 20

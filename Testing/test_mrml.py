@@ -535,6 +535,116 @@ def test_cuda_out_of_memory_runs_again_on_the_cpu(tmp_path):
     assert cpu.wait(timeout=10) == "failed" and "out of memory" in cpu.error
 
 
+def test_stdout_json_that_is_not_an_engine_event_is_a_log_line():
+    """A JSON line without an "event" key, a JSON value that is not an object, or an
+    event kind this runner does not know must not crash the reader thread or pose as a
+    final event: each is a ``log`` line."""
+    for line in ('{"progress": 0.5}', "42", "[1, 2]", '"done"', "null"):
+        assert parse_stdout_line(line + "\n").kind == "log", line
+    for kind in ("succeeded", "failed", "cancelled", "warning"):
+        assert parse_stdout_line(json.dumps({"event": kind})).kind == "log"
+    assert parse_stdout_line(json.dumps({"event": "done", "outputs": {}})).progress == 1.0
+
+
+def test_the_command_asks_for_json_progress_and_no_surfaces_or_preview(tmp_path):
+    """The front end makes its own surfaces and preview from the labels: the child must
+    not spend time on them, and must speak the JSON lines the runner parses."""
+    command = build_command(tmp_path / "ct.nrrd", tmp_path / "out", python=["py"], model="m", device="cpu",
+                            fast=True, extra=["--batch-size", "1"])
+    assert command[:4] == ["py", "-m", "LiverTumorSegLib", "segment"]
+    assert {"--no-surfaces", "--no-preview", "--fast"} <= set(command)
+    assert command[command.index("--progress") + 1] == "json" and command[command.index("--device") + 1] == "cpu"
+    assert command[command.index("--model") + 1] == "m" and command[-2:] == ["--batch-size", "1"]
+    assert "--model" not in build_command(tmp_path / "ct.nrrd", tmp_path / "out", python=["py"])
+
+
+def test_the_child_finds_this_engine_before_any_other_on_its_path(tmp_path):
+    """The Lib's parent folder comes first on PYTHONPATH: another LiverTumorSegLib the
+    user's PYTHONPATH names (an older checkout) must not run instead."""
+    import LiverTumorSegLib.runner as runner
+
+    run = EngineRun(["py"], env={"PYTHONPATH": str(tmp_path)})
+    assert run.env["PYTHONPATH"].split(os.pathsep) == [str(runner.LIB_PARENT), str(tmp_path)]
+    assert EngineRun(["py"], env={}).env["PYTHONPATH"] == str(runner.LIB_PARENT)
+
+
+def test_an_exit_without_results_or_with_the_cancel_code_is_not_a_success(tmp_path):
+    """Exit code 0 without a "done" event is a failure (nothing to import); exit code
+    130 is a cancel even when this runner did not ask for it (a signal from elsewhere);
+    the engine's one-line error is the reason, even when other lines follow it."""
+    def ended(stdout, stderr, code):
+        run = EngineRun(["py"], popen=lambda c, **k: FakeProcess(c, stdout, stderr, code)).start()
+        return run.wait(timeout=10), run
+
+    state, run = ended(['{"event": "progress", "progress": 0.9, "message": "statistics"}\n'], [], 0)
+    assert state == "failed" and run.outputs == {}
+    state, run = ended([], ["livertumorseg: error: cancelled by the user\n"], 130)
+    assert state == "cancelled"
+    state, run = ended([], ["livertumorseg: error: input not found: /ct.nrrd\n", "launcher: child exited 2\n"], 2)
+    assert state == "failed" and run.error == "input not found: /ct.nrrd"
+
+
+def test_an_out_of_memory_line_before_the_end_of_the_traceback_still_runs_again_on_the_cpu(tmp_path):
+    """torch's CUDA out-of-memory message is followed by more lines (its advice, a
+    launcher's exit line): the retry looks at the recent stderr, not the last line; the
+    progress bar starts again from 0 for the CPU run."""
+    calls, seen = [], []
+
+    def popen(command, **kwargs):
+        calls.append(command[command.index("--device") + 1])
+        if calls[-1] != "cpu":
+            return FakeProcess(command, ['{"event": "progress", "progress": 0.4, "message": "inference"}\n'],
+                               ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.\n",
+                                "If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF\n",
+                                "See documentation for Memory Management\n", "launcher: exit code 1\n"], 1)
+        done = {"event": "done", "outputs": {"segmentation": "s.nii.gz"}}
+        return FakeProcess(command, [json.dumps(done) + "\n"], [], 0)
+
+    run = EngineRun(build_command(tmp_path / "ct.nrrd", tmp_path / "out", device="auto"), popen=popen)
+    run.start()
+    assert run.wait(timeout=10, on_event=lambda e: seen.append((e.kind, run.progress))) == "succeeded"
+    assert calls == ["auto", "cpu"] and ("warning", 0.0) in seen
+
+
+def test_cancel_signals_once_and_kills_only_after_the_grace_period(monkeypatch):
+    """Cancel sends the polite signal once (a second click neither repeats it nor puts
+    the kill off) and the hard kill comes only once ``grace_s`` has passed."""
+    from types import SimpleNamespace
+
+    import LiverTumorSegLib.runner as runner
+
+    clock, calls = [1000.0], []
+    monkeypatch.setattr(runner, "time", SimpleNamespace(monotonic=lambda: clock[0], sleep=lambda s: None))
+    monkeypatch.setattr(runner, "_terminate_tree", lambda proc: calls.append("terminate"))
+    monkeypatch.setattr(runner, "_kill_tree", lambda proc: calls.append("kill"))
+    run = EngineRun(["py"], popen=lambda c, **k: FakeProcess(c, [], [], None), grace_s=5.0).start()
+    run.cancel()
+    run.poll()
+    clock[0] += 3.0
+    run.cancel()
+    run.poll()
+    assert calls == ["terminate"]
+    clock[0] += 2.1  # 5.1 s after the first cancel
+    run.poll()
+    assert calls == ["terminate", "kill"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
+def test_cancel_asks_the_process_group_to_stop_before_killing_it(monkeypatch):
+    """SIGTERM first: the command line catches it, removes its staging folder and exits
+    130; SIGKILL (which leaves files behind) is only the hard kill after the grace."""
+    import signal
+
+    import LiverTumorSegLib.runner as runner
+
+    sent = []
+    monkeypatch.setattr(runner.os, "killpg", lambda pid, sig: sent.append((pid, sig)))
+    proc = type("Proc", (), {"pid": 4321})()
+    runner._terminate_tree(proc)
+    runner._kill_tree(proc)
+    assert sent == [(4321, signal.SIGTERM), (4321, signal.SIGKILL)]
+
+
 def test_job_ends_with_one_event_and_the_reason_when_results_cannot_be_imported(tmp_path, oblique_ct, monkeypatch):
     """The engine says done, but its results cannot become nodes (here: it wrote none), or
     the volume left the scene meanwhile: listeners hear one last event, "failed", with the

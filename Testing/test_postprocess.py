@@ -224,3 +224,19 @@ def test_a_large_lesion_joined_at_a_corner_comes_back_as_one_lesion(small_lesion
         pieces = sitk.ConnectedComponent(sitk.GetImageFromArray((out == TUMOR).astype(np.uint8)), True)
         assert int(sitk.GetArrayFromImage(pieces).max()) == 1, spacing
         assert np.count_nonzero(out == TUMOR) * ct.voxel_volume_ml == pytest.approx(54 * 1.5 ** 3 / 1000, rel=0.25)
+
+
+def test_small_lesions_are_measured_in_the_input_grids_voxels():
+    """The labels are dropped on the input grid, so each voxel counts the input's voxel
+    volume: with the model's (8 times larger here) a 3 mL lesion looked like 24 mL and
+    escaped --min-lesion-ml 10."""
+    from LiverTumorSegLib.pipeline import Segmenter, SegmentOptions
+
+    ct, truth = analytic_ct((2.0, 2.0, 2.0), np.eye(3))
+    model = oracle_model(spacing=(4.0, 4.0, 4.0))
+    lesion_ml = float((truth.array == 2).sum()) * ct.voxel_volume_ml  # about 3 mL
+    assert 10.0 / 8 < lesion_ml < 10.0 and lesion_ml > 1.0
+    kept = Segmenter(model, SegmentOptions(device="cpu", fast=True, min_lesion_ml=1.0)).segment(ct)
+    dropped = Segmenter(model, SegmentOptions(device="cpu", fast=True, min_lesion_ml=10.0)).segment(ct)
+    assert kept.stats["tumor"]["count"] == 1 and kept.info["small_lesions_dropped"] == 0
+    assert dropped.stats["tumor"]["count"] == 0 and dropped.info["small_lesions_dropped"] == 1
