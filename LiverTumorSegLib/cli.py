@@ -218,7 +218,7 @@ def _segment_one(segmenter, input_path: Path, series: Optional[str], output: Pat
     from .outputs import write_outputs
     from .preprocess import check_spacing
 
-    header = read_header(input_path)
+    header = read_header(input_path, with_direction=True)
     if header is not None:  # refuse before reading a volume that cannot fit
         check_spacing(header[1])  # a wrong spacing would be reported as a memory shortage
         segmenter.check_memory(*header)

@@ -720,9 +720,11 @@ def input_name(path: Path) -> str:
     return name
 
 
-def read_header(path: Path):
+def read_header(path: Path, with_direction: bool = False):
     """(size_xyz, spacing_xyz) of an image file without reading its voxels, or None
-    for folders and files whose header cannot be read (read_volume reports those)."""
+    for folders and files whose header cannot be read (read_volume reports those).
+    ``with_direction``: (size_xyz, spacing_xyz, direction), the direction as the file
+    gives it (3 x 3, columns the axes, LPS)."""
     import SimpleITK as sitk
 
     path = Path(path).expanduser()
@@ -742,4 +744,7 @@ def read_header(path: Path):
     size = reader.GetSize()
     if len(size) < 3:
         return None
-    return tuple(size[:3]), tuple(reader.GetSpacing()[:3])
+    if not with_direction:
+        return tuple(size[:3]), tuple(reader.GetSpacing()[:3])
+    direction = np.asarray(reader.GetDirection(), dtype=float).reshape(len(size), len(size))[:3, :3]
+    return tuple(size[:3]), tuple(reader.GetSpacing()[:3]), direction

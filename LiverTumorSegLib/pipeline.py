@@ -20,6 +20,7 @@ from .boxes import WEIGHTINGS, WINDOW_GRIDS, patch_starts, window_box
 from .errors import InputError
 from .inference import prepare_network, sliding_window_inference
 from .model import LoadedModel, load_model, resolve_model
+from .model.card import direction_from_orientation
 from .postprocess import argmax_labels, clean_labels, drop_small_lesions, to_input_grid
 from .preprocess import (BODY_THRESHOLD_HU, air_value, as_resamplable, body_bounding_box, resolve_intensity,
                          scale_intensity, to_model_grid, validate_ct)
@@ -251,17 +252,19 @@ class Segmenter:
         """The precision the forward passes run in: ``float32``, ``bfloat16`` or ``float16``."""
         return str(self.autocast).replace("torch.", "") if self.autocast else "float32"
 
-    def check_memory(self, size_xyz, spacing) -> int:
-        """Estimate the peak memory for an input of this size; refuse if over budget."""
+    def check_memory(self, size_xyz, spacing, direction=None) -> int:
+        """Estimate the peak memory for an input of this size (and direction, 3 x 3;
+        None: the identity); refuse if over budget."""
         widths = self.card.architecture.get("widths") or (32, 64, 128, 256)  # build_network's default
+        model_direction = direction_from_orientation(self.card.orientation)
         # A batch never holds more patches than the model grid has windows.
-        grid_zyx = model_grid_size(size_xyz, spacing, self.card.spacing_mm)[::-1]
+        grid_zyx = model_grid_size(size_xyz, spacing, self.card.spacing_mm, direction, model_direction)[::-1]
         windows = int(np.prod([len(patch_starts(int(n), p, self.overlap()))
                                for n, p in zip(grid_zyx, self.card.patch_size)]))
         batch = batch_activation_bytes(self.card.patch_size, widths, min(self.options.batch_size, windows),
                                        half_precision=self.autocast is not None)
         return check_memory(size_xyz, spacing, self.card.spacing_mm, self.options.memory_budget_gb,
-                            self.card.num_classes, batch)
+                            self.card.num_classes, batch, direction, model_direction)
 
     def overlap(self) -> float:
         if self.options.fast:
@@ -333,7 +336,7 @@ class Segmenter:
 
         validate_ct(ct, allow_non_ct=self.options.allow_non_ct)
         ct = as_resamplable(ct)
-        self.check_memory(ct.shape_xyz, ct.spacing)
+        self.check_memory(ct.shape_xyz, ct.spacing, ct.direction)
         steps = _StageProgress(progress)
         timings = {}
 

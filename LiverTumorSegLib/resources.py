@@ -123,15 +123,24 @@ def batch_activation_bytes(patch_size: Sequence[int] = (96, 96, 96),
 
 
 def model_grid_size(input_size_xyz: Sequence[int], input_spacing: Sequence[float],
-                    model_spacing: Sequence[float]) -> np.ndarray:
-    """An upper bound of the model grid's size (x, y, z) for an input of this size."""
+                    model_spacing: Sequence[float], input_direction=None, model_direction=None) -> np.ndarray:
+    """An upper bound of the model grid's size (x, y, z) for an input of this size.
+
+    The model grid covers the input's physical bounding box along the model's axes, so
+    a rotated input needs more of it: give both directions (3 x 3, columns the axes;
+    None: the identity) and each model axis gets the box's extent along it."""
     extent = np.asarray(input_size_xyz, dtype=float) * np.asarray(input_spacing, dtype=float)
-    return np.ceil(extent / np.asarray(model_spacing, dtype=float)) + 1
+    rotation = np.eye(3)
+    if input_direction is not None or model_direction is not None:
+        to_model = np.eye(3) if model_direction is None else np.asarray(model_direction, dtype=float).reshape(3, 3)
+        direction = np.eye(3) if input_direction is None else np.asarray(input_direction, dtype=float).reshape(3, 3)
+        rotation = np.abs(to_model.T @ direction)  # |cos| between each model axis and each input axis
+    return np.ceil(rotation @ extent / np.asarray(model_spacing, dtype=float)) + 1
 
 
 def estimate_peak_bytes(input_size_xyz: Sequence[int], input_spacing: Sequence[float],
                         model_spacing: Sequence[float], num_classes: int = 3,
-                        batch_bytes: Optional[int] = None) -> int:
+                        batch_bytes: Optional[int] = None, input_direction=None, model_direction=None) -> int:
     """A conservative estimate of the engine's peak host memory for one volume.
 
     Input grid: the image (up to 4 bytes/voxel), its float32 copy for resampling, the
@@ -139,25 +148,29 @@ def estimate_peak_bytes(input_size_xyz: Sequence[int], input_spacing: Sequence[f
     Model grid: HU, scaled input, logit sums, weights and labels (~(12 + 4K)
     bytes/voxel). Plus :data:`RUNTIME_BYTES` and ``batch_bytes``, one batch's forward
     pass (:func:`batch_activation_bytes`; default: the seed U-Net, two 96³ patches in
-    fp32). The measured peaks are in BENCHMARKS.md ("Memory estimate").
+    fp32). The directions are :func:`model_grid_size`'s. The measured peaks are in
+    BENCHMARKS.md ("Memory estimate").
     """
     if batch_bytes is None:
         batch_bytes = batch_activation_bytes()
     n_in = float(np.prod([int(s) for s in input_size_xyz]))
-    n_model = float(np.prod(model_grid_size(input_size_xyz, input_spacing, model_spacing)))
+    n_model = float(np.prod(model_grid_size(input_size_xyz, input_spacing, model_spacing, input_direction,
+                                            model_direction)))
     return int(n_in * 18 + n_model * (12 + 4 * num_classes) + RUNTIME_BYTES + batch_bytes)
 
 
 def check_memory(input_size_xyz: Sequence[int], input_spacing: Sequence[float],
                  model_spacing: Sequence[float], budget_gb: Optional[float] = None,
-                 num_classes: int = 3, batch_bytes: Optional[int] = None) -> int:
+                 num_classes: int = 3, batch_bytes: Optional[int] = None, input_direction=None,
+                 model_direction=None) -> int:
     """Refuse (:class:`ResourceError`) a job whose estimate exceeds the budget.
 
     The default budget is 85 % of the memory available now. When the runtime and one
     batch alone exceed it, the message names the model's patches and the batch size, not
     the volume (no crop would help). Returns the estimate.
     """
-    need = estimate_peak_bytes(input_size_xyz, input_spacing, model_spacing, num_classes, batch_bytes)
+    need = estimate_peak_bytes(input_size_xyz, input_spacing, model_spacing, num_classes, batch_bytes,
+                               input_direction, model_direction)
     budget = budget_gb * (1 << 30) if budget_gb else 0.85 * available_memory_bytes()
     model_alone = RUNTIME_BYTES + (batch_activation_bytes() if batch_bytes is None else batch_bytes)
     if model_alone > budget:  # no crop of the volume helps: the model's patches are the cost

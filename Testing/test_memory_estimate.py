@@ -95,6 +95,49 @@ def test_the_model_grid_bound_covers_a_slightly_rotated_input():
     assert np.all(bound >= np.array(model_grid_for(ct, card).shape_xyz))
 
 
+
+def test_the_model_grid_bound_covers_any_rotated_input_given_its_direction(tmp_path):
+    """The model grid covers a rotated input's whole bounding box: a CT tilted by 25 and
+    12 degrees needs a 390 x 421 x 383 grid where its axes' extents give 275 x 275 x 335,
+    2.5 times fewer voxels. With its direction the bound covers the grid, for the CLI's
+    header check and for ``segment`` alike (it was too low by about 0.9 GB here)."""
+    from LiverTumorSegLib.io import read_header, write_volume
+    from LiverTumorSegLib.model.card import direction_from_orientation
+    from LiverTumorSegLib.pipeline import SegmentOptions, Segmenter
+    from LiverTumorSegLib.preprocess import model_grid_for
+    from LiverTumorSegLib.resources import estimate_peak_bytes, model_grid_size
+    from LiverTumorSegLib.volume import Volume
+
+    from .oracle import oracle_model, rotation
+
+    card = oracle_model(spacing=(1.5, 1.5, 1.5)).card
+    lps = direction_from_orientation(card.orientation)
+    tilted = rotation("z", 25.0) @ rotation("x", -12.0)
+    ct = Volume(np.broadcast_to(np.int16(0), (200, 512, 512)), (0.8, 0.8, 2.5), direction=tilted)
+    grid = np.array(model_grid_for(ct, card).shape_xyz)
+    assert np.prod(grid) > 2 * np.prod(model_grid_size(ct.shape_xyz, ct.spacing, card.spacing_mm))
+    bound = model_grid_size(ct.shape_xyz, ct.spacing, card.spacing_mm, tilted, lps)
+    assert np.all(bound >= grid) and np.all(bound <= grid + 2)
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        direction = rotation("z", rng.uniform(-180, 180)) @ rotation("x", rng.uniform(-90, 90)) @ rotation(
+            "y", rng.uniform(-90, 90))
+        size = tuple(int(v) for v in rng.integers(5, 60, size=3))
+        spacing = tuple(float(v) for v in rng.uniform(0.5, 4.0, size=3))
+        v = Volume(np.broadcast_to(np.int16(0), size[::-1]), spacing, direction=direction)
+        shape = np.array(model_grid_for(v, card).shape_xyz)
+        b = model_grid_size(size, spacing, card.spacing_mm, direction, lps)
+        assert np.all(b >= shape) and np.all(b <= shape + 2)
+    assert estimate_peak_bytes(ct.shape_xyz, ct.spacing, card.spacing_mm, input_direction=tilted,
+                               model_direction=lps) > estimate_peak_bytes(ct.shape_xyz, ct.spacing, card.spacing_mm)
+    # the command line reads the direction from the header, without the voxels
+    small = Volume(np.zeros((20, 40, 40), np.int16), (0.8, 0.8, 2.5), direction=tilted)
+    write_volume(small, tmp_path / "tilted.nrrd")
+    size, spacing, direction = read_header(tmp_path / "tilted.nrrd", with_direction=True)
+    np.testing.assert_allclose(direction, tilted, atol=1e-6)
+    seg = Segmenter(make_tiny_model(tmp_path / "m"), SegmentOptions(device="cpu", memory_budget_gb=100.0))
+    assert seg.check_memory(size, spacing, direction) > seg.check_memory(size, spacing)
+
 def test_a_batch_is_capped_by_the_windows_along_each_axis_of_a_non_cubic_patch(tmp_path):
     """The window count pairs the model grid's z, y, x with the patch's z, y, x: here
     2 x 2 x 2 = 8 windows, so any batch size from 8 up costs as much as 8."""

@@ -72,7 +72,7 @@ def _row(name: str, model: Path, shape, spacing, extra, threads: int) -> dict:
     batch = int(extra[extra.index("--batch-size") + 1]) if "--batch-size" in extra else 2
     options = SegmentOptions(device="cpu", precision="fp32" if "fp32" in extra else "auto", batch_size=batch,
                              fast="--fast" in extra)
-    estimate = Segmenter(model, options).check_memory(*read_header(path)) / 2**20
+    estimate = Segmenter(model, options).check_memory(*read_header(path, with_direction=True)) / 2**20
     run = run_once(path, model, threads, ["--device", "cpu", *extra], probe=False)
     row = {"configuration": name, "input_xyz": list(shape), "spacing_mm": list(spacing), "args": list(extra),
            "peak_rss_mib": round(run["peak_rss_mib"], 1), "estimate_mib": round(estimate, 1),
