@@ -102,6 +102,24 @@ def test_large_blocks_come_from_the_heap_only_inside_the_outermost_block():
     assert _mmapped_while_holding(16 * MIB) == 0  # under the 32 MiB threshold a block leaves behind
 
 
+
+def _run_fresh(script: str, timeout: float):
+    """Run ``script`` (given the repository root as its argument) in a fresh Python
+    without the user's malloc tuning or our switch; the JSON of its last output line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in allocator.USER_TUNING + ("GLIBC_TUNABLES",
+                                                                                  allocator.ENV_SWITCH)}
+    proc = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 _FAULTS_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -123,18 +141,7 @@ print(json.dumps(out))
 def test_freed_blocks_are_reused_inside_and_returned_after():
     """In a fresh process, so that no free chunk left by earlier tests can serve the
     block outside the block (which would hide what glibc does as it comes)."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k not in allocator.USER_TUNING + ("GLIBC_TUNABLES",
-                                                                                  allocator.ENV_SWITCH)}
-    proc = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, str(root)], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = _run_fresh(_FAULTS_SCRIPT, timeout=300)
     pages = BLOCK // resource.getpagesize()
     if r["outside"] < pages // 2:  # a fresh process maps a 64 MiB block anew, a fault per 4 KiB page
         pytest.skip(f"a freed 64 MiB block costs only {r['outside']} page faults here (huge pages, or another "
@@ -268,18 +275,7 @@ def test_glibc_thresholds_inside_and_after_a_block_in_a_fresh_process():
     """In a process without torch (glibc's thresholds as they come): inside a block a
     freed block at the heap's top is kept (trim threshold at its largest), and after
     it the mmap threshold is 32 MiB, however low it was before."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k not in allocator.USER_TUNING + ("GLIBC_TUNABLES",
-                                                                                  allocator.ENV_SWITCH)}
-    proc = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT, str(root)], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = _run_fresh(_HEAP_SCRIPT, timeout=120)
     if r is None:
         pytest.skip("this glibc is older than 2.33 (no mallinfo2)")
     if r["mapped_48"] < 48 * MIB:
