@@ -64,13 +64,18 @@ def align_box(box: tuple, shape: tuple, patch_size: tuple, divisor: int) -> tupl
     return tuple(out)
 
 
+def patch_step(patch: int, overlap: float) -> int:
+    """The stride between sliding windows, MONAI's: ``int(patch * (1 - overlap))``, at least 1."""
+    return max(int(patch * (1.0 - overlap)), 1)
+
+
 def patch_starts(size: int, patch: int, overlap: float) -> list:
     """Start indices of sliding windows along one axis (``size >= patch``), laid as
     MONAI's ``sliding_window_inference`` lays them: a stride of ``int(patch * (1 -
     overlap))`` from 0, the last window flush with the far edge."""
     if size <= patch:
         return [0]
-    step = max(int(patch * (1.0 - overlap)), 1)
+    step = patch_step(patch, overlap)
     count = math.ceil((size - patch) / step) + 1
     return sorted({min(i * step, size - patch) for i in range(count)})
 
@@ -113,7 +118,7 @@ def window_box(box: tuple, shape: tuple, patch_size: tuple, overlap: float, divi
         starts = patch_starts(n, p, overlap)
         if grid == "cover":  # a window laid by the sliding window on this slice is one of starts
             a = max(s for s in starts if s <= sl.start)
-            step = max(int(p * (1.0 - overlap)), 1)
+            step = patch_step(p, overlap)
             out.append(slice(a, min(a + p + max(math.ceil((sl.stop - a - p) / step), 0) * step, n)))
             continue
         reaching = [s for s in starts if s < sl.stop and s + p > sl.start]

@@ -96,7 +96,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="where the sliding windows sit: 'volume' (default) keeps the whole volume's "
                         "grid (MONAI's), reproducing an uncropped run inside the body; 'cover' takes "
                         "only as many of those windows as cover the body (faster where the volume's "
-                        "last window only adds air); 'body' lays them on the body's box where that "
+                        "last window covers nothing of the body the others miss); 'body' lays them on the body's box where that "
                         "needs fewer windows (fastest). With 'cover' and 'body' the labels can "
                         "differ slightly")
     p.add_argument("--min-lesion-ml", type=_positive(float, zero=True), default=0.01,
