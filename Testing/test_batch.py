@@ -409,11 +409,18 @@ def test_a_hangup_stops_a_batch_as_a_cancel_does(tmp_path):
         ct, _ = analytic_ct((1.0, 1.0, 1.0), np.eye(3), extent_mm=extent)
         write_volume(ct, tmp_path / f"{name}.nii.gz")
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "LiverTumorSegLib", "batch", str(tmp_path / "small.nii.gz"),
-         str(tmp_path / "large.nii.gz"), "-o", str(out), "--model", str(model), "--progress", "json",
-         "--batch-size", "1", "--overlap", "0.5", "--allow-non-ct"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    # The engine leaves SIGHUP ignored where its launcher ignores it (nohup), so the
+    # child must not inherit an ignored SIGHUP from however these tests were started: a
+    # handler here becomes the default disposition in the child.
+    before = signal.signal(signal.SIGHUP, lambda *_: None)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "LiverTumorSegLib", "batch", str(tmp_path / "small.nii.gz"),
+             str(tmp_path / "large.nii.gz"), "-o", str(out), "--model", str(model), "--progress", "json",
+             "--batch-size", "1", "--overlap", "0.5", "--allow-non-ct"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    finally:
+        signal.signal(signal.SIGHUP, before)
     deadline = time.time() + 120
     for line in proc.stdout:
         event = json.loads(line)
@@ -421,8 +428,9 @@ def test_a_hangup_stops_a_batch_as_a_cancel_does(tmp_path):
             break
         assert time.time() < deadline
     proc.send_signal(signal.SIGHUP)
-    code = proc.wait(timeout=60)
-    assert code == 130, proc.stderr.read()
+    # keep reading: a child blocked writing progress into a full pipe would never stop
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
     assert [(r["case"], r["status"]) for r in _rows(out)] == [("small", "done"), ("large", "cancelled")]
     assert sorted(os.listdir(out)) == ["batch.csv", "small"]  # no staging folder left
 
